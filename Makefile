@@ -1,0 +1,41 @@
+# Two entry points: `make demo` runs the main example, `make test` the whole test suite.
+# Each creates .venv on first use. torch==2.13.0 is installed first: an unpinned torch
+# can pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+export OMP_NUM_THREADS := 1
+export MKL_NUM_THREADS := 1
+
+.PHONY: demo test test-slow lint format bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e ".[$*]"
+	touch $@
+
+demo: $(VENV)/.installed-plot
+	$(PY) examples/rama_cont_returns.py --out rama_cont_returns.png
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -n 2 -q
+
+test-slow: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -m slow
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+bench: $(VENV)/.installed-dev
+	$(PY) benchmarks/simulate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

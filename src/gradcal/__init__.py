@@ -1,0 +1,12 @@
+"""gradcal: gradient-assisted calibration of differentiable simulators."""
+
+import logging
+
+from gradcal import models, relax
+from gradcal.models import Model
+from gradcal.simulate import run_model, simulate_and_observe_model
+
+__all__ = ["Model", "models", "relax", "run_model", "simulate_and_observe_model"]
+__version__ = "0.1.0"
+
+logging.getLogger("gradcal").addHandler(logging.NullHandler())

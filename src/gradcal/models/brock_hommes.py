@@ -1,0 +1,167 @@
+"""The Brock & Hommes (1998) asset-pricing model with heterogeneous beliefs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from gradcal.models.model import Model
+
+__all__ = ["BrockHommes"]
+
+_N_LAGS = 3  # x_{t-1}, x_{t-2}, x_{t-3} enter the step
+
+
+class BrockHommes(Model):
+    r"""Brock & Hommes (1998) with H belief types (deviations from the fundamental price).
+
+    .. math::
+        x_t = \frac{1}{R} \sum_h n_{h,t} (g_h x_{t-1} + b_h) + \frac{\sigma}{R} e_t,
+        \quad e_t \sim N(0, 1),
+
+        n_{h,t} = \mathrm{softmax}_h(\beta U_{h,t}), \quad
+        U_{h,t} = (x_{t-1} - R x_{t-2}) (g_h x_{t-3} + b_h - R x_{t-2}),
+
+    with :math:`R = 1 + r` and :math:`x_0 = x_1 = x_2 = 0`. Each trend coefficient
+    :math:`g_h` and bias :math:`b_h` is fixed (a number) or free (``None``); the free ones
+    are the parameters, ordered by belief type, :math:`g_h` before :math:`b_h`.
+    The transition is Gaussian, so :meth:`log_likelihood` is exact.
+
+    Arguments:
+        n_timesteps: number of simulated values; the output is :math:`x_3, \dots, x_{T+2}`.
+        g: the H trend coefficients, ``None`` marking free ones.
+        b: the H biases, ``None`` marking free ones.
+        beta: intensity of choice.
+        sigma: noise scale.
+        r: risk-free rate.
+
+    Shapes: ``params`` (B, D) with D the number of ``None`` entries; history (B, T + 3);
+    the single output (B, T) (the three initial zeros are not observed).
+
+    References:
+        W. A. Brock, C. H. Hommes (1998). Heterogeneous beliefs and routes to chaos in a
+        simple asset pricing model. https://doi.org/10.1016/S0165-1889(98)00011-6
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = BrockHommes.wavy()
+        >>> model.n_params, model.run_and_observe(model.true_params)[0].shape
+        (4, torch.Size([97]))
+    """
+
+    batched = True
+    history_length = _N_LAGS
+
+    def __init__(
+        self,
+        n_timesteps: int = 97,
+        g: Sequence[float | None] = (0.0, None, None, 1.01),
+        b: Sequence[float | None] = (0.0, None, None, 0.0),
+        beta: float = 120.0,
+        sigma: float = 0.04,
+        r: float = 0.01,
+    ):
+        super().__init__()
+        if len(g) != len(b) or len(g) < 1:
+            raise ValueError(
+                f"BrockHommes: `g` and `b` must have the same length H >= 1, "
+                f"got {len(g)} and {len(b)}."
+            )
+        if sigma <= 0:
+            raise ValueError(f"BrockHommes: `sigma` must be > 0, got {sigma}.")
+        self.n_timesteps = n_timesteps
+        self.beta, self.sigma, self.R = beta, sigma, 1.0 + r
+        fixed, select = self._coefficient_maps(g, b)
+        self.n_params = select.shape[0]
+        self.register_buffer("fixed", fixed)  # (2, H): fixed g and b, zero where free
+        self.register_buffer("select", select)  # (D, 2, H): params -> free coefficients
+        self.true_params: Tensor | None = None
+
+    @staticmethod
+    def _coefficient_maps(
+        g: Sequence[float | None], b: Sequence[float | None]
+    ) -> tuple[Tensor, Tensor]:
+        h = len(g)
+        # float64 so that float64 runs see the coefficients exactly (1.01 is not a float32)
+        fixed = torch.zeros(2, h, dtype=torch.float64)
+        free = []
+        for i in range(h):
+            for row, value in ((0, g[i]), (1, b[i])):
+                if value is None:
+                    free.append((row, i))
+                else:
+                    fixed[row, i] = float(value)
+        select = torch.zeros(len(free), 2, h, dtype=torch.float64)
+        for d, (row, i) in enumerate(free):
+            select[d, row, i] = 1.0
+        return fixed, select
+
+    @classmethod
+    def wavy(cls, n_timesteps: int = 97) -> BrockHommes:
+        """The ``brock_hommes_wavy`` set-up: beta = 120, theta = (g2, b2, g3, b3).
+
+        Its ``true_params`` are (0.9, 0.2, 0.9, -0.2); prior box [0,1]^3 x [-1,0].
+        """
+        model = cls(n_timesteps, beta=120.0)
+        model.true_params = torch.tensor([0.9, 0.2, 0.9, -0.2])
+        return model
+
+    @classmethod
+    def noisy(cls, n_timesteps: int = 97) -> BrockHommes:
+        """The ``brock_hommes_noisy`` set-up: beta = 10, truth (-0.7, -0.4, 0.5, 0.3)."""
+        model = cls(n_timesteps, beta=10.0)
+        model.true_params = torch.tensor([-0.7, -0.4, 0.5, 0.3])
+        return model
+
+    def coefficients(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        """Trend coefficients g and biases b, each (B, 1, H), from ``params`` (B, D)."""
+        coef = self.fixed.to(params) + torch.einsum("bd,dkh->bkh", params, self.select.to(params))
+        return coef[:, 0:1], coef[:, 1:2]
+
+    def _mean(self, g: Tensor, b: Tensor, lags: Tensor) -> Tensor:
+        """Conditional mean of x_t from lags (B, T, 3) = (x_{t-1}, x_{t-2}, x_{t-3})."""
+        x1, x2, x3 = lags[..., 0:1], lags[..., 1:2], lags[..., 2:3]
+        profit = (x1 - self.R * x2) * (g * x3 + b - self.R * x2)
+        fractions = torch.softmax(self.beta * profit, dim=-1)
+        return (fractions * (g * x1 + b)).sum(-1) / self.R
+
+    def initialize(self, params: Tensor) -> Tensor:
+        return params.new_zeros(params.shape[0], _N_LAGS)
+
+    def step(self, params: Tensor, x: Tensor) -> Tensor:
+        g, b = self.coefficients(params)
+        lags = x.flip(-1)[:, None, :_N_LAGS]  # (B, 1, 3), most recent first
+        mean = self._mean(g, b, lags)
+        return mean + (self.sigma / self.R) * torch.randn_like(mean)
+
+    def observe(self, x: Tensor) -> list[Tensor]:
+        # The initial history (three zeros) is not observed; steps arrive one at a time.
+        return [x[:, _N_LAGS:] if x.shape[1] == _N_LAGS else x]
+
+    def log_likelihood(self, params: Tensor, x: Tensor) -> Tensor:
+        r"""Exact :math:`\log p(x_3, \dots, x_{T+2} \mid \theta)` given :math:`x_0=x_1=x_2=0`.
+
+        Arguments:
+            params: (D,) or (B, D).
+            x: the observed series (T,), or (B, T) with one series per draw.
+
+        Returns:
+            A 0-d tensor for (D,) parameters, else (B,).
+        """
+        self.check_params(params)
+        if not isinstance(x, Tensor) or x.ndim not in (1, 2):
+            raise ValueError("BrockHommes.log_likelihood: `x` must be a tensor (T,) or (B, T).")
+        single = params.ndim == 1
+        p = params[None] if single else params
+        series = x.to(p).expand(p.shape[0], x.shape[-1])
+        full = torch.cat((series.new_zeros(series.shape[0], _N_LAGS), series), dim=-1)
+        t = series.shape[-1]
+        lags = torch.stack([full[:, _N_LAGS - j : _N_LAGS - j + t] for j in (1, 2, 3)], dim=-1)
+        g, b = self.coefficients(p)
+        scale = self.sigma / self.R
+        z = (series - self._mean(g, b, lags)) / scale
+        ll = (-0.5 * z**2 - math.log(scale) - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return ll[0] if single else ll

@@ -1,0 +1,140 @@
+"""The ``Model`` contract every simulator follows: ``initialize``, ``step``, ``observe``."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Model"]
+
+
+class Model(torch.nn.Module, ABC):
+    r"""Base class of discrete-time stochastic simulators.
+
+    A subclass sets ``n_timesteps`` and implements four methods; the time loop lives in
+    :func:`gradcal.simulate.simulate_and_observe_model`.
+
+    - ``initialize(params) -> x``: the initial history, time along the time axis.
+    - ``step(params, x) -> x_t``: the next time step (time axis of length one) from the
+      history ``x`` that ``trim_time_series`` kept.
+    - ``observe(x) -> list[Tensor]``: the observed outputs of a stretch of history; the
+      framework concatenates them along the time axis over the run.
+    - ``trim_time_series(x) -> x``: the part of the history the next step needs. The
+      default keeps the last ``history_length`` steps, or everything when that is None
+      (which costs memory and time on long runs). Markov models set ``history_length = 1``,
+      which also lets the time loop skip appending to a history it would discard.
+
+    Two layouts exist, chosen by the class attribute ``batched``:
+
+    - ``batched = False`` (the BlackBIRDS convention, the default): ``params`` is one
+      draw of shape (D,), the history has time on axis 0. Batches of draws are run draw by
+      draw by the framework.
+    - ``batched = True`` (all built-in models): ``initialize``, ``step`` receive ``params``
+      of shape (B, D) and the history carries the draws on axis 0 and time on axis 1;
+      B draws cost one vectorised simulation. The public entry points still accept (D,).
+
+    NaN parameters are not an error: the draw's outputs come out NaN (the inference
+    engine drops such draws) and other draws in the batch are unaffected.
+
+    ``n_params`` (optional) is the number D of parameters; when set, inputs are checked
+    against it. Being an :class:`torch.nn.Module`, a model moves with ``.to(device)``;
+    tensors a model creates during a run follow the device and dtype of ``params``.
+
+    Example:
+        >>> class Drift(Model):
+        ...     batched = True
+        ...     n_params = 1
+        ...     def __init__(self, n_timesteps):
+        ...         super().__init__()
+        ...         self.n_timesteps = n_timesteps
+        ...     def initialize(self, params):          # params: (B, 1)
+        ...         return torch.zeros_like(params)    # (B, T=1)
+        ...     def step(self, params, x):
+        ...         return x[:, -1:] + params + torch.randn_like(params)
+        ...     def observe(self, x):
+        ...         return [x]
+        ...     history_length = 1                    # step reads x[:, -1:] only
+        >>> Drift(10).run_and_observe(torch.zeros(3, 1))[0].shape
+        torch.Size([3, 11])
+    """
+
+    batched: bool = False
+    n_params: int | None = None
+    history_length: int | None = None
+    n_timesteps: int
+
+    @abstractmethod
+    def initialize(self, params: Tensor) -> Any:
+        """The initial history; see the class docstring for its layout."""
+
+    @abstractmethod
+    def step(self, params: Tensor, x: Any) -> Any:
+        """One time step computed from the trimmed history ``x``."""
+
+    @abstractmethod
+    def observe(self, x: Any) -> list[Tensor]:
+        """Observed outputs of the stretch of history ``x``."""
+
+    def trim_time_series(self, x: Any) -> Any:
+        """The last ``history_length`` steps of the history (all when it is None)."""
+        if self.history_length is None or not isinstance(x, Tensor):
+            return x
+        return x.narrow(
+            self.time_axis,
+            -min(self.history_length, x.shape[self.time_axis]),
+            min(self.history_length, x.shape[self.time_axis]),
+        )
+
+    def detach(self, x: Any) -> Any:
+        """Cut gradients through the history ``x``; used by the gradient horizon.
+
+        Override when a model keeps state outside the history tensor.
+        """
+        return x.detach() if isinstance(x, Tensor) else x
+
+    def forward(self, params: Tensor, x: Any) -> Any:
+        return self.step(params, x)
+
+    @property
+    def time_axis(self) -> int:
+        """The axis of time in the history and outputs: 1 for batched models, else 0."""
+        return 1 if self.batched else 0
+
+    def check_params(self, params: Any) -> None:
+        """Raise ``TypeError``/``ValueError`` unless ``params`` is (D,) or (B, D) floats."""
+        name = type(self).__name__
+        n_params = getattr(self, "n_params", None)
+        d = "D" if n_params is None else str(n_params)
+        expected = f"({d},) for one draw or (B, {d}) for B draws"
+        if not isinstance(params, Tensor):
+            raise TypeError(
+                f"{name}: `params` must be a torch.Tensor of shape {expected}, "
+                f"got {type(params).__name__}."
+            )
+        if not params.is_floating_point():
+            raise TypeError(
+                f"{name}: `params` must have a floating-point dtype, got {params.dtype}."
+            )
+        if params.ndim not in (1, 2) or params.shape[0] == 0:
+            raise ValueError(
+                f"{name}: `params` must have shape {expected}, got {tuple(params.shape)}."
+            )
+        if n_params is not None and params.shape[-1] != n_params:
+            raise ValueError(
+                f"{name}: `params` must have shape {expected}, got {tuple(params.shape)}."
+            )
+
+    def run(self, params: Tensor, gradient_horizon: int | None = None) -> Any:
+        """The whole history: (T + 1, ...) for one draw, (B, T + 1, ...) for (B, D)."""
+        from gradcal.simulate import run_model
+
+        return run_model(self, params, gradient_horizon)
+
+    def run_and_observe(self, params: Tensor, gradient_horizon: int | None = None) -> list[Tensor]:
+        """Observed outputs of one run, each (T_out, ...) or (B, T_out, ...)."""
+        from gradcal.simulate import simulate_and_observe_model
+
+        return simulate_and_observe_model(self, params, gradient_horizon)

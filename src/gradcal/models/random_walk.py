@@ -1,0 +1,69 @@
+"""A random walk with differentiable +1/-1 steps."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gradcal.models.model import Model
+from gradcal.relax import relaxed_bernoulli
+
+__all__ = ["RandomWalk"]
+
+
+class RandomWalk(Model):
+    r"""Random walk :math:`X_t = X_{t-1} + 2\eta_t - 1`, :math:`\eta_t \sim \mathrm{Bernoulli}(p)`.
+
+    The single parameter is :math:`\mathrm{logit}(p)`. Steps are drawn by the
+    straight-through Gumbel-softmax (:func:`gradcal.relax.relaxed_bernoulli`), so they are
+    exactly +1 or -1 and differentiable in p. The walk starts at :math:`X_0 = 0`.
+
+    Arguments:
+        n_timesteps: number of steps T.
+        tau_softmax: temperature of the Gumbel-softmax relaxation.
+
+    Shapes: ``params`` (B, 1); history and the single output (B, T + 1).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> (x,) = RandomWalk(100).run_and_observe(torch.tensor([0.0]))
+        >>> x.shape, set(x.diff().abs().tolist())
+        (torch.Size([101]), {1.0})
+    """
+
+    batched = True
+    history_length = 1
+    n_params = 1
+
+    def __init__(self, n_timesteps: int, tau_softmax: float = 0.1):
+        super().__init__()
+        self.n_timesteps = n_timesteps
+        self.tau_softmax = tau_softmax
+
+    def initialize(self, params: Tensor) -> Tensor:
+        return torch.zeros_like(params)
+
+    def step(self, params: Tensor, x: Tensor) -> Tensor:
+        up = relaxed_bernoulli(params, tau=self.tau_softmax, hard=True)
+        return x[:, -1:] + 2.0 * up - 1.0
+
+    def observe(self, x: Tensor) -> list[Tensor]:
+        return [x]
+
+    def log_likelihood(self, params: Tensor, x: Tensor) -> Tensor:
+        r"""Exact :math:`\log p(x \mid \mathrm{logit}\, p)` of a path of ±1 increments.
+
+        Arguments:
+            params: (D,) = (1,) or (B, 1).
+            x: the observed path (T + 1,) starting at 0.
+
+        Returns:
+            A 0-d tensor for (1,) parameters, (B,) for (B, 1).
+        """
+        self.check_params(params)
+        up = (x.diff() > 0).to(params.dtype)
+        logit = params[..., :1]
+        ll = up * torch.nn.functional.logsigmoid(logit) + (
+            1 - up
+        ) * torch.nn.functional.logsigmoid(-logit)
+        return ll.sum(-1)

@@ -1,0 +1,226 @@
+r"""Differentiable surrogates of discrete randomness.
+
+Agent-based models are full of coin flips and thresholds whose derivative is zero almost
+everywhere. Each function here keeps the discrete value a simulator needs where it can,
+and supplies a useful gradient. Every function is elementwise, so any leading batch axes
+(draws, agents) pass through unchanged, and every function works under reverse mode,
+forward mode (:func:`torch.func.jvp`) and :func:`torch.func.vmap`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "bernoulli_mask",
+    "relaxed_bernoulli",
+    "relaxed_categorical",
+    "soft_maximum",
+    "soft_minimum",
+    "straight_through_sign",
+    "straight_through_threshold",
+]
+
+
+def _straight_through(hard: Tensor, soft: Tensor) -> Tensor:
+    """The value of ``hard`` with the gradient of ``soft``."""
+    return hard + (soft - soft.detach())
+
+
+def _probs_to_logits(probs: Tensor) -> Tensor:
+    # Clamping keeps log(0) out of the graph: at p = 0 or 1 the clamp's zero gradient
+    # replaces an infinite one, so a certain event gives a zero, not NaN, gradient.
+    info = torch.finfo(probs.dtype)
+    p = probs.clamp(info.tiny, 1.0 - info.eps)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def relaxed_bernoulli(
+    logits: Tensor | None = None,
+    *,
+    probs: Tensor | None = None,
+    tau: float = 0.1,
+    hard: bool = True,
+) -> Tensor:
+    r"""Bernoulli draws made differentiable by the Gumbel-softmax (binary Concrete) trick.
+
+    The soft sample is :math:`\sigma((\ell + L) / \tau)` with logistic noise
+    :math:`L = \log u - \log(1 - u)`; the hard sample is :math:`1[\ell + L > 0]`, which is
+    exactly Bernoulli(:math:`\sigma(\ell)`).
+
+    Trade-off: ``hard=True`` (straight-through) returns exact 0/1 values with the soft
+    sample's gradient, so the forward pass is unbiased but the gradient is biased;
+    ``hard=False`` returns values in (0, 1) whose mean differs from p unless p = 1/2,
+    with lower gradient variance as ``tau`` grows and less bias as it shrinks.
+
+    Arguments:
+        logits: log-odds :math:`\ell`, any shape. Give either ``logits`` or ``probs``.
+        probs: success probabilities in [0, 1], any shape.
+        tau: temperature > 0 of the relaxation.
+        hard: return exact 0/1 values with a straight-through gradient.
+
+    Returns:
+        A tensor of the same shape as ``logits`` (or ``probs``).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> x = relaxed_bernoulli(probs=torch.full((4,), 0.5))
+        >>> sorted(set(x.tolist())) <= [0.0, 1.0]
+        True
+    """
+    if (logits is None) == (probs is None):
+        raise ValueError("relaxed_bernoulli: give exactly one of `logits` or `probs`.")
+    if tau <= 0:
+        raise ValueError(f"relaxed_bernoulli: `tau` must be > 0, got {tau}.")
+    if logits is None:
+        logits = _probs_to_logits(probs)
+    u = torch.rand_like(logits)
+    info = torch.finfo(logits.dtype)
+    u = u.clamp(info.tiny, 1.0 - info.eps)
+    noisy = logits + (torch.log(u) - torch.log1p(-u))
+    soft = torch.sigmoid(noisy / tau)
+    if not hard:
+        return soft
+    return _straight_through((noisy > 0).to(soft.dtype), soft)
+
+
+def relaxed_categorical(
+    logits: Tensor,
+    *,
+    tau: float = 0.1,
+    hard: bool = True,
+    dim: int = -1,
+) -> Tensor:
+    r"""Categorical draws as (relaxed) one-hot vectors by the Gumbel-softmax trick.
+
+    Soft sample :math:`\mathrm{softmax}((\ell + G) / \tau)` with Gumbel noise
+    :math:`G = -\log(-\log u)`; the hard sample is the one-hot vector of its argmax, which
+    is exactly Categorical(:math:`\mathrm{softmax}(\ell)`).
+
+    Trade-off: as for :func:`relaxed_bernoulli`, ``hard=True`` gives exact one-hot values
+    and a biased straight-through gradient; small ``tau`` lowers bias and raises variance.
+
+    Arguments:
+        logits: unnormalised log-probabilities, categories along ``dim``.
+        tau: temperature > 0.
+        hard: return exact one-hot vectors with a straight-through gradient.
+        dim: the axis of categories.
+
+    Returns:
+        A tensor of the same shape as ``logits`` whose slices along ``dim`` sum to one.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> y = relaxed_categorical(torch.zeros(5, 3))
+        >>> y.sum(-1).tolist()
+        [1.0, 1.0, 1.0, 1.0, 1.0]
+    """
+    if tau <= 0:
+        raise ValueError(f"relaxed_categorical: `tau` must be > 0, got {tau}.")
+    info = torch.finfo(logits.dtype)
+    u = torch.rand_like(logits).clamp(info.tiny, 1.0 - info.eps)
+    noisy = logits - torch.log(-torch.log(u))
+    soft = torch.softmax(noisy / tau, dim=dim)
+    if not hard:
+        return soft
+    one_hot = (noisy == noisy.amax(dim=dim, keepdim=True)).to(soft.dtype)
+    return _straight_through(one_hot, soft)
+
+
+def straight_through_threshold(
+    x: Tensor, threshold: float | Tensor = 0.0, k: float = 1.0
+) -> Tensor:
+    r"""The step :math:`1[x > c]` forward, the gradient of :math:`\sigma(k (x - c))` backward.
+
+    Trade-off: the value is exact; the gradient is that of a sigmoid of steepness ``k``,
+    biased (it sees a threshold that is not there) and sharper, so noisier across draws,
+    as ``k`` grows.
+
+    Example:
+        >>> x = torch.tensor([-1.0, 2.0], requires_grad=True)
+        >>> y = straight_through_threshold(x, k=2.0)
+        >>> y.tolist()
+        [0.0, 1.0]
+    """
+    z = x - threshold
+    return _straight_through((z > 0).to(x.dtype), torch.sigmoid(k * z))
+
+
+def straight_through_sign(x: Tensor, k: float = 1.0) -> Tensor:
+    r"""The sign of ``x`` forward, the gradient of :math:`\tanh(k x / 2)` backward.
+
+    Trade-off: as for :func:`straight_through_threshold`; ``tanh(k x / 2)`` equals
+    :math:`\sigma(k x) - \sigma(-k x)`, the soft buy-minus-sell order of threshold traders.
+
+    Example:
+        >>> straight_through_sign(torch.tensor([-3.0, 0.0, 0.5])).tolist()
+        [-1.0, 0.0, 1.0]
+    """
+    return _straight_through(torch.sign(x), torch.tanh(0.5 * k * x))
+
+
+def soft_maximum(a: Tensor, b: Tensor | float, k: float) -> Tensor:
+    r"""Smooth maximum :math:`\log(e^{k a} + e^{k b}) / k`, always above the maximum.
+
+    Trade-off: the gap to the true maximum is at most :math:`\log(2) / k`; larger ``k``
+    is closer to the maximum with a gradient that switches more abruptly.
+
+    Example:
+        >>> round(soft_maximum(torch.tensor(0.0), 10.0, 2.0).item(), 4)
+        10.0
+    """
+    b = torch.as_tensor(b, dtype=a.dtype, device=a.device)
+    return torch.logaddexp(k * a, k * b) / k
+
+
+def soft_minimum(a: Tensor, b: Tensor | float, k: float) -> Tensor:
+    r"""Smooth minimum :math:`-\log(e^{-k a} + e^{-k b}) / k`, always below the minimum.
+
+    Trade-off: as :func:`soft_maximum`.
+
+    Example:
+        >>> round(soft_minimum(torch.tensor(1.0), 10.0, 2.0).item(), 4)
+        1.0
+    """
+    return -soft_maximum(-a, -torch.as_tensor(b, dtype=a.dtype, device=a.device), k)
+
+
+def bernoulli_mask(
+    shape: tuple[int, int], p: float, *, dtype: torch.dtype, device: torch.device | str
+) -> Tensor:
+    r"""Exact i.i.d. Bernoulli(``p``) draws of a constant ``p`` as 0/1 floats, (B, N).
+
+    For a fixed probability no relaxation is needed: the straight-through draw would equal
+    its hard value with a zero gradient. When ``p`` is small the successes along each row
+    are placed by geometric gaps :math:`\lfloor \log u / \log(1 - p) \rfloor + 1`, which
+    needs about :math:`N p` uniforms per row instead of N (random numbers dominate the cost
+    of large agent populations).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> m = bernoulli_mask((200, 1000), 0.1, dtype=torch.float32, device="cpu")
+        >>> abs(m.mean().item() - 0.1) < 0.003
+        True
+    """
+    b, n = shape
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"bernoulli_mask: `p` must lie in [0, 1], got {p}.")
+    if p > 0.25 or b * n < 4096:
+        return (torch.rand(b, n, dtype=dtype, device=device) < p).to(dtype)
+    if p == 0.0:
+        return torch.zeros(b, n, dtype=dtype, device=device)
+    log_q = math.log1p(-p)
+    m = int(n * p + 6.0 * math.sqrt(n * p) + 8)
+
+    def success_positions() -> Tensor:  # cumsum of geometric gaps, minus one; in place
+        u = torch.rand(b, m, dtype=dtype, device=device)
+        return u.neg_().log1p_().div_(log_q).floor_().add_(1.0).cumsum_(-1).sub_(1.0)
+
+    positions = success_positions()
+    while positions[:, -1].min().item() < n:  # six sigma short of n: almost never runs
+        positions = torch.cat((positions, positions[:, -1:] + 1.0 + success_positions()), -1)
+    mask = torch.zeros(b, n + 1, dtype=dtype, device=device)
+    return mask.scatter_(1, positions.clamp_(max=n).long(), 1.0)[:, :n]

@@ -1,0 +1,162 @@
+"""Tests of gradcal.relax: exact hard values, correct frequencies, useful gradients."""
+
+import math
+
+import pytest
+import torch
+from stats import Z_MAX, z_proportion
+from torch.func import jvp
+
+from gradcal import utils
+from gradcal.relax import (
+    bernoulli_mask,
+    relaxed_bernoulli,
+    relaxed_categorical,
+    soft_maximum,
+    soft_minimum,
+    straight_through_sign,
+    straight_through_threshold,
+)
+
+
+@pytest.mark.parametrize("p", [0.02, 0.3, 0.5, 0.9])
+def test_hard_bernoulli_is_exact_with_mean_p(p):
+    x = relaxed_bernoulli(probs=torch.full((200_000,), p), tau=0.5)
+    assert set(x.unique().tolist()) <= {0.0, 1.0}
+    assert abs(z_proportion(x, p)) < Z_MAX
+
+
+def test_bernoulli_logits_and_probs_agree():
+    logit = torch.tensor(0.7)
+    torch.manual_seed(1)
+    a = relaxed_bernoulli(logit.expand(1000), tau=0.3)
+    torch.manual_seed(1)
+    b = relaxed_bernoulli(probs=torch.sigmoid(logit).expand(1000), tau=0.3)
+    assert torch.equal(a, b)
+
+
+def test_soft_bernoulli_lies_in_unit_interval_and_is_biased_away_from_half():
+    x = relaxed_bernoulli(probs=torch.full((100_000,), 0.2), tau=1.0, hard=False)
+    assert ((x > 0) & (x < 1)).all()
+    # At tau = 1 the soft sample's mean is P(L + L' > -logit(p)), not p: the documented bias.
+    assert abs(z_proportion(x, 0.2)) > Z_MAX
+
+
+def test_bernoulli_gradient_is_finite_and_positive():
+    logits = torch.linspace(-3, 3, 50, requires_grad=True)
+    relaxed_bernoulli(logits, tau=0.5).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad > 0).all()
+
+
+def test_bernoulli_certain_events_have_zero_not_nan_gradient():
+    probs = torch.tensor([0.0, 1.0, 0.5], requires_grad=True)
+    x = relaxed_bernoulli(probs=probs)
+    assert x[0] == 0 and x[1] == 1
+    x.sum().backward()
+    assert torch.isfinite(probs.grad).all()
+
+
+def test_bernoulli_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="exactly one"):
+        relaxed_bernoulli()
+    with pytest.raises(ValueError, match="tau"):
+        relaxed_bernoulli(torch.zeros(2), tau=0.0)
+
+
+def test_hard_categorical_is_one_hot_with_softmax_frequencies():
+    logits = torch.tensor([0.0, 1.0, -1.0, 0.5])
+    y = relaxed_categorical(logits.expand(100_000, 4), tau=0.5)
+    assert set(y.unique().tolist()) == {0.0, 1.0}
+    assert (y.sum(-1) == 1).all()
+    probs = torch.softmax(logits, -1)
+    for k in range(4):
+        assert abs(z_proportion(y[:, k], float(probs[k]))) < Z_MAX
+
+
+def test_categorical_gradient_favours_own_category():
+    logits = torch.zeros(2000, 3, requires_grad=True)
+    relaxed_categorical(logits, tau=1.0)[:, 0].sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[:, 0].sum() > 0
+    assert (logits.grad[:, 1:].sum(0) < 0).all()
+
+
+def test_categorical_soft_rows_sum_to_one():
+    y = relaxed_categorical(torch.randn(10, 5), hard=False, tau=2.0)
+    torch.testing.assert_close(y.sum(-1), torch.ones(10))
+    assert ((y > 0) & (y < 1)).all()
+
+
+def test_threshold_value_and_sigmoid_gradient():
+    x = torch.tensor([-1.0, 0.2, 3.0], requires_grad=True)
+    y = straight_through_threshold(x, threshold=0.5, k=2.0)
+    assert y.tolist() == [0.0, 0.0, 1.0]
+    y.sum().backward()
+    s = torch.sigmoid(2.0 * (x.detach() - 0.5))
+    torch.testing.assert_close(x.grad, 2.0 * s * (1 - s))
+
+
+def test_sign_value_and_tanh_gradient():
+    x = torch.tensor([-2.0, 0.0, 0.3], requires_grad=True)
+    y = straight_through_sign(x, k=3.0)
+    assert y.tolist() == [-1.0, 0.0, 1.0]
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 1.5 * (1 - torch.tanh(1.5 * x.detach()) ** 2))
+    assert (x.grad > 0).all()
+
+
+def test_soft_extrema_bound_the_true_ones():
+    a, b, k = torch.randn(1000), torch.randn(1000), 4.0
+    hi, lo = soft_maximum(a, b, k), soft_minimum(a, b, k)
+    assert (hi >= torch.maximum(a, b)).all()
+    assert (hi <= torch.maximum(a, b) + math.log(2) / k + 1e-6).all()
+    assert (lo <= torch.minimum(a, b)).all()
+    assert (lo >= torch.minimum(a, b) - math.log(2) / k - 1e-6).all()
+
+
+def test_soft_extrema_are_stable_and_at_blackbirds_path():
+    a = torch.tensor([1000.0, -1000.0], requires_grad=True)
+    out = utils.soft_maximum(a, 0.0, 2.0) + utils.soft_minimum(a, 0.0, 2.0)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(a.grad).all()
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x: relaxed_bernoulli(x),
+        lambda x: relaxed_bernoulli(probs=torch.sigmoid(x), hard=False),
+        lambda x: relaxed_categorical(x),
+        lambda x: straight_through_threshold(x),
+        lambda x: straight_through_sign(x),
+        lambda x: soft_minimum(x, 0.0, 2.0),
+    ],
+)
+def test_forward_mode_matches_reverse_mode(f):
+    x, v = torch.randn(20, 3), torch.randn(20, 3)
+    torch.manual_seed(3)
+    _, tangent = jvp(lambda x: f(x).sum(), (x,), (v,))
+    torch.manual_seed(3)
+    x = x.requires_grad_()
+    (grad,) = torch.autograd.grad(f(x).sum(), x)
+    torch.testing.assert_close(tangent, (grad * v).sum())
+
+
+@pytest.mark.parametrize("shape,p", [((300, 1000), 0.05), ((300, 1000), 0.5), ((2, 10), 0.1)])
+def test_bernoulli_mask_frequency_and_independence(shape, p):
+    m = bernoulli_mask(shape, p, dtype=torch.float64, device="cpu")
+    assert m.shape == shape and set(m.unique().tolist()) <= {0.0, 1.0}
+    assert abs(z_proportion(m, p)) < Z_MAX
+    if shape[0] > 100:  # row sums are Binomial(n, p): their variance is n p (1 - p)
+        row = m.sum(-1)
+        expected = shape[1] * p * (1 - p)
+        se = expected * (2 / (shape[0] - 1)) ** 0.5  # s.e. of a sample variance, ~normal data
+        assert abs(row.var() - expected) < Z_MAX * se
+
+
+def test_bernoulli_mask_edge_probabilities():
+    assert bernoulli_mask((100, 100), 0.0, dtype=torch.float32, device="cpu").sum() == 0
+    assert bernoulli_mask((100, 100), 1.0, dtype=torch.float32, device="cpu").all()
+    with pytest.raises(ValueError, match="`p`"):
+        bernoulli_mask((2, 2), 1.5, dtype=torch.float32, device="cpu")
