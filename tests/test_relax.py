@@ -49,6 +49,12 @@ def test_bernoulli_gradient_is_finite_and_positive():
     assert (logits.grad > 0).all()
 
 
+def test_hard_bernoulli_is_exact_at_the_edges_of_the_unit_interval():
+    n = 2_000_000
+    assert relaxed_bernoulli(probs=torch.ones(n)).all()
+    assert not relaxed_bernoulli(probs=torch.zeros(n)).any()
+
+
 def test_bernoulli_certain_events_have_zero_not_nan_gradient():
     probs = torch.tensor([0.0, 1.0, 0.5], requires_grad=True)
     x = relaxed_bernoulli(probs=probs)
@@ -72,6 +78,11 @@ def test_hard_categorical_is_one_hot_with_softmax_frequencies():
     probs = torch.softmax(logits, -1)
     for k in range(4):
         assert abs(z_proportion(y[:, k], float(probs[k]))) < Z_MAX
+
+
+def test_categorical_rows_are_one_hot_even_with_many_tied_categories():
+    y = relaxed_categorical(torch.zeros(20_000, 1000))
+    assert (y.sum(-1) == 1).all()
 
 
 def test_categorical_gradient_favours_own_category():
@@ -143,7 +154,7 @@ def test_forward_mode_matches_reverse_mode(f):
     torch.testing.assert_close(tangent, (grad * v).sum())
 
 
-@pytest.mark.parametrize("shape,p", [((300, 1000), 0.05), ((300, 1000), 0.5), ((2, 10), 0.1)])
+@pytest.mark.parametrize("shape,p", [((300, 1000), 0.05), ((300, 1000), 0.5), ((30, 200), 0.1)])
 def test_bernoulli_mask_frequency_and_independence(shape, p):
     m = bernoulli_mask(shape, p, dtype=torch.float64, device="cpu")
     assert m.shape == shape and set(m.unique().tolist()) <= {0.0, 1.0}
@@ -155,8 +166,26 @@ def test_bernoulli_mask_frequency_and_independence(shape, p):
         assert abs(row.var() - expected) < Z_MAX * se
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bernoulli_mask_is_exact_in_low_precision(dtype):
+    m = bernoulli_mask((100, 1000), 0.1, dtype=dtype, device="cpu")
+    assert m.dtype == dtype
+    assert abs(z_proportion(m.float(), 0.1)) < Z_MAX
+
+
+def test_bernoulli_mask_under_vmap():
+    def draw(x):
+        return x + bernoulli_mask((1, 5000), 0.1, dtype=x.dtype, device=x.device)[0]
+
+    m = torch.func.vmap(draw, randomness="different")(torch.zeros(20, 5000))
+    assert abs(z_proportion(m, 0.1)) < Z_MAX
+    assert not torch.equal(m[0], m[1])
+
+
 def test_bernoulli_mask_edge_probabilities():
     assert bernoulli_mask((100, 100), 0.0, dtype=torch.float32, device="cpu").sum() == 0
     assert bernoulli_mask((100, 100), 1.0, dtype=torch.float32, device="cpu").all()
+    with pytest.raises(ValueError, match="`k`"):
+        soft_maximum(torch.zeros(1), 0.0, 0.0)
     with pytest.raises(ValueError, match="`p`"):
         bernoulli_mask((2, 2), 1.5, dtype=torch.float32, device="cpu")

@@ -16,6 +16,7 @@ from torch import Tensor
 
 __all__ = [
     "bernoulli_mask",
+    "bernoulli_positions",
     "relaxed_bernoulli",
     "relaxed_categorical",
     "soft_maximum",
@@ -48,8 +49,9 @@ def relaxed_bernoulli(
     r"""Bernoulli draws made differentiable by the Gumbel-softmax (binary Concrete) trick.
 
     The soft sample is :math:`\sigma((\ell + L) / \tau)` with logistic noise
-    :math:`L = \log u - \log(1 - u)`; the hard sample is :math:`1[\ell + L > 0]`, which is
-    exactly Bernoulli(:math:`\sigma(\ell)`).
+    :math:`L = \log(1 - u) - \log u`; the hard sample is :math:`1[\ell + L > 0]`, that is
+    :math:`1[u < p]`: Bernoulli(:math:`p = \sigma(\ell)`) up to the resolution of the
+    uniform draws (:math:`2^{-24}` in float32).
 
     Trade-off: ``hard=True`` (straight-through) returns exact 0/1 values with the soft
     sample's gradient, so the forward pass is unbiased but the gradient is biased;
@@ -78,13 +80,15 @@ def relaxed_bernoulli(
     if logits is None:
         logits = _probs_to_logits(probs)
     u = torch.rand_like(logits)
-    info = torch.finfo(logits.dtype)
-    u = u.clamp(info.tiny, 1.0 - info.eps)
-    noisy = logits + (torch.log(u) - torch.log1p(-u))
+    tiny = torch.finfo(logits.dtype).tiny
+    # Logistic noise log(1 - u) - log(u): then logit + noise > 0 exactly when u < p, which
+    # is how the hard value is decided for given probabilities (exact at p = 0 and p = 1).
+    noisy = logits + (torch.log1p(-u) - torch.log(u.clamp(min=tiny)))
     soft = torch.sigmoid(noisy / tau)
     if not hard:
         return soft
-    return _straight_through((noisy > 0).to(soft.dtype), soft)
+    up = (u < probs) if probs is not None else (noisy > 0)
+    return _straight_through(up.to(soft.dtype), soft)
 
 
 def relaxed_categorical(
@@ -126,7 +130,7 @@ def relaxed_categorical(
     soft = torch.softmax(noisy / tau, dim=dim)
     if not hard:
         return soft
-    one_hot = (noisy == noisy.amax(dim=dim, keepdim=True)).to(soft.dtype)
+    one_hot = torch.zeros_like(soft).scatter(dim, noisy.argmax(dim, keepdim=True), 1.0)
     return _straight_through(one_hot, soft)
 
 
@@ -172,6 +176,8 @@ def soft_maximum(a: Tensor, b: Tensor | float, k: float) -> Tensor:
         >>> round(soft_maximum(torch.tensor(0.0), 10.0, 2.0).item(), 4)
         10.0
     """
+    if k <= 0:
+        raise ValueError(f"soft_maximum: the hardness `k` must be > 0, got {k}.")
     b = torch.as_tensor(b, dtype=a.dtype, device=a.device)
     return torch.logaddexp(k * a, k * b) / k
 
@@ -188,16 +194,53 @@ def soft_minimum(a: Tensor, b: Tensor | float, k: float) -> Tensor:
     return -soft_maximum(-a, -torch.as_tensor(b, dtype=a.dtype, device=a.device), k)
 
 
+def bernoulli_positions(b: int, n: int, p: float, *, device: torch.device | str) -> Tensor:
+    r"""Where i.i.d. Bernoulli(``p``) successes fall in each of b rows of n trials.
+
+    Returns (b, m) long indices, increasing along each row, of the successes; the unused
+    tail of each row holds ``n`` (one past the last trial), so
+    ``torch.zeros(b, n + 1).scatter(1, idx, 1.0)[:, :n]`` is the 0/1 mask and
+    ``x.scatter(1, idx, values)`` writes values at the successes of a (b, n + 1) tensor.
+    Successes are placed by geometric gaps :math:`\lfloor \log u / \log(1 - p) \rfloor + 1`,
+    about :math:`n p` uniforms a row instead of n: random numbers dominate the cost of large
+    agent populations. m is set by Bernstein's inequality so that more successes than m
+    have probability below :math:`2^{-64}`, under the resolution of the random numbers, so
+    there is no data-dependent check (or device synchronisation); works under vmap.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> idx = bernoulli_positions(2, 10, 0.2, device="cpu")
+        >>> bool((idx.diff(dim=-1) >= 0).all() and (idx <= 10).all())
+        True
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"bernoulli_positions: `p` must lie in (0, 1), got {p}.")
+    # float64 keeps the cumulative positions exact whatever the model's dtype.
+    u = torch.rand(b, _n_gaps(n, p), dtype=torch.float64, device=device)
+    gaps = torch.floor(torch.log1p(-u) / math.log1p(-p)) + 1.0  # Geometric(p) >= 1
+    return (gaps.cumsum(-1) - 1.0).clamp(max=n).long()
+
+
+def _n_gaps(n: int, p: float) -> int:
+    """Gaps enough for n trials except with probability < 2^-64 (Bernstein's inequality).
+
+    More than np + t successes among n trials has probability below
+    exp(-t^2 / (2 (np(1-p) + t/3))); t solves this for 2^-64.
+    """
+    log_bound = 64 * math.log(2.0)
+    var = n * p * (1 - p)
+    t = log_bound / 3 + math.sqrt(log_bound**2 / 9 + 2 * log_bound * var)
+    return min(n, math.ceil(n * p + t) + 1)
+
+
 def bernoulli_mask(
     shape: tuple[int, int], p: float, *, dtype: torch.dtype, device: torch.device | str
 ) -> Tensor:
-    r"""Exact i.i.d. Bernoulli(``p``) draws of a constant ``p`` as 0/1 floats, (B, N).
+    r"""Exact i.i.d. Bernoulli(``p``) draws of a constant ``p`` as 0/1 values, (B, N).
 
     For a fixed probability no relaxation is needed: the straight-through draw would equal
-    its hard value with a zero gradient. When ``p`` is small the successes along each row
-    are placed by geometric gaps :math:`\lfloor \log u / \log(1 - p) \rfloor + 1`, which
-    needs about :math:`N p` uniforms per row instead of N (random numbers dominate the cost
-    of large agent populations).
+    its hard value with a zero gradient. Small ``p`` on large shapes goes through
+    :func:`bernoulli_positions`; works under :func:`torch.func.vmap`.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -208,19 +251,7 @@ def bernoulli_mask(
     b, n = shape
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"bernoulli_mask: `p` must lie in [0, 1], got {p}.")
-    if p > 0.25 or b * n < 4096:
-        return (torch.rand(b, n, dtype=dtype, device=device) < p).to(dtype)
-    if p == 0.0:
-        return torch.zeros(b, n, dtype=dtype, device=device)
-    log_q = math.log1p(-p)
-    m = int(n * p + 6.0 * math.sqrt(n * p) + 8)
-
-    def success_positions() -> Tensor:  # cumsum of geometric gaps, minus one; in place
-        u = torch.rand(b, m, dtype=dtype, device=device)
-        return u.neg_().log1p_().div_(log_q).floor_().add_(1.0).cumsum_(-1).sub_(1.0)
-
-    positions = success_positions()
-    while positions[:, -1].min().item() < n:  # six sigma short of n: almost never runs
-        positions = torch.cat((positions, positions[:, -1:] + 1.0 + success_positions()), -1)
+    if p in (0.0, 1.0) or p > 0.25 or b * n < 4096:
+        return (torch.rand(b, n, device=device) < p).to(dtype)
     mask = torch.zeros(b, n + 1, dtype=dtype, device=device)
-    return mask.scatter_(1, positions.clamp_(max=n).long(), 1.0)[:, :n]
+    return mask.scatter(1, bernoulli_positions(b, n, p, device=device), 1.0)[:, :n]

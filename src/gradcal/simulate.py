@@ -144,6 +144,7 @@ def simulate_and_observe_model(
 def run_model(model: Model, params: Tensor, gradient_horizon: int | None = None) -> Any:
     """Run ``model`` at ``params`` and return the whole history (initial state included).
 
-    Shapes are (T, ...) for one draw and (B, T, ...) for (B, D) parameters.
+    Shapes are (T + 1, ...) for one draw and (B, T + 1, ...) for (B, D) parameters when
+    the initial history is one step long.
     """
     return _run(model, params, gradient_horizon, observe=False)

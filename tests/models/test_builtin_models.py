@@ -89,6 +89,38 @@ def test_forward_mode_equals_reverse_mode_under_the_same_noise(name):
     torch.testing.assert_close(directional, (grad * tangent).sum())
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_single_draw_runs_batch_under_vmap(name):
+    model, theta = _case(name)
+
+    def summaries(p):
+        return _summaries([y[None] for y in model.run_and_observe(p)])[0]
+
+    vmapped = torch.func.vmap(summaries, randomness="different")(theta.expand(300, -1))
+    batched = _summaries(model.run_and_observe(theta.expand(300, -1)))
+    for s in range(batched.shape[1]):
+        if batched[:, s].var() + vmapped[:, s].var() > 0:
+            assert abs(z_two_sample(batched[:, s], vmapped[:, s])) < Z_MAX, s
+
+
+@pytest.mark.parametrize("name", ["brock_hommes", "normal"])
+def test_pathwise_gradient_matches_finite_differences(name):
+    # Smooth models: with the noise fixed by the seed the loss is differentiable in theta.
+    model, theta = _case(name, torch.float64)
+
+    def loss(p):
+        torch.manual_seed(7)
+        return sum((y**2).mean() for y in model.run_and_observe(p))
+
+    leaf = theta.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(loss(leaf), leaf)
+    for i in range(theta.shape[0]):
+        e = torch.zeros_like(theta)
+        e[i] = 1e-6
+        fd = (loss(theta + e) - loss(theta - e)) / 2e-6
+        assert grad[i].item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-8)
+
+
 @pytest.mark.parametrize("name", TEMPORAL)
 def test_gradient_horizon_zero_keeps_values_and_changes_gradients(name):
     model, theta = _case(name, torch.float64)

@@ -67,8 +67,8 @@ def test_normal_with_non_positive_scale_gives_nan():
     assert torch.isnan(x[0]).all() and torch.isfinite(x[1]).all()
 
 
-class TutorialRamaCont(Model):
-    """Rama Cont for one draw, written the BlackBIRDS way (history on axis 0, no batch)."""
+class SingleDrawRamaCont(Model):
+    """Rama Cont for one draw, agent by agent, written the BlackBIRDS way (time on axis 0)."""
 
     def __init__(self, n_agents, n_timesteps, s, sigmoid_k):
         super().__init__()
@@ -76,7 +76,7 @@ class TutorialRamaCont(Model):
 
     def _orders(self, eps, nu):
         soft = torch.sigmoid(self.k * (eps - nu)) - torch.sigmoid(self.k * (-nu - eps))
-        hard = (eps > nu).float() - (eps < -nu).float()
+        hard = (eps > nu).to(nu.dtype) - (eps < -nu).to(nu.dtype)
         return hard + soft - soft.detach()
 
     def initialize(self, params):
@@ -106,7 +106,7 @@ def test_rama_cont_matches_an_independent_single_draw_implementation():
     theta = torch.tensor([0.0, math.log10(0.5), 0.0, math.log10(0.7)])
     n = 200
     ours = RamaCont(100, 30, 0.1, 5.0, log10_params=True).run_and_observe(theta.expand(n, -1))[0]
-    tutorial = TutorialRamaCont(100, 30, 0.1, 5.0)
+    tutorial = SingleDrawRamaCont(100, 30, 0.1, 5.0)
     theirs = torch.stack([tutorial.run_and_observe(theta)[0] for _ in range(n)])
     for stat in (
         lambda r: r.abs().mean(-1),
@@ -114,3 +114,18 @@ def test_rama_cont_matches_an_independent_single_draw_implementation():
         lambda r: (r[:, 1:] * r[:, :-1]).mean(-1),
     ):
         assert abs(z_two_sample(stat(ours), stat(theirs))) < Z_MAX
+
+
+def test_rama_cont_summed_orders_equal_per_agent_straight_through_orders():
+    model = RamaCont(500, 1, 0.1, 3.0)
+    nu = torch.rand(4, 500, dtype=torch.float64).requires_grad_()
+    eps = torch.randn(4, 1, dtype=torch.float64).requires_grad_()
+    eta = torch.full((4, 1), 0.7, dtype=torch.float64)
+    reference = SingleDrawRamaCont(500, 1, 0.1, 3.0)._orders(eps, nu).sum(-1, keepdim=True)
+    reference = reference / (500 * eta)
+    ours = model._returns(eps, nu, eta)
+    torch.testing.assert_close(ours, reference)
+    g_ours = torch.autograd.grad(ours.sum(), (nu, eps))
+    g_ref = torch.autograd.grad(reference.sum(), (nu, eps))
+    for a, b in zip(g_ours, g_ref, strict=True):
+        torch.testing.assert_close(a, b)

@@ -78,7 +78,7 @@ class BrockHommes(Model):
         self.n_params = select.shape[0]
         self.register_buffer("fixed", fixed)  # (2, H): fixed g and b, zero where free
         self.register_buffer("select", select)  # (D, 2, H): params -> free coefficients
-        self.true_params: Tensor | None = None
+        self.register_buffer("true_params", None)  # set by the ready-made configurations
 
     @staticmethod
     def _coefficient_maps(
@@ -152,10 +152,17 @@ class BrockHommes(Model):
             A 0-d tensor for (D,) parameters, else (B,).
         """
         self.check_params(params)
-        if not isinstance(x, Tensor) or x.ndim not in (1, 2):
-            raise ValueError("BrockHommes.log_likelihood: `x` must be a tensor (T,) or (B, T).")
         single = params.ndim == 1
         p = params[None] if single else params
+        if (
+            not isinstance(x, Tensor)
+            or x.ndim not in (1, 2)
+            or (x.ndim == 2 and x.shape[0] != p.shape[0])
+        ):
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"BrockHommes.log_likelihood: `x` must be (T,) or ({p.shape[0]}, T), got {got}."
+            )
         series = x.to(p).expand(p.shape[0], x.shape[-1])
         full = torch.cat((series.new_zeros(series.shape[0], _N_LAGS), series), dim=-1)
         t = series.shape[-1]

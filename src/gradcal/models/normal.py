@@ -52,7 +52,7 @@ class Normal(Model):
     def log_likelihood(self, params: Tensor, x: Tensor) -> Tensor:
         r""":math:`\sum_t \log N(x_t; \mu, \sigma^2)` for ``x`` (T,) or (B, T).
 
-        Returns a 0-d tensor for (2,) parameters, else (B,).
+        Returns a 0-d tensor for (2,) parameters and x (T,), else (B,).
         """
         self.check_params(params)
         mu, sigma = params[..., 0:1], params[..., 1:2]

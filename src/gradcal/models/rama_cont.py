@@ -6,13 +6,13 @@ import torch
 from torch import Tensor
 
 from gradcal.models.model import Model
-from gradcal.relax import bernoulli_mask
+from gradcal.relax import bernoulli_mask, bernoulli_positions
 
 __all__ = ["RamaCont"]
 
 
 class RamaCont(Model):
-    r"""Threshold traders reacting to a common signal (Cont 2005), as in BlackBIRDS.
+    r"""Threshold traders reacting to a common signal (Cont 2005).
 
     N agents hold thresholds :math:`\nu_i(0) \sim \mathrm{LogNormal}(\gamma_0, \gamma_1)`.
     At each step a common signal :math:`\epsilon_t \sim N(0, \sigma^2)` arrives, agent i
@@ -21,6 +21,10 @@ class RamaCont(Model):
     :math:`r_t = \sum_i \rho_i / (N \eta)`, and each agent resets its threshold to
     :math:`|r_t|` with probability ``s``
     (an exact Bernoulli draw: ``s`` is fixed, so a relaxation would add nothing).
+
+    BlackBIRDS' built-in version draws a separate signal for every agent; here, as in
+    Cont (2005), all agents see the same :math:`\epsilon_t`, which is what makes their
+    orders herd and volatility cluster.
 
     Parameters, in order: :math:`(\gamma_0, \gamma_1, \sigma, \eta)`, or their base-10
     logarithms when ``log10_params=True`` (the BlackBIRDS tutorial's convention).
@@ -61,6 +65,8 @@ class RamaCont(Model):
         log10_params: bool = False,
     ):
         super().__init__()
+        if sigmoid_k <= 0:
+            raise ValueError(f"RamaCont: `sigmoid_k` must be > 0, got {sigmoid_k}.")
         if n_agents < 1:
             raise ValueError(f"RamaCont: `n_agents` must be >= 1, got {n_agents}.")
         if not 0.0 <= s <= 1.0:
@@ -98,12 +104,22 @@ class RamaCont(Model):
 
     def step(self, params: Tensor, x: Tensor) -> Tensor:
         _, _, sigma, eta = self._natural(params)
-        nu = x[:, -1, :-1]
+        state = x[:, -1]  # (B, N + 1): thresholds, then the last return
+        nu = state[:, :-1]
         eps = sigma * torch.randn_like(sigma)
         r = self._returns(eps, nu, eta)
-        reset = bernoulli_mask(nu.shape, self.s, dtype=nu.dtype, device=nu.device)
-        nu = nu + reset * (r.abs() - nu)
-        return torch.cat((nu, r), dim=-1)[:, None, :]
+        return torch.cat((self._reset(state, r), r), dim=-1)[:, None, :]
+
+    def _reset(self, state: Tensor, r: Tensor) -> Tensor:
+        """Thresholds (B, N) after each agent resets to |r| with probability s."""
+        b, n = state.shape[0], self.n_agents
+        if self.s in (0.0, 1.0) or self.s > 0.25 or b * n < 4096:  # dense draws are cheaper
+            reset = bernoulli_mask((b, n), self.s, dtype=r.dtype, device=r.device)
+            return torch.lerp(state[:, :-1], r.abs().expand(-1, n), reset)
+        # Write |r| straight at the resetting agents; index n (the return's column, dropped
+        # afterwards) absorbs the unused tail of the positions.
+        idx = bernoulli_positions(b, n, self.s, device=r.device)
+        return state.scatter(1, idx, r.abs().expand(-1, idx.shape[1]))[:, :-1]
 
     def observe(self, x: Tensor) -> list[Tensor]:
         return [x[..., -1]]

@@ -76,7 +76,7 @@ class SIR(Model):
 
     def _infected_neighbours(self, infected: Tensor) -> Tensor:
         """Number of infected neighbours of every node: (B, N) -> (B, N)."""
-        src, dst = self.edge_index
+        src, dst = self.edge_index.to(infected.device)
         return torch.zeros_like(infected).index_add(1, dst, infected[:, src])
 
     def initialize(self, params: Tensor) -> Tensor:
