@@ -1,0 +1,519 @@
+r"""Variational families q_phi: Gaussians, normalising flows, constrained supports, adapters.
+
+The protocol every family follows, and the engine relies on:
+
+- ``sample(n) -> (theta, log_q)``: theta (n, D) reparameterised, so gradients flow to the
+  family's parameters; ``log_q`` (n,) is :math:`\log q(\theta)` with its full graph (BlackBIRDS'
+  tuple convention).
+- ``log_prob(theta) -> (n,)`` for theta (n, D) (needed by the score-function estimator).
+
+Any object with these methods works; :func:`as_family` wraps a
+:class:`torch.distributions.Distribution`, a zuko flow, a normflows ``NormalizingFlow`` or
+a user object in one call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import zuko
+from torch import Tensor
+from torch.distributions import Distribution, Transform, biject_to, constraints
+from torch.distributions.transforms import AffineTransform, StackTransform
+
+__all__ = [
+    "Constrained",
+    "DiagonalGaussian",
+    "DistributionFamily",
+    "Family",
+    "Flow",
+    "FullRankGaussian",
+    "TrainableGaussian",
+    "as_family",
+]
+
+
+def _check_n(n: Any) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"`n` must be an int >= 1, got {n!r}.")
+
+
+def _check_theta(theta: Any, dim: int, owner: str) -> None:
+    if not isinstance(theta, Tensor):
+        raise TypeError(
+            f"{owner}: `theta` must be a tensor (n, {dim}), got {type(theta).__name__}."
+        )
+    if theta.ndim < 1 or theta.shape[-1] != dim:
+        raise ValueError(f"{owner}: `theta` must have shape (n, {dim}), got {tuple(theta.shape)}.")
+
+
+def _vector(value: Any, dim: int | None, name: str) -> Tensor:
+    """A float tensor (D,) from a number, list or tensor (broadcast to ``dim`` if given)."""
+    t = torch.as_tensor(value, dtype=torch.get_default_dtype()).detach().clone()
+    if t.is_floating_point() is False:
+        t = t.float()
+    if dim is not None:
+        t = t.expand(dim).clone() if t.ndim == 0 else t
+        if t.shape != (dim,):
+            raise ValueError(
+                f"`{name}` must be a number or have shape ({dim},), got {tuple(t.shape)}."
+            )
+    elif t.ndim != 1:
+        raise ValueError(f"`{name}` must have shape (D,), got {tuple(t.shape)}.")
+    return t
+
+
+def _inverse_softplus(x: Tensor) -> Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+class Family(torch.nn.Module, ABC):
+    """Base class of variational families over R^D: subclasses give :meth:`distribution`."""
+
+    dim: int
+
+    @abstractmethod
+    def distribution(self) -> Distribution:
+        """q_phi as a torch distribution with event shape (D,)."""
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        """Reparameterised draws theta (n, D) and their log-density log_q (n,)."""
+        _check_n(n)
+        q = self.distribution()
+        if hasattr(q, "rsample_and_log_prob"):
+            return q.rsample_and_log_prob((n,))
+        theta = q.rsample((n,))
+        return theta, q.log_prob(theta)
+
+    def log_prob(self, theta: Tensor) -> Tensor:
+        """log q(theta) for theta (n, D): (n,)."""
+        _check_theta(theta, self.dim, type(self).__name__)
+        return self.distribution().log_prob(theta)
+
+    def forward(self) -> Distribution:
+        return self.distribution()
+
+
+class DiagonalGaussian(Family):
+    r"""Gaussian with diagonal covariance: :math:`N(\mu, \mathrm{diag}(s^2))`, s by softplus.
+
+    Arguments:
+        loc: initial mean (D,).
+        scale: initial standard deviations, a number or (D,).
+
+    Example:
+        >>> q = DiagonalGaussian(torch.zeros(3), 0.5)
+        >>> theta, log_q = q.sample(10)
+        >>> theta.shape, log_q.shape
+        (torch.Size([10, 3]), torch.Size([10]))
+    """
+
+    def __init__(self, loc: Tensor | Sequence[float], scale: float | Tensor = 1.0):
+        super().__init__()
+        loc = _vector(loc, None, "loc")
+        self.dim = loc.shape[0]
+        self.loc = torch.nn.Parameter(loc)
+        scale = _vector(scale, self.dim, "scale")
+        if (scale <= 0).any():
+            raise ValueError(f"`scale` must be > 0, got {scale}.")
+        self.raw_scale = torch.nn.Parameter(_inverse_softplus(scale))
+
+    @property
+    def scale(self) -> Tensor:
+        return torch.nn.functional.softplus(self.raw_scale)
+
+    def distribution(self) -> Distribution:
+        return torch.distributions.Independent(torch.distributions.Normal(self.loc, self.scale), 1)
+
+
+class FullRankGaussian(Family):
+    r"""Gaussian :math:`N(\mu, L L^\top)` with a Cholesky factor L, positive diagonal by softplus.
+
+    Arguments:
+        loc: initial mean (D,).
+        scale: initial standard deviations (a number or (D,), independent start) or an
+            initial lower-triangular factor (D, D).
+
+    Example:
+        >>> q = FullRankGaussian(torch.zeros(2), torch.tensor([[1.0, 0.0], [0.9, 0.5]]))
+        >>> torch.round(q.distribution().covariance_matrix, decimals=2)
+        tensor([[1.0000, 0.9000],
+                [0.9000, 1.0600]], grad_fn=<RoundBackward1>)
+    """
+
+    def __init__(self, loc: Tensor | Sequence[float], scale: float | Tensor = 1.0):
+        super().__init__()
+        loc = _vector(loc, None, "loc")
+        self.dim = d = loc.shape[0]
+        self.loc = torch.nn.Parameter(loc)
+        scale = torch.as_tensor(scale, dtype=loc.dtype)
+        tril = scale if scale.ndim == 2 else torch.diag(_vector(scale, d, "scale"))
+        if tril.shape != (d, d):
+            raise ValueError(
+                f"`scale` must be a number, ({d},) or ({d}, {d}), got {tuple(tril.shape)}."
+            )
+        if (tril.diagonal() <= 0).any():
+            raise ValueError("`scale` must have a positive diagonal.")
+        self.raw_diag = torch.nn.Parameter(_inverse_softplus(tril.diagonal().clone()))
+        self.off_diagonal = torch.nn.Parameter(torch.tril(tril, -1).clone())
+
+    @property
+    def scale_tril(self) -> Tensor:
+        return torch.tril(self.off_diagonal, -1) + torch.diag_embed(
+            torch.nn.functional.softplus(self.raw_diag)
+        )
+
+    def distribution(self) -> Distribution:
+        return torch.distributions.MultivariateNormal(self.loc, scale_tril=self.scale_tril)
+
+
+class TrainableGaussian(FullRankGaussian):
+    """BlackBIRDS' full-covariance Gaussian: ``TrainableGaussian(mu=[0.0], sigma=1.0)``.
+
+    ``sigma`` is the initial standard deviation of every coordinate, as BlackBIRDS
+    documents it. A :class:`FullRankGaussian` under another constructor.
+
+    Example:
+        >>> TrainableGaussian([0.0, 1.0], 0.1).sample(5)[0].shape
+        torch.Size([5, 2])
+    """
+
+    def __init__(
+        self, mu: Sequence[float] | Tensor = (0.0,), sigma: float = 1.0, device: str = "cpu"
+    ):
+        super().__init__(torch.as_tensor(mu, dtype=torch.get_default_dtype()), sigma)
+        self.to(device)
+
+
+def _zero_last_layers(flow: torch.nn.Module) -> None:
+    """Zero the output layer of every hypernetwork: MAF and NSF then start at the identity."""
+    for module in flow.modules():
+        hyper = getattr(module, "hyper", None)
+        if hyper is not None:
+            last = [m for m in hyper.modules() if isinstance(m, torch.nn.Linear)][-1]
+            torch.nn.init.zeros_(last.weight)
+            torch.nn.init.zeros_(last.bias)
+
+
+class Flow(Family):
+    r"""Normalising flow (zuko) followed by a fixed affine map: theta = loc + scale * f(z).
+
+    The flow's transforms start at the identity (zeroed output layers), so training starts
+    from :math:`N(\mathrm{loc}, \mathrm{diag}(\mathrm{scale}^2))`: give the prior's location
+    and scale.
+
+    Arguments:
+        dim: number of parameters D.
+        kind: ``"nsf"`` (neural spline flow) or ``"maf"`` (masked affine autoregressive).
+        transforms: number of flow transforms.
+        hidden_features: hidden layer sizes of each transform's network.
+        loc, scale: location and scale, numbers or (D,).
+        kwargs: passed on to :class:`zuko.flows.NSF` / :class:`zuko.flows.MAF`.
+
+    References:
+        C. Durkan et al. (2019). Neural spline flows. https://arxiv.org/abs/1906.04032
+
+    Example:
+        >>> q = Flow(2, loc=torch.tensor([1.0, -1.0]), scale=0.1)
+        >>> theta, log_q = q.sample(1000)
+        >>> torch.allclose(theta.mean(0), torch.tensor([1.0, -1.0]), atol=0.03)
+        True
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kind: str = "nsf",
+        transforms: int = 3,
+        hidden_features: Sequence[int] = (64, 64),
+        loc: float | Tensor = 0.0,
+        scale: float | Tensor = 1.0,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        builders = {"nsf": zuko.flows.NSF, "maf": zuko.flows.MAF}
+        if kind not in builders:
+            raise ValueError(f"`kind` must be one of {sorted(builders)}, got {kind!r}.")
+        if dim < 1:
+            raise ValueError(f"`dim` must be >= 1, got {dim}.")
+        self.dim = dim
+        self.flow = builders[kind](
+            features=dim, transforms=transforms, hidden_features=tuple(hidden_features), **kwargs
+        )
+        _zero_last_layers(self.flow)
+        scale = _vector(scale, dim, "scale")
+        if (scale <= 0).any():
+            raise ValueError(f"`scale` must be > 0, got {scale}.")
+        self.register_buffer("loc", _vector(loc, dim, "loc"))
+        self.register_buffer("scale", scale)
+
+    def distribution(self) -> Distribution:
+        return torch.distributions.TransformedDistribution(
+            self.flow(), AffineTransform(self.loc, self.scale, event_dim=1)
+        )
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        _check_n(n)
+        z, log_qz = self.flow().rsample_and_log_prob((n,))
+        return self.loc + self.scale * z, log_qz - self.scale.log().sum()
+
+    def log_prob(self, theta: Tensor) -> Tensor:
+        _check_theta(theta, self.dim, "Flow")
+        z = (theta - self.loc) / self.scale
+        return self.flow().log_prob(z) - self.scale.log().sum()
+
+
+def _bijection(support: Any, dim: int) -> Transform:
+    """The map from R^D onto a support: a constraint, one constraint per axis, or a prior's."""
+    if isinstance(support, Distribution):
+        support = support.support
+    if isinstance(support, Sequence) and not isinstance(support, str):
+        if len(support) != dim:
+            raise ValueError(
+                f"`support` must give {dim} constraints, one per parameter, got {len(support)}."
+            )
+        return StackTransform([biject_to(c) for c in support], dim=-1)
+    if isinstance(support, constraints.Constraint):
+        return biject_to(support)
+    raise TypeError(
+        "`support` must be a torch constraint, a list of them (one per parameter) or a prior "
+        f"distribution, got {type(support).__name__}."
+    )
+
+
+class Constrained(Family):
+    r"""A family on a constrained space: theta = T(u) with u from an unconstrained family.
+
+    T is :func:`torch.distributions.biject_to` of the support (positive: exp; an interval:
+    an affine sigmoid), and
+    :math:`\log q(\theta) = \log q_u(u) - \log|\det \partial T / \partial u|`.
+    ``log_q`` is a density in the constrained space, the space of the prior, so
+    E_q[log q - log prior] is KL(q || prior) there (equal, by invariance under bijections,
+    to the KL between the unconstrained pair).
+
+    Arguments:
+        base: an unconstrained family over R^D (anything :func:`as_family` takes).
+        support: a constraint, a list of D constraints, or the prior (its ``support``).
+
+    Example:
+        >>> from torch.distributions import constraints
+        >>> q = Constrained(DiagonalGaussian(torch.zeros(2)), [constraints.positive,
+        ...                                                     constraints.interval(0, 1)])
+        >>> theta, _ = q.sample(100)
+        >>> bool((theta[:, 0] > 0).all() and ((theta[:, 1] > 0) & (theta[:, 1] < 1)).all())
+        True
+    """
+
+    def __init__(self, base: Any, support: Any):
+        super().__init__()
+        self.base = as_family(base)
+        self.dim = _family_dim(self.base)
+        self.transform = _bijection(support, self.dim)
+
+    def _log_det(self, u: Tensor, theta: Tensor) -> Tensor:
+        ladj = self.transform.log_abs_det_jacobian(u, theta)
+        return ladj.sum(-1) if ladj.ndim == theta.ndim else ladj
+
+    def distribution(self) -> Distribution:
+        return torch.distributions.TransformedDistribution(
+            self.base.distribution(), self.transform
+        )
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        u, log_qu = self.base.sample(n)
+        theta = self.transform(u)
+        return theta, log_qu - self._log_det(u, theta)
+
+    def log_prob(self, theta: Tensor) -> Tensor:
+        _check_theta(theta, self.dim, "Constrained")
+        u = self.transform.inv(theta)
+        return self.base.log_prob(u) - self._log_det(u, theta)
+
+
+def _trainable_leaves(obj: Any, seen: set[int] | None = None) -> Iterator[Tensor]:
+    """Leaf tensors requiring grad stored on a distribution (recursing into nested ones)."""
+    seen = set() if seen is None else seen
+    for value in vars(obj).values():
+        if isinstance(value, Tensor) and id(value) not in seen:
+            seen.add(id(value))
+            if value.requires_grad and not value.is_leaf:
+                raise ValueError(
+                    f"{type(obj).__name__} precomputes its parameters when built, so it cannot "
+                    "be trained as an instance: pass DistributionFamily(its class, **params)."
+                )
+            if value.requires_grad:
+                yield value
+        elif isinstance(value, Distribution):
+            yield from _trainable_leaves(value, seen)
+
+
+class DistributionFamily(Family):
+    """A torch distribution as a family, built each call from trainable parameters.
+
+    Either ``DistributionFamily(factory, **params)`` (params become ``nn.Parameter``s and
+    ``factory(**params)`` must return a distribution with event shape (D,) or a scalar one),
+    or ``DistributionFamily(distribution)``, an instance whose trainable tensors are leaves
+    it reads at sampling time (e.g. ``Normal(loc, scale)`` with ``loc.requires_grad``).
+
+    Example:
+        >>> q = DistributionFamily(torch.distributions.Normal, loc=torch.zeros(2),
+        ...                        scale=torch.ones(2))
+        >>> q.sample(4)[0].shape, len(list(q.parameters()))
+        (torch.Size([4, 2]), 2)
+    """
+
+    def __init__(self, distribution: Distribution | Callable[..., Distribution], **params: Tensor):
+        super().__init__()
+        if isinstance(distribution, Distribution):
+            if params:
+                raise ValueError("give either a distribution instance or a factory with params.")
+            self._instance = distribution
+            self._leaves = list(_trainable_leaves(distribution))
+        elif callable(distribution):
+            self._instance = None
+            self._factory = distribution
+            self._params = torch.nn.ParameterDict(
+                {
+                    k: torch.nn.Parameter(torch.as_tensor(v, dtype=torch.get_default_dtype()))
+                    for k, v in params.items()
+                }
+            )
+        else:
+            raise TypeError(
+                f"expected a distribution or a factory, got {type(distribution).__name__}."
+            )
+        q = self._raw()
+        if q.event_shape == () and q.batch_shape == ():
+            self.dim = 1
+        elif q.event_shape == ():
+            self.dim = q.batch_shape[-1]
+        else:
+            self.dim = q.event_shape[-1]
+        if not q.has_rsample:
+            raise ValueError(f"{type(q).__name__} has no rsample: pathwise gradients need one.")
+
+    def _raw(self) -> Distribution:
+        return self._instance if self._instance is not None else self._factory(**self._params)
+
+    def distribution(self) -> Distribution:
+        q = self._raw()
+        if q.event_shape == () and q.batch_shape != ():
+            return torch.distributions.Independent(q, 1)
+        return q
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        _check_n(n)
+        q = self.distribution()
+        theta = q.rsample((n,))
+        log_q = q.log_prob(theta)
+        return (theta[:, None], log_q) if theta.ndim == 1 else (theta, log_q)
+
+    def log_prob(self, theta: Tensor) -> Tensor:
+        _check_theta(theta, self.dim, "DistributionFamily")
+        q = self.distribution()
+        return q.log_prob(theta[..., 0] if q.event_shape == () else theta)
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ):
+        yield from super().named_parameters(prefix, recurse, remove_duplicate)
+        if self._instance is not None:
+            for i, leaf in enumerate(self._leaves):
+                yield f"{prefix}{'.' if prefix else ''}leaf{i}", leaf
+
+
+class ZukoFamily(Family):
+    """A zuko flow (``zuko.flows.Flow`` or any ``LazyDistribution``) as a family."""
+
+    def __init__(self, flow: zuko.flows.LazyDistribution):
+        super().__init__()
+        self.flow = flow
+        self.dim = flow().event_shape[-1]
+
+    def distribution(self) -> Distribution:
+        return self.flow()
+
+
+class _ProtocolAdapter(Family):
+    """An object with ``sample(n) -> (theta, log_q)`` (normflows, user classes), checked."""
+
+    def __init__(self, obj: Any):
+        super().__init__()
+        if isinstance(obj, torch.nn.Module):
+            self.inner = obj
+        else:
+            self._inner = obj
+        self.dim = _sampled_dim(obj)
+
+    @property
+    def _obj(self) -> Any:
+        return self.inner if "inner" in self._modules else self._inner
+
+    def distribution(self) -> Distribution:
+        raise NotImplementedError(f"{type(self._obj).__name__} is not a torch distribution.")
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        _check_n(n)
+        out = self._obj.sample(n)
+        if not (isinstance(out, tuple | list) and len(out) == 2):
+            raise TypeError(
+                f"{type(self._obj).__name__}.sample(n) must return (theta, log_q), "
+                f"got {type(out).__name__}."
+            )
+        theta, log_q = out
+        if theta.ndim == 1:
+            theta = theta[:, None]
+        if theta.shape[0] != n or log_q.shape != (n,):
+            raise ValueError(
+                f"{type(self._obj).__name__}.sample({n}) must return theta ({n}, D) and log_q "
+                f"({n},), got {tuple(theta.shape)} and {tuple(log_q.shape)}."
+            )
+        return theta, log_q
+
+    def log_prob(self, theta: Tensor) -> Tensor:
+        if not callable(getattr(self._obj, "log_prob", None)):
+            raise NotImplementedError(
+                f"{type(self._obj).__name__} has no log_prob(theta); the score-function "
+                "estimator and analytic diagnostics need one."
+            )
+        return self._obj.log_prob(theta)
+
+
+def _sampled_dim(obj: Any) -> int:
+    with torch.no_grad():
+        theta, _ = obj.sample(2)
+    return 1 if theta.ndim == 1 else theta.shape[-1]
+
+
+def _family_dim(family: Any) -> int:
+    return family.dim if hasattr(family, "dim") else _sampled_dim(family)
+
+
+def as_family(obj: Any) -> Family:
+    """Wrap anything that can serve as a variational family into the protocol.
+
+    Accepts a :class:`Family` (returned as is), a torch distribution with ``rsample``, a
+    zuko ``LazyDistribution`` (flow), or any object with ``sample(n) -> (theta, log_q)``
+    such as a normflows ``NormalizingFlow``.
+
+    Example:
+        >>> loc = torch.zeros(2, requires_grad=True)
+        >>> q = as_family(torch.distributions.Normal(loc, torch.ones(2)))
+        >>> q.sample(3)[0].shape, [p is loc for p in q.parameters()]
+        (torch.Size([3, 2]), [True])
+    """
+    if isinstance(obj, Family):
+        return obj
+    if isinstance(obj, zuko.flows.LazyDistribution):
+        return ZukoFamily(obj)
+    if isinstance(obj, Distribution):
+        return DistributionFamily(obj)
+    if callable(getattr(obj, "sample", None)):
+        return _ProtocolAdapter(obj)
+    raise TypeError(
+        f"cannot use {type(obj).__name__} as a variational family: it needs "
+        "sample(n) -> (theta, log_q) (and log_prob(theta) for the score estimator)."
+    )

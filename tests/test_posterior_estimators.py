@@ -1,0 +1,181 @@
+"""Variational families: the protocol, gradients, bijections, adapters and validation."""
+
+import normflows as nf
+import pytest
+import torch
+import zuko
+from stats import Z_MAX, z_mean
+from torch.distributions import constraints
+
+from gradcal.posterior_estimators import (
+    Constrained,
+    DiagonalGaussian,
+    DistributionFamily,
+    Flow,
+    FullRankGaussian,
+    TrainableGaussian,
+    as_family,
+)
+
+
+def _normflows_coupling(dim=2):
+    flows = []
+    for _ in range(4):
+        net = nf.nets.MLP([dim // 2 if dim > 1 else 1, 16, 2 * (dim - dim // 2)], init_zeros=True)
+        flows += [nf.flows.AffineCouplingBlock(net), nf.flows.Permute(dim, mode="swap")]
+    return nf.NormalizingFlow(nf.distributions.DiagGaussian(dim), flows)
+
+
+FAMILIES = {
+    "diagonal": lambda: DiagonalGaussian(torch.tensor([0.5, -1.0, 2.0]), 0.7),
+    "full_rank": lambda: FullRankGaussian(
+        torch.zeros(3), torch.tensor([[1.0, 0, 0], [0.5, 1, 0], [0.1, -0.3, 2]])
+    ),
+    "trainable_gaussian": lambda: TrainableGaussian([0.0, 1.0], 0.5),
+    "flow_nsf": lambda: Flow(3, "nsf", transforms=2, hidden_features=(16,), loc=1.0, scale=0.5),
+    "flow_maf": lambda: Flow(2, "maf", transforms=2, hidden_features=(16, 16)),
+    "constrained": lambda: Constrained(
+        DiagonalGaussian(torch.zeros(3)),
+        [constraints.positive, constraints.interval(-2.0, 3.0), constraints.real],
+    ),
+    "constrained_by_prior": lambda: Constrained(
+        Flow(2, transforms=1, hidden_features=(8,)),
+        torch.distributions.Independent(
+            torch.distributions.Uniform(torch.zeros(2), torch.ones(2)), 1
+        ),
+    ),
+    "distribution_factory": lambda: DistributionFamily(
+        torch.distributions.Normal, loc=torch.zeros(2), scale=torch.ones(2)
+    ),
+    "distribution_instance": lambda: as_family(
+        torch.distributions.Normal(
+            torch.zeros(2, requires_grad=True), torch.ones(2, requires_grad=True)
+        )
+    ),
+    "zuko": lambda: as_family(zuko.flows.NSF(2, transforms=1, hidden_features=(8,))),
+    "normflows": lambda: as_family(_normflows_coupling()),
+}
+
+
+def _perturb(family):
+    """One optimiser step, so that zero-initialised output layers pass gradients on."""
+    optimizer = torch.optim.SGD(family.parameters(), lr=0.05)
+    theta, log_q = family.sample(64)
+    (theta.sin().mean() + log_q.mean()).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_log_prob_equals_the_log_q_returned_by_sample(name):
+    family = FAMILIES[name]()
+    _perturb(family)
+    theta, log_q = family.sample(50)
+    assert theta.ndim == 2 and log_q.shape == (50,)
+    torch.testing.assert_close(family.log_prob(theta), log_q, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_gradients_reach_every_parameter(name):
+    family = FAMILIES[name]()
+    _perturb(family)
+    params = list(family.parameters())
+    assert params
+    theta, log_q = family.sample(128)
+    (theta.sin().sum() + log_q.sum()).backward()
+    for p in params:
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+        assert p.grad.abs().sum() > 0
+
+
+def test_flow_starts_at_the_given_location_and_scale():
+    loc, scale = torch.tensor([3.0, -2.0]), torch.tensor([0.5, 2.0])
+    with torch.no_grad():
+        theta, _ = Flow(2, loc=loc, scale=scale).sample(20_000)
+    for i in range(2):
+        assert abs(z_mean(theta[:, i], loc[i].item())) < Z_MAX
+        # the sample variance of normal data has standard error var * sqrt(2 / (n - 1))
+        se = scale[i] ** 2 * (2 / 19_999) ** 0.5
+        assert abs(theta[:, i].var() - scale[i] ** 2) < Z_MAX * se
+
+
+def test_constrained_log_determinant_matches_the_numerical_jacobian():
+    family = Constrained(
+        DiagonalGaussian(torch.zeros(3, dtype=torch.float64)),
+        [constraints.positive, constraints.interval(-2.0, 3.0), constraints.greater_than(1.0)],
+    )
+    u = torch.randn(3, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(family.transform, u)
+    expected = torch.linalg.slogdet(jac).logabsdet
+    torch.testing.assert_close(family._log_det(u, family.transform(u)), expected)
+
+
+def test_constrained_draws_stay_in_the_support_and_density_integrates_to_one():
+    family = Constrained(
+        DiagonalGaussian(torch.tensor([0.0]), 1.0), constraints.interval(0.0, 1.0)
+    )
+    theta, _ = family.sample(1000)
+    assert ((theta > 0) & (theta < 1)).all()
+    grid = torch.linspace(1e-4, 1 - 1e-4, 20_001)[:, None]
+    integral = torch.trapezoid(family.log_prob(grid).exp(), grid[:, 0])
+    assert integral.item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_trainable_gaussian_keeps_blackbirds_constructor():
+    q = TrainableGaussian(mu=[1.0, 2.0], sigma=0.3, device="cpu")
+    torch.testing.assert_close(q.distribution().stddev, torch.tensor([0.3, 0.3]))
+    torch.testing.assert_close(q.loc.detach(), torch.tensor([1.0, 2.0]))
+
+
+def test_beta_family_by_factory_and_a_clear_error_for_a_built_instance():
+    family = DistributionFamily(
+        torch.distributions.Beta,
+        concentration1=torch.tensor(2.0),
+        concentration0=torch.tensor(3.0),
+    )
+    theta, log_q = family.sample(10)
+    assert theta.shape == (10, 1) and ((theta > 0) & (theta < 1)).all()
+    torch.testing.assert_close(family.log_prob(theta), log_q)
+    a = torch.tensor(2.0, requires_grad=True)
+    with pytest.raises(ValueError, match="DistributionFamily"):
+        as_family(torch.distributions.Beta(a, torch.tensor(3.0)))
+
+
+def test_user_object_with_only_sample_is_adapted_and_checked():
+    class OnlySample(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loc = torch.nn.Parameter(torch.zeros(2))
+
+        def sample(self, n):
+            eps = torch.randn(n, 2)
+            return self.loc + eps, -0.5 * (eps**2).sum(-1)
+
+    family = as_family(OnlySample())
+    assert family.dim == 2 and len(list(family.parameters())) == 1
+    with pytest.raises(NotImplementedError, match="log_prob"):
+        family.log_prob(torch.zeros(1, 2))
+
+    class Broken:
+        def sample(self, n):
+            return torch.zeros(n, 2), torch.zeros(n + 1)
+
+    with pytest.raises(ValueError, match=r"log_q \(3,\)"):
+        as_family(Broken()).sample(3)
+    with pytest.raises(TypeError, match="variational family"):
+        as_family(object())
+
+
+def test_wrong_dimensions_are_rejected():
+    with pytest.raises(ValueError, match=r"\(n, 3\)"):
+        DiagonalGaussian(torch.zeros(3)).log_prob(torch.zeros(5, 2))
+    with pytest.raises(ValueError, match="`n`"):
+        DiagonalGaussian(torch.zeros(3)).sample(0)
+    with pytest.raises(ValueError, match=r"`loc` must have shape \(D,\)"):
+        DiagonalGaussian(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"`scale` must be a number or have shape \(3,\)"):
+        DiagonalGaussian(torch.zeros(3), torch.ones(2))
+    with pytest.raises(ValueError, match="`kind`"):
+        Flow(2, kind="glow")
+    with pytest.raises(ValueError, match="3 constraints"):
+        Constrained(DiagonalGaussian(torch.zeros(3)), [constraints.positive])
