@@ -179,3 +179,44 @@ def test_blackbirds_names_are_the_same_losses():
     torch.testing.assert_close(UnivariateMMDLoss(y)(x), mmd(x, y))
     with pytest.raises(ValueError, match="univariate"):
         UnivariateMMDLoss(torch.zeros(5, 2))
+
+
+def test_failed_draws_do_not_poison_the_gradient_of_the_others():
+    y = torch.randn(20)
+    for loss in (MMDLoss(Normal(20), y), EnergyDistanceLoss(Normal(20), y), MSELoss(Normal(20))):
+        theta = torch.tensor([[0.0, 1.0], [0.0, -1.0]], requires_grad=True)
+        value = loss(theta, y)
+        value[0].backward()
+        assert torch.isfinite(theta.grad).all()
+
+
+def test_losses_under_func_grad_and_vmap_with_chunks():
+    y = torch.randn(40, dtype=torch.float64)
+    loss = MMDLoss(Normal(40), y, chunk_size=8)
+    theta = torch.tensor([0.3, 1.0], dtype=torch.float64)
+    torch.manual_seed(0)
+    g = torch.func.grad(lambda t: loss(t, y))(theta)
+    torch.manual_seed(0)
+    leaf = theta.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(loss(leaf, y), leaf)
+    torch.testing.assert_close(g, expected)
+    values = torch.func.vmap(lambda t: loss(t, y), randomness="different")(theta.expand(3, 2))
+    assert values.shape == (3,) and torch.isfinite(values).all()
+
+
+def test_in_place_change_of_the_data_is_seen():
+    model, y = Normal(30), torch.randn(30)
+    loss = EnergyDistanceLoss(model, y)
+    theta = torch.tensor([0.0, 1.0])
+    torch.manual_seed(0)
+    before = loss(theta, y)
+    y.add_(5.0)
+    torch.manual_seed(0)
+    assert loss(theta, y) > before + 1.0
+
+
+def test_bad_estimator_and_too_few_points():
+    with pytest.raises(ValueError, match="estimator"):
+        MMDLoss(Normal(5), torch.zeros(5), estimator="quadratic")
+    with pytest.raises(ValueError, match="at least 2 points"):
+        MMDLoss(Normal(1), torch.zeros(5))(torch.tensor([0.0, 1.0]))

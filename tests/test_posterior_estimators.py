@@ -179,3 +179,37 @@ def test_wrong_dimensions_are_rejected():
         Flow(2, kind="glow")
     with pytest.raises(ValueError, match="3 constraints"):
         Constrained(DiagonalGaussian(torch.zeros(3)), [constraints.positive])
+
+
+@pytest.mark.parametrize("kind", ["nsf", "maf"])
+@pytest.mark.parametrize("dim", [1, 3])
+def test_flow_density_is_exactly_the_affine_gaussian_at_start(kind, dim):
+    loc, scale = torch.linspace(-1, 1, dim), torch.linspace(0.5, 2, dim)
+    q = Flow(dim, kind, loc=loc, scale=scale)
+    theta = torch.randn(50, dim) * 3
+    expected = torch.distributions.Normal(loc, scale).log_prob(theta).sum(-1)
+    torch.testing.assert_close(q.log_prob(theta), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_constrained_distribution_and_device_moves():
+    prior = torch.distributions.Independent(
+        torch.distributions.Uniform(torch.tensor([0.0, -1.0]), torch.tensor([1.0, 0.0])), 1
+    )
+    for support in ([constraints.positive, constraints.interval(-1.0, 0.0)], prior):
+        q = Constrained(DiagonalGaussian(torch.zeros(2)), support)
+        theta, log_q = q.sample(20)
+        torch.testing.assert_close(q.distribution().log_prob(theta), log_q)
+        q = q.double()
+        theta, log_q = q.sample(5)
+        assert theta.dtype == log_q.dtype == torch.float64
+        assert q.to("meta").sample(3)[0].device.type == "meta"
+
+
+def test_float64_locations_are_kept():
+    q = DiagonalGaussian(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert q.loc.dtype == torch.float64
+
+
+def test_a_full_rank_scale_must_be_lower_triangular():
+    with pytest.raises(ValueError, match="lower triangular"):
+        FullRankGaussian(torch.zeros(2), torch.tensor([[1.0, 0.5], [0.0, 1.0]]))

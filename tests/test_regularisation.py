@@ -70,3 +70,26 @@ def test_blackbirds_regularisation_name():
     prior = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
     value = compute_regularisation_loss(family, prior, 100_000)
     assert value.item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_prior_log_prob_is_minus_infinity_outside_any_support_even_when_validating():
+    from torch.distributions import Gamma, LogNormal
+
+    torch.distributions.Distribution.set_default_validate_args(True)
+    try:
+        box = Independent(Uniform(torch.zeros(2), torch.ones(2)), 1)
+        assert prior_log_prob(box, torch.tensor([[2.0, 0.5]]))[0] == -torch.inf
+        for prior in (
+            Gamma(torch.ones(1), torch.ones(1)),
+            LogNormal(torch.zeros(1), torch.ones(1)),
+        ):
+            assert prior_log_prob(prior, torch.tensor([[-1.0]]))[0] == -torch.inf
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(False)
+
+
+def test_kl_checks_dimensions():
+    with pytest.raises(ValueError, match="prior is over 3"):
+        kl_divergence(
+            DiagonalGaussian(torch.zeros(2)), Independent(Normal(torch.zeros(3), torch.ones(3)), 1)
+        )

@@ -3,10 +3,11 @@
 import logging
 
 from gradcal import models, relax
+from gradcal.infer import VI
 from gradcal.models import Model
 from gradcal.simulate import run_model, simulate_and_observe_model
 
-__all__ = ["Model", "models", "relax", "run_model", "simulate_and_observe_model"]
+__all__ = ["VI", "Model", "models", "relax", "run_model", "simulate_and_observe_model"]
 __version__ = "0.1.0"
 
 logging.getLogger("gradcal").addHandler(logging.NullHandler())

@@ -22,7 +22,15 @@ from torch.utils.checkpoint import checkpoint
 
 from gradcal.kernels import GaussianKernel, Kernel, distances, squared_distances
 
-__all__ = ["as_points", "energy_distance", "increments", "lag_embedding", "mmd", "mse"]
+__all__ = [
+    "as_points",
+    "check_sample_sizes",
+    "energy_distance",
+    "increments",
+    "lag_embedding",
+    "mmd",
+    "mse",
+]
 
 Estimator = Literal["unbiased", "biased", "linear"]
 
@@ -69,6 +77,20 @@ def lag_embedding(points: Tensor, window: int) -> Tensor:
     return windows.transpose(-1, -2).reshape(*windows.shape[:-2], -1)
 
 
+def _recomputed(f: Callable[[Tensor], Tensor], rows: Tensor) -> Tensor:
+    """f(rows), its intermediates recomputed in the backward pass instead of stored.
+
+    torch.func transforms do not support the checkpoint's saved-tensor hooks; there the
+    block is computed plainly (their memory is the transform's business).
+    """
+    try:
+        return checkpoint(f, rows, use_reentrant=False)
+    except RuntimeError as error:
+        if "saved tensor hooks" not in str(error):
+            raise
+        return f(rows)
+
+
 def _pair_mean(
     f: Callable[[Tensor], Tensor],
     a: Tensor,
@@ -92,26 +114,23 @@ def _pair_mean(
     if chunk_size is None or n <= chunk_size:
         total = block_sum(a)
     else:
-        grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
         blocks = [a[..., s : s + chunk_size, :] for s in range(0, n, chunk_size)]
-        total = sum(
-            checkpoint(block_sum, rows, use_reentrant=False) if grad else block_sum(rows)
-            for rows in blocks
-        )
+        grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+        total = sum(_recomputed(block_sum, rows) if grad else block_sum(rows) for rows in blocks)
     if not exclude_diagonal:
         return total / (n * m)
     return (total - n * f(a.new_zeros(()))) / (n * (n - 1))
 
 
-def _check_estimator(estimator: str, n: int, m: int) -> None:
-    if estimator not in ("unbiased", "biased", "linear"):
+def check_sample_sizes(estimator: str, n: int, m: int) -> None:
+    """Raise unless ``estimator`` (an MMD estimator or ``"energy"``) can use n and m points."""
+    if estimator not in ("unbiased", "biased", "linear", "energy"):
         raise ValueError(
             f"`estimator` must be 'unbiased', 'biased' or 'linear', got {estimator!r}."
         )
-    if estimator == "unbiased" and min(n, m) < 2:
-        raise ValueError(f"the unbiased MMD needs at least 2 points on each side, got {n}, {m}.")
-    if estimator == "linear" and min(n, m) < 2:
-        raise ValueError(f"the linear MMD needs at least 2 points on each side, got {n}, {m}.")
+    if estimator != "biased" and min(n, m) < 2:
+        what = "energy distance" if estimator == "energy" else f"{estimator} MMD"
+        raise ValueError(f"the {what} needs at least 2 points on each side, got {n} and {m}.")
 
 
 def _linear_mmd(kernel: Kernel, x: Tensor, y: Tensor) -> Tensor:
@@ -172,7 +191,7 @@ def mmd(
         True
     """
     xp, yp = as_points(x, y)
-    _check_estimator(estimator, xp.shape[-2], yp.shape[-2])
+    check_sample_sizes(estimator, xp.shape[-2], yp.shape[-2])
     kernel = (kernel or GaussianKernel()).fitted(yp)
     if estimator == "linear":
         return _linear_mmd(kernel, xp, yp)
@@ -200,8 +219,7 @@ def energy_distance(x: Tensor, y: Tensor, *, chunk_size: int | None = None) -> T
         True
     """
     xp, yp = as_points(x, y)
-    if min(xp.shape[-2], yp.shape[-2]) < 2:
-        raise ValueError("the energy distance needs at least 2 points on each side.")
+    check_sample_sizes("energy", xp.shape[-2], yp.shape[-2])
     return energy_observed_term(yp, chunk_size) + energy_simulated_terms(xp, yp, chunk_size)
 
 

@@ -101,6 +101,11 @@ class Kernel:
                 )
         if len(scales) == 0 or any(s <= 0 for s in scales):
             raise ValueError(f"{type(self).__name__}: `scales` must be positive, got {scales}.")
+        if bandwidth is not None and tuple(scales) != (1.0,):
+            raise ValueError(
+                f"{type(self).__name__}: `scales` multiply the median heuristic; with a given "
+                "`bandwidth` list the bandwidths themselves instead."
+            )
         self.bandwidth = bandwidth
         self.scales = tuple(float(s) for s in scales)
 
@@ -135,7 +140,9 @@ class GaussianKernel(Kernel):
     r"""Gaussian kernel :math:`\exp(-\|a - b\|^2 / (2 h^2))`.
 
     The median heuristic sets :math:`h^2 = m^2 / 2` with m the median distance of the
-    observed points, so that :math:`k = \exp(-d^2 / m^2)`: BlackBIRDS' convention.
+    observed points, so that :math:`k = \exp(-d^2 / m^2)`, BlackBIRDS' form (BlackBIRDS
+    takes the median over the whole distance matrix, zero diagonal included, which gives a
+    slightly smaller m; here it is over distinct pairs).
     ``scales`` multiplies that h, e.g. ``scales=(0.5, 1, 2)`` for a mixture.
 
     Example:

@@ -21,6 +21,7 @@ from torch import Tensor
 from gradcal.discrepancies import (
     Estimator,
     as_points,
+    check_sample_sizes,
     energy_distance,
     energy_observed_term,
     energy_simulated_terms,
@@ -65,14 +66,9 @@ def _as_outputs(y: Any, name: str = "y") -> list[Tensor]:
     return list(outputs)
 
 
-def _nan_where_not_finite(loss: Tensor, x: Tensor, event_ndim: int) -> Tensor:
-    """NaN for every draw whose simulated output holds a NaN or an infinity."""
-    finite = (
-        torch.isfinite(x).flatten(x.ndim - event_ndim).all(-1)
-        if event_ndim
-        else (torch.isfinite(x))
-    )
-    return torch.where(finite, loss, torch.nan)
+def _finite_draws(x: Tensor, event_ndim: int) -> Tensor:
+    """Which draws of a simulated output (..., *event) hold only finite values: (...,)."""
+    return torch.isfinite(x).flatten(x.ndim - event_ndim).all(-1)
 
 
 class _SimulationLoss:
@@ -108,8 +104,14 @@ class _SimulationLoss:
             )
         total = 0.0
         for i, (x, obs) in enumerate(zip(simulated, observed, strict=True)):
-            term = self._term(i, x, obs)
-            total = total + _nan_where_not_finite(term, x, obs.ndim)
+            if x.ndim < obs.ndim or x.shape[x.ndim - obs.ndim + 1 :] != obs.shape[1:]:
+                self._term(i, x, obs)  # raises, naming both shapes
+            finite = _finite_draws(x, obs.ndim)
+            # Zero the failed draws before comparing, so that no NaN reaches the gradient of
+            # the others; their loss is NaN afterwards.
+            mask = finite.reshape(*finite.shape, *([1] * obs.ndim))
+            term = self._term(i, torch.where(mask, x, 0.0), obs)
+            total = total + torch.where(finite, term, torch.nan)
         return total
 
 
@@ -129,7 +131,7 @@ class _SampleLoss(_SimulationLoss):
         if window < 1:
             raise ValueError(f"`window` must be >= 1, got {window}.")
         self.window, self.increments, self.chunk_size = window, use_increments, chunk_size
-        self._cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self._cache: dict[int, tuple[tuple, Tensor, Tensor]] = {}
 
     def _points(self, series: Tensor) -> Tensor:
         """(..., T, d) points -> increments and lag windows, as configured."""
@@ -138,13 +140,18 @@ class _SampleLoss(_SimulationLoss):
         return lag_embedding(series, self.window)
 
     def _observed_points(self, index: int, y: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        """Observed points and their constant term in the dtype of ``like``; cached per data."""
+        """Observed points and their constant term in the dtype and device of ``like``.
+
+        Cached per data tensor (identity and in-place version), dtype and device.
+        """
+        key = (id(y), y._version, like.dtype, like.device)
         cached = self._cache.get(index)
-        if cached is not None and cached[0] is y and cached[1].dtype == like.dtype:
+        if cached is not None and cached[0] == key:
             return cached[1], cached[2]
-        points = self._points(as_points(y, y)[1].to(like))
-        constant = self._observed_term(index, points)
-        self._cache[index] = (y, points, constant)
+        with torch.no_grad():  # constants of the data: no graph, no transform wrappers
+            points = self._points(as_points(y, y)[1].to(dtype=like.dtype, device=like.device))
+            constant = self._observed_term(index, points)
+        self._cache[index] = (key, points, constant)
         return points, constant
 
     def _observed_term(self, index: int, points: Tensor) -> Tensor:
@@ -193,6 +200,10 @@ class MMDLoss(_SampleLoss):
         super().__init__(model, y, gradient_horizon, window, increments, chunk_size)
         if y is None:
             raise ValueError("MMDLoss needs the observed data `y` to fit its kernel.")
+        if estimator not in ("unbiased", "biased", "linear"):
+            raise ValueError(
+                f"`estimator` must be 'unbiased', 'biased' or 'linear', got {estimator!r}."
+            )
         self.kernel = kernel or GaussianKernel()
         self.estimator = estimator
         self._kernels = [self.kernel.fitted(self._points(as_points(o, o)[1])) for o in self._y]
@@ -205,6 +216,7 @@ class MMDLoss(_SampleLoss):
     def _term(self, index: int, x: Tensor, y: Tensor) -> Tensor:
         points, constant = self._observed_points(index, y, x)
         xp, kernel = self._simulated_points(x, y), self._kernels[index]
+        check_sample_sizes(self.estimator, xp.shape[-2], points.shape[-2])
         if self.estimator == "linear":
             return mmd(xp, points, kernel, estimator="linear")
         return mmd_simulated_terms(kernel, xp, points, self.estimator, self.chunk_size) + constant
@@ -241,6 +253,7 @@ class EnergyDistanceLoss(_SampleLoss):
     def _term(self, index: int, x: Tensor, y: Tensor) -> Tensor:
         points, constant = self._observed_points(index, y, x)
         xp = self._simulated_points(x, y)
+        check_sample_sizes("energy", xp.shape[-2], points.shape[-2])
         return energy_simulated_terms(xp, points, self.chunk_size) + constant
 
 

@@ -52,9 +52,9 @@ def _check_theta(theta: Any, dim: int, owner: str) -> None:
 
 def _vector(value: Any, dim: int | None, name: str) -> Tensor:
     """A float tensor (D,) from a number, list or tensor (broadcast to ``dim`` if given)."""
-    t = torch.as_tensor(value, dtype=torch.get_default_dtype()).detach().clone()
-    if t.is_floating_point() is False:
-        t = t.float()
+    t = torch.as_tensor(value).detach().clone()
+    if not t.is_floating_point():
+        t = t.to(torch.get_default_dtype())
     if dim is not None:
         t = t.expand(dim).clone() if t.ndim == 0 else t
         if t.shape != (dim,):
@@ -157,6 +157,8 @@ class FullRankGaussian(Family):
             )
         if (tril.diagonal() <= 0).any():
             raise ValueError("`scale` must have a positive diagonal.")
+        if not torch.equal(tril, torch.tril(tril)):
+            raise ValueError("`scale` as a matrix must be lower triangular (a Cholesky factor).")
         self.raw_diag = torch.nn.Parameter(_inverse_softplus(tril.diagonal().clone()))
         self.off_diagonal = torch.nn.Parameter(torch.tril(tril, -1).clone())
 
@@ -189,13 +191,22 @@ class TrainableGaussian(FullRankGaussian):
 
 
 def _zero_last_layers(flow: torch.nn.Module) -> None:
-    """Zero the output layer of every hypernetwork: MAF and NSF then start at the identity."""
-    for module in flow.modules():
-        hyper = getattr(module, "hyper", None)
-        if hyper is not None:
-            last = [m for m in hyper.modules() if isinstance(m, torch.nn.Linear)][-1]
-            torch.nn.init.zeros_(last.weight)
-            torch.nn.init.zeros_(last.bias)
+    """Zero what produces each transform's parameters: MAF and NSF then start at the identity.
+
+    That is the output layer of every hypernetwork, or, for one feature (no network), the
+    transform's own parameters ``phi``.
+    """
+    with torch.no_grad():
+        for module in flow.modules():
+            hyper = getattr(module, "hyper", None)
+            if hyper is not None:
+                last = [m for m in hyper.modules() if isinstance(m, torch.nn.Linear)][-1]
+                last.weight.zero_()
+                last.bias.zero_()
+            phi = getattr(module, "phi", None)
+            if isinstance(phi, torch.nn.ParameterList):
+                for p in phi:
+                    p.zero_()
 
 
 class Flow(Family):
@@ -266,6 +277,17 @@ class Flow(Family):
         return self.flow().log_prob(z) - self.scale.log().sum()
 
 
+class _CoordinateTransform(StackTransform):
+    """One transform per coordinate of the last axis, with the log-Jacobian summed over it.
+
+    torch's StackTransform declares event dimension 1 but returns per-coordinate
+    log-Jacobians, which TransformedDistribution cannot use.
+    """
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return super().log_abs_det_jacobian(x, y).sum(-1)
+
+
 def _bijection(support: Any, dim: int) -> Transform:
     """The map from R^D onto a support: a constraint, one constraint per axis, or a prior's."""
     if isinstance(support, Distribution):
@@ -275,13 +297,34 @@ def _bijection(support: Any, dim: int) -> Transform:
             raise ValueError(
                 f"`support` must give {dim} constraints, one per parameter, got {len(support)}."
             )
-        return StackTransform([biject_to(c) for c in support], dim=-1)
+        return _CoordinateTransform([biject_to(c) for c in support], dim=-1)
     if isinstance(support, constraints.Constraint):
         return biject_to(support)
     raise TypeError(
         "`support` must be a torch constraint, a list of them (one per parameter) or a prior "
         f"distribution, got {type(support).__name__}."
     )
+
+
+def _map_transform_tensors(
+    transform: Transform, fn: Callable[[Tensor], Tensor], seen: set[int] | None = None
+) -> None:
+    """Apply ``fn`` to every tensor held by a (composed, stacked) torch transform."""
+    seen = set() if seen is None else seen
+    if id(transform) in seen:
+        return
+    seen.add(id(transform))
+    for name, value in list(vars(transform).items()):
+        if name == "_inv":  # a (weak) reference back to the inverse: not a part
+            continue
+        if isinstance(value, Tensor):
+            setattr(transform, name, fn(value))
+        elif isinstance(value, Transform):
+            _map_transform_tensors(value, fn, seen)
+        elif isinstance(value, list | tuple):
+            for part in value:
+                if isinstance(part, Transform):
+                    _map_transform_tensors(part, fn, seen)
 
 
 class Constrained(Family):
@@ -313,6 +356,12 @@ class Constrained(Family):
         self.dim = _family_dim(self.base)
         self.transform = _bijection(support, self.dim)
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> Constrained:
+        # The bijection's tensors (an interval's bounds) follow .to(), .double(), .cuda().
+        super()._apply(fn, *args, **kwargs)
+        _map_transform_tensors(self.transform, fn)
+        return self
+
     def _log_det(self, u: Tensor, theta: Tensor) -> Tensor:
         ladj = self.transform.log_abs_det_jacobian(u, theta)
         return ladj.sum(-1) if ladj.ndim == theta.ndim else ladj
@@ -334,9 +383,14 @@ class Constrained(Family):
 
 
 def _trainable_leaves(obj: Any, seen: set[int] | None = None) -> Iterator[Tensor]:
-    """Leaf tensors requiring grad stored on a distribution (recursing into nested ones)."""
+    """Leaf tensors requiring grad held by a distribution (recursing into nested
+    distributions and transforms)."""
     seen = set() if seen is None else seen
-    for value in vars(obj).values():
+    values = list(vars(obj).values())
+    for value in values:
+        if isinstance(value, list | tuple):
+            values.extend(v for v in value if isinstance(v, Distribution | Transform))
+            continue
         if isinstance(value, Tensor) and id(value) not in seen:
             seen.add(id(value))
             if value.requires_grad and not value.is_leaf:
@@ -346,7 +400,7 @@ def _trainable_leaves(obj: Any, seen: set[int] | None = None) -> Iterator[Tensor
                 )
             if value.requires_grad:
                 yield value
-        elif isinstance(value, Distribution):
+        elif isinstance(value, Distribution | Transform):
             yield from _trainable_leaves(value, seen)
 
 
@@ -354,9 +408,12 @@ class DistributionFamily(Family):
     """A torch distribution as a family, built each call from trainable parameters.
 
     Either ``DistributionFamily(factory, **params)`` (params become ``nn.Parameter``s and
-    ``factory(**params)`` must return a distribution with event shape (D,) or a scalar one),
-    or ``DistributionFamily(distribution)``, an instance whose trainable tensors are leaves
-    it reads at sampling time (e.g. ``Normal(loc, scale)`` with ``loc.requires_grad``).
+    ``factory(**params)`` must return a distribution with event shape (D,) or a scalar one;
+    the parameters are unconstrained, so map them to the support in the factory, e.g.
+    ``lambda log_a, log_b: Beta(log_a.exp(), log_b.exp())``), or
+    ``DistributionFamily(distribution)``, an instance whose trainable tensors are leaves it
+    reads at sampling time (e.g. ``Normal(loc, scale)`` with ``loc.requires_grad``). An
+    instance is used as it is: ``.to()`` does not move it; build it where it should live.
 
     Example:
         >>> q = DistributionFamily(torch.distributions.Normal, loc=torch.zeros(2),
@@ -372,6 +429,8 @@ class DistributionFamily(Family):
                 raise ValueError("give either a distribution instance or a factory with params.")
             self._instance = distribution
             self._leaves = list(_trainable_leaves(distribution))
+            for i, leaf in enumerate(self._leaves):  # in the state dict, loaded in place
+                self.register_buffer(f"leaf{i}", leaf)
         elif callable(distribution):
             self._instance = None
             self._factory = distribution
@@ -466,6 +525,8 @@ class _ProtocolAdapter(Family):
         theta, log_q = out
         if theta.ndim == 1:
             theta = theta[:, None]
+        if log_q.ndim == 2:  # per-coordinate densities of independent coordinates
+            log_q = log_q.sum(-1)
         if theta.shape[0] != n or log_q.shape != (n,):
             raise ValueError(
                 f"{type(self._obj).__name__}.sample({n}) must return theta ({n}, D) and log_q "

@@ -18,27 +18,45 @@ from gradcal.posterior_estimators import as_family
 __all__ = ["compute_regularisation_loss", "kl_divergence", "prior_log_prob"]
 
 
+def _without_validation(d: Distribution) -> Distribution:
+    """A shallow copy of ``d`` (and of the distributions inside it) that skips validation."""
+    d = copy.copy(d)
+    d._validate_args = False
+    for name, value in vars(d).items():
+        if isinstance(value, Distribution):
+            setattr(d, name, _without_validation(value))
+    return d
+
+
 def prior_log_prob(prior: Distribution, theta: Tensor) -> Tensor:
     """log prior(theta) for theta (n, D): (n,), -inf outside the support (no exception).
 
     A prior with a batch shape (D,) and no event shape (``Normal(zeros(D), ones(D))``) is
     read as D independent coordinates.
     """
-    if getattr(prior, "_validate_args", False):
-        prior = copy.copy(prior)
-        prior._validate_args = False
+    prior = _without_validation(prior)
     lp = prior.log_prob(theta)
-    return lp.sum(-1) if lp.ndim == theta.ndim else lp
+    inside = prior.support.check(theta)
+    if lp.ndim == theta.ndim:
+        lp, inside = lp.sum(-1), inside.all(-1)
+    elif inside.ndim == theta.ndim:
+        inside = inside.all(-1)
+    return torch.where(inside, lp, -torch.inf)
+
+
+def _prior_dim(prior: Distribution) -> int:
+    """The number D of parameters a prior is over (event shape, else batch shape)."""
+    if prior.event_shape:
+        return prior.event_shape[-1]
+    return prior.batch_shape[-1] if prior.batch_shape else 1
 
 
 def _analytic(q: Any, prior: Distribution) -> Tensor | None:
-    distribution = getattr(q, "distribution", None)
-    if distribution is None:
-        return None
     try:
-        return torch.distributions.kl_divergence(distribution(), prior)
+        kl = torch.distributions.kl_divergence(q.distribution(), prior)
     except NotImplementedError:
         return None
+    return kl.sum() if kl.ndim else kl  # a batch-(D,) pair: independent coordinates
 
 
 def kl_divergence(
@@ -67,6 +85,11 @@ def kl_divergence(
     """
     if method not in ("auto", "analytic", "monte_carlo"):
         raise ValueError(f"`method` must be 'auto', 'analytic' or 'monte_carlo', got {method!r}.")
+    q = as_family(q)
+    if q.dim != _prior_dim(prior):
+        raise ValueError(
+            f"the prior is over {_prior_dim(prior)} parameter(s) but q draws {q.dim}."
+        )
     if method != "monte_carlo":
         kl = _analytic(q, prior)
         if kl is not None:
@@ -76,7 +99,7 @@ def kl_divergence(
                 f"no closed-form KL is registered between {type(q).__name__} and "
                 f"{type(prior).__name__}: use method='monte_carlo'."
             )
-    theta, log_q = as_family(q).sample(n_samples)
+    theta, log_q = q.sample(n_samples)
     return (log_q - prior_log_prob(prior, theta)).mean()
 
 

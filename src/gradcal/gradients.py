@@ -1,0 +1,328 @@
+r"""Gradient estimators of E_q[l(theta, y)] and the batching of losses over draws.
+
+Each estimator is a small class with one method, ``__call__(family, loss, data, n)``: it
+draws n parameters from the family, evaluates the loss, backpropagates a surrogate into the
+family's parameters (``.grad`` accumulates) and returns an :class:`EpochEstimate`. The VI
+driver (:mod:`gradcal.infer.vi`) adds the KL term and steps the optimiser.
+
+- :class:`PathwiseReverse`: reparameterised draws, one backward pass through loss,
+  simulator and family.
+- :class:`PathwiseForward`: per-draw gradients by forward mode (:func:`torch.func.jvp`
+  along the D parameter axes, the same noise for every axis), then the surrogate
+  :math:`\sum_i \langle \nabla l_i, \theta_i \rangle / B` through the family. Memory does not
+  grow with the number of simulated time steps.
+- :class:`Score`: the score-function (REINFORCE) estimator
+  :math:`\frac1B \sum_i (l_i - b_i) \nabla \log q(\theta_i)` with the leave-one-out
+  baseline :math:`b_i = \frac{1}{B-1} \sum_{j \ne i} l_j` (unbiased; no simulator gradient).
+
+Draws whose loss (or, for pathwise estimators, whose gradient) is NaN or infinite are
+dropped from the average and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from gradcal.relax import relaxed_categorical
+
+__all__ = [
+    "BatchedLoss",
+    "EpochEstimate",
+    "PathwiseForward",
+    "PathwiseReverse",
+    "Score",
+    "make_estimator",
+]
+
+logger = logging.getLogger("gradcal")
+
+Batching = Literal["auto", "native", "vmap", "loop"]
+
+
+@dataclass
+class EpochEstimate:
+    """What one gradient estimate saw: the mean loss over the kept draws and the drops."""
+
+    loss: float
+    n_valid: int
+    n_dropped: int
+
+
+# --- batching -------------------------------------------------------------------------
+
+
+def _standard_normal(shape: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+def _gumbel_softmax(
+    logits: Tensor, tau: float = 1.0, hard: bool = False, eps: float = 1e-10, dim: int = -1
+) -> Tensor:
+    return relaxed_categorical(logits, tau=tau, hard=hard, dim=dim)
+
+
+@contextlib.contextmanager
+def vmap_safe_sampling() -> Iterator[None]:
+    """Make torch's common samplers usable under ``vmap(randomness="different")``.
+
+    ``torch.distributions`` draws normals in place into a fresh, unbatched tensor, and
+    ``torch.nn.functional.gumbel_softmax`` draws its noise the same way; under vmap both
+    fail. For the duration of the block they are replaced by out-of-place samplers of the
+    same distributions (``torch.randn``; :func:`gradcal.relax.relaxed_categorical`), and
+    argument validation, which branches on tensor values, is switched off. Everything is
+    restored on exit.
+    """
+    modules = [
+        m
+        for m in (
+            torch.distributions.normal,
+            torch.distributions.multivariate_normal,
+            torch.distributions.lowrank_multivariate_normal,
+            torch.distributions.studentT,
+        )
+        if hasattr(m, "_standard_normal")
+    ]
+    saved = [m._standard_normal for m in modules]
+    saved_gumbel = torch.nn.functional.gumbel_softmax
+    saved_validate = torch.distributions.Distribution._validate_args
+    try:
+        for m in modules:
+            m._standard_normal = _standard_normal
+        torch.nn.functional.gumbel_softmax = _gumbel_softmax
+        torch.distributions.Distribution.set_default_validate_args(False)
+        yield
+    finally:
+        for m, f in zip(modules, saved, strict=True):
+            m._standard_normal = f
+        torch.nn.functional.gumbel_softmax = saved_gumbel
+        torch.distributions.Distribution.set_default_validate_args(saved_validate)
+
+
+def _check_scalar(value: Any) -> Tensor:
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(
+            f"`loss(theta, data)` must return a scalar for one draw theta (D,), got {shape}."
+        )
+    return value.reshape(())
+
+
+class BatchedLoss:
+    """A loss evaluated on B draws at once: theta (B, D) -> (B,).
+
+    Arguments:
+        loss: ``loss(theta, data)``. A loss with ``batched = True`` (all gradcal loss
+            builders) receives all draws in one call; otherwise it is written for one draw
+            (D,) -> scalar, the BlackBIRDS convention.
+        batching: ``"native"`` (one call), ``"vmap"`` (:func:`torch.func.vmap` with
+            ``randomness="different"``), ``"loop"`` (draw by draw) or ``"auto"`` (native
+            for batched losses, else vmap if it works on the first call, else the loop;
+            one log line says which and why).
+    """
+
+    def __init__(self, loss: Callable[[Tensor, Any], Tensor], batching: Batching = "auto"):
+        if batching not in ("auto", "native", "vmap", "loop"):
+            raise ValueError(
+                f"`batching` must be 'auto', 'native', 'vmap' or 'loop', got {batching!r}."
+            )
+        if not callable(loss):
+            raise TypeError(f"`loss` must be callable, got {type(loss).__name__}.")
+        self.loss = loss
+        if batching == "auto" and getattr(loss, "batched", False):
+            batching = "native"
+            logger.info("batching: the loss declares itself batched; all draws in one call.")
+        self.mode = batching
+
+    def _native(self, theta: Tensor, data: Any) -> Tensor:
+        out = self.loss(theta, data)
+        if not isinstance(out, Tensor) or out.shape != theta.shape[:1]:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"a batched loss must return ({theta.shape[0]},) for theta "
+                f"{tuple(theta.shape)}, got {got}."
+            )
+        return out
+
+    def _vmap(self, theta: Tensor, data: Any) -> Tensor:
+        def one(t: Tensor) -> Tensor:
+            return _check_scalar(self.loss(t, data))
+
+        with vmap_safe_sampling():
+            return torch.func.vmap(one, randomness="different")(theta)
+
+    def _loop(self, theta: Tensor, data: Any) -> Tensor:
+        return torch.stack([_check_scalar(self.loss(t, data)) for t in theta])
+
+    def resolve(self, theta: Tensor, data: Any) -> None:
+        """Settle ``"auto"`` on a first batch of draws, outside any other transform."""
+        if self.mode == "auto":
+            with torch.no_grad():
+                self(theta.detach(), data)
+
+    def __call__(self, theta: Tensor, data: Any) -> Tensor:
+        if self.mode == "native":
+            return self._native(theta, data)
+        if self.mode == "vmap":
+            return self._vmap(theta, data)
+        if self.mode == "loop":
+            return self._loop(theta, data)
+        # auto, single-draw loss: check the contract on one draw, then try vmap once.
+        _check_scalar(self.loss(theta[0], data))
+        try:
+            out = self._vmap(theta, data)
+        except Exception as error:  # any failure of the transform: fall back, say why
+            self.mode = "loop"
+            reason = str(error).strip().splitlines()[0][:200]
+            logger.info(
+                "batching: vmap failed on this loss (%s); running draws one by one.", reason
+            )
+            return self._loop(theta, data)
+        self.mode = "vmap"
+        logger.info("batching: single-draw loss batched with torch.func.vmap.")
+        return out
+
+
+# --- estimators -----------------------------------------------------------------------
+
+
+def _sample(family: Any, n: int) -> tuple[Tensor, Tensor]:
+    theta, log_q = family.sample(n)
+    return (theta[:, None] if theta.ndim == 1 else theta), log_q
+
+
+def _backward_through_family(theta: Tensor, grad: Tensor, valid: Tensor) -> None:
+    """Backpropagate sum_i <grad_i, theta_i> / n_valid over the kept draws into q."""
+    g = torch.where(valid[:, None], grad, 0.0).detach()
+    ((g * theta).sum() / valid.sum()).backward()
+
+
+def _finite_rows(values: Tensor, grad: Tensor | None = None) -> Tensor:
+    ok = torch.isfinite(values)
+    if grad is not None:
+        ok = ok & torch.isfinite(grad).all(-1)
+    return ok
+
+
+def _estimate(losses: Tensor, valid: Tensor) -> EpochEstimate:
+    n_valid = int(valid.sum())
+    mean = float(losses[valid].mean()) if n_valid else float("nan")
+    return EpochEstimate(mean, n_valid, int(valid.numel()) - n_valid)
+
+
+class PathwiseReverse:
+    """Reparameterised draws and one reverse-mode pass through loss and simulator.
+
+    The gradient with respect to the draws is formed first, so that a draw whose loss or
+    gradient is not finite is dropped before anything reaches the family's parameters.
+    """
+
+    def __call__(self, family: Any, loss: BatchedLoss, data: Any, n: int) -> EpochEstimate:
+        theta, _ = _sample(family, n)
+        leaf = theta.detach().requires_grad_()
+        losses = loss(leaf, data)
+        grad = torch.autograd.grad(
+            torch.where(torch.isfinite(losses), losses, 0.0).sum(), leaf, allow_unused=True
+        )[0]
+        grad = torch.zeros_like(leaf) if grad is None else grad
+        valid = _finite_rows(losses.detach(), grad)
+        if valid.any():
+            _backward_through_family(theta, grad, valid)
+        return _estimate(losses.detach(), valid)
+
+
+class PathwiseForward:
+    """Per-draw gradients by forward-mode differentiation, memory flat in time steps.
+
+    Arguments:
+        chunk_size: how many of the D tangent directions are pushed through the simulator
+            at once (None: all D); lower it to bound memory.
+    """
+
+    def __init__(self, chunk_size: int | None = None):
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"`jacobian_chunk_size` must be None or >= 1, got {chunk_size}.")
+        self.chunk_size = chunk_size
+
+    def __call__(self, family: Any, loss: BatchedLoss, data: Any, n: int) -> EpochEstimate:
+        theta, _ = _sample(family, n)
+        primal = theta.detach()
+        loss.resolve(primal, data)
+        d = primal.shape[-1]
+        # Tangent k moves coordinate k of every draw; draws are independent, so the output
+        # tangent is dl_i/dtheta_ik for each i. randomness="same": one noise for all k.
+        tangents = torch.eye(d, dtype=primal.dtype, device=primal.device)[:, None, :].expand(
+            d, primal.shape[0], d
+        )
+
+        def directional(tangent: Tensor) -> tuple[Tensor, Tensor]:
+            return torch.func.jvp(lambda t: loss(t, data), (primal,), (tangent,))
+
+        with torch.no_grad():
+            values, columns = torch.func.vmap(
+                directional, randomness="same", chunk_size=self.chunk_size
+            )(tangents)
+        losses, grad = values[0], columns.T  # (B,), (B, D)
+        valid = _finite_rows(losses, grad)
+        if valid.any():
+            _backward_through_family(theta, grad, valid)
+        return _estimate(losses, valid)
+
+
+class Score:
+    """Score-function estimator with an optional leave-one-out baseline.
+
+    The simulator is run without gradients; the family needs ``log_prob``.
+
+    Arguments:
+        baseline: ``"leave_one_out"`` (default; unbiased, lower variance) or None.
+    """
+
+    def __init__(self, baseline: Literal["leave_one_out"] | None = "leave_one_out"):
+        if baseline not in ("leave_one_out", None):
+            raise ValueError(
+                f"`score_baseline` must be 'leave_one_out' or None, got {baseline!r}."
+            )
+        self.baseline = baseline
+
+    def __call__(self, family: Any, loss: BatchedLoss, data: Any, n: int) -> EpochEstimate:
+        with torch.no_grad():
+            theta, _ = _sample(family, n)
+            losses = loss(theta, data)
+        valid = _finite_rows(losses)
+        estimate = _estimate(losses, valid)
+        m = int(valid.sum())
+        if m == 0:
+            return estimate
+        kept = losses[valid]
+        if self.baseline == "leave_one_out" and m > 1:
+            kept = kept - (kept.sum() - kept) / (m - 1)
+        log_q = family.log_prob(theta[valid])
+        (kept * log_q).mean().backward()
+        return estimate
+
+
+def make_estimator(
+    method: str,
+    diff_mode: str = "reverse",
+    jacobian_chunk_size: int | None = None,
+    score_baseline: Literal["leave_one_out"] | None = "leave_one_out",
+) -> PathwiseReverse | PathwiseForward | Score:
+    """The estimator for BlackBIRDS' ``gradient_estimation_method`` and ``diff_mode``."""
+    if method == "pathwise":
+        if diff_mode == "reverse":
+            return PathwiseReverse()
+        if diff_mode == "forward":
+            return PathwiseForward(jacobian_chunk_size)
+        raise ValueError(f"`diff_mode` must be 'reverse' or 'forward', got {diff_mode!r}.")
+    if method == "score":
+        return Score(score_baseline)
+    raise ValueError(
+        f"`gradient_estimation_method` must be 'pathwise' or 'score', got {method!r}."
+    )

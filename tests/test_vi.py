@@ -1,0 +1,395 @@
+"""The VI engine: correctness on known posteriors, run management, checkpoints, errors."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from infer_helpers import gaussian_nll, normal_prior
+
+from gradcal import VI
+from gradcal.checkpoint import load_checkpoint
+from gradcal.discrepancies import energy_distance, mmd
+from gradcal.infer.reference import importance_sampling
+from gradcal.kernels import GaussianKernel
+from gradcal.losses import EnergyDistanceLoss, NegativeLogLikelihood
+from gradcal.models import BrockHommes, RandomWalk
+from gradcal.posterior_estimators import (
+    Constrained,
+    DiagonalGaussian,
+    DistributionFamily,
+    Flow,
+)
+
+DATA = Path(__file__).parent / "data" / "brock_hommes_wavy"
+
+
+def _decaying_adam(params, lr, epochs):
+    optimizer = torch.optim.Adam(params, lr=lr)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+
+
+@pytest.mark.parametrize("diff_mode", ["reverse", "forward"])
+def test_normal_normal_conjugate_posterior(diff_mode):
+    y = torch.randn(20) + 1.5
+    prior_scale = 2.0
+    post_var = 1.0 / (1.0 / prior_scale**2 + 20)
+    post_mean = post_var * y.sum()
+    q = DiagonalGaussian(torch.zeros(1), 1.0)
+    optimizer, scheduler = _decaying_adam(q.parameters(), 0.05, 400)
+    vi = VI(
+        gaussian_nll(1.0),
+        normal_prior(0.0, prior_scale),
+        q,
+        n_samples_per_epoch=50,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        diff_mode=diff_mode,
+        progress_bar=False,
+        seed=0,
+    )
+    vi.run(y, 400, max_epochs_without_improvement=400)
+    # The Gaussian family contains the posterior; with the step size annealed to zero the
+    # iterate settles within a few per cent of a posterior sd (measured spread over seeds:
+    # about 1 %), so 10 % catches a wrong target (e.g. w applied to the loss) with margin.
+    post_sd = math.sqrt(post_var)
+    assert abs(q.loc.item() - post_mean.item()) < 0.1 * post_sd
+    assert abs(q.scale.item() / post_sd - 1) < 0.1
+
+
+def test_beta_bernoulli_conjugate_posterior():
+    flips = (torch.rand(60) < 0.3).float()
+    k, n = flips.sum(), flips.numel()
+
+    def beta(log_a, log_b):
+        return torch.distributions.Beta(log_a.exp(), log_b.exp())
+
+    q = DistributionFamily(beta, log_a=torch.tensor(0.0), log_b=torch.tensor(0.0))
+
+    def nll(theta, y):
+        return -torch.distributions.Binomial(y.numel(), theta[..., 0]).log_prob(y.sum())
+
+    prior = torch.distributions.Beta(torch.tensor(1.0), torch.tensor(1.0))
+    optimizer, scheduler = _decaying_adam(q.parameters(), 0.1, 1500)
+    vi = VI(
+        nll,
+        prior,
+        q,
+        n_samples_per_epoch=100,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        progress_bar=False,
+        seed=0,
+    )
+    vi.run(flips, 1500, max_epochs_without_improvement=1500)
+    exact = torch.distributions.Beta(1 + k, 1 + n - k)
+    fitted = q.distribution()
+    # Beta family, Beta posterior: as above, 10 % of a posterior sd.
+    assert abs(fitted.mean.item() - exact.mean.item()) < 0.1 * exact.stddev.item()
+    assert abs(fitted.stddev.item() / exact.stddev.item() - 1) < 0.1
+    assert vi.batched_loss.mode == "vmap"  # a single-draw user loss, batched
+
+
+@pytest.mark.parametrize("method,bound", [("pathwise", 0.005), ("score", 0.01)])
+def test_random_walk_generalised_posterior_matches_importance_sampling(method, bound):
+    model = RandomWalk(50)
+    y = model.run_and_observe(torch.logit(torch.tensor([0.25])))[0]
+    loss = EnergyDistanceLoss(model, y)
+    prior, w, replicates = normal_prior(0.0, 1.0), 1.0, 10
+
+    def mean_loss(theta, data):  # E over the simulator's noise, the quantity VI averages
+        return loss(theta.repeat_interleave(replicates, 0), data).reshape(-1, replicates).mean(-1)
+
+    mean_loss.batched = True
+    reference = importance_sampling(mean_loss, prior, y, 20_000, w=w, batch_size=2000)
+    q = DiagonalGaussian(torch.zeros(1), 1.0)
+    optimizer = torch.optim.Adam(q.parameters(), lr=0.02)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0 if e < 300 else 0.2)
+    vi = VI(
+        loss,
+        prior,
+        q,
+        w=w,
+        n_samples_per_epoch=50,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        gradient_estimation_method=method,
+        progress_bar=False,
+        seed=1,
+    )
+    vi.run(y, 600, max_epochs_without_improvement=600)
+    with torch.no_grad():
+        draws = q.sample(4000)[0]
+    # The bound for pathwise is the issue's (BlackBIRDS reached 0.0015 pathwise, 0.021 score)
+    assert energy_distance(draws, reference.resample(4000)) < bound
+
+
+def test_brock_hommes_flow_recovers_the_reference_posterior():
+    obs = torch.tensor(np.loadtxt(DATA / "obs.txt"), dtype=torch.float32)
+    reference = torch.tensor(np.loadtxt(DATA / "posterior_samples.txt"), dtype=torch.float32)
+    prior = torch.distributions.Independent(
+        torch.distributions.Uniform(torch.tensor([0.0, 0, 0, -1]), torch.tensor([1.0, 1, 1, 0])), 1
+    )
+    q = Constrained(Flow(4, transforms=3, hidden_features=(32, 32)), prior)
+    optimizer, scheduler = _decaying_adam(q.parameters(), 0.01, 1500)
+    vi = VI(
+        NegativeLogLikelihood(BrockHommes.wavy()),
+        prior,
+        q,
+        n_samples_per_epoch=64,
+        n_samples_regularisation=256,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        progress_bar=False,
+        seed=0,
+    )
+    vi.run(obs, 1500, max_epochs_without_improvement=1500)
+    with torch.no_grad():
+        draws = q.sample(1000)[0]
+    scale = reference.std(0)
+    kernel = GaussianKernel().fitted(reference / scale)
+    distance = mmd(draws / scale, reference / scale, kernel).item()
+    # Noise floor: the spread of MMD between random halves of the reference itself (500 vs
+    # 500 draws, noisier than our 1000 vs 1000).
+    halves = [torch.randperm(1000) for _ in range(20)]
+    floor = np.std(
+        [
+            mmd(reference[p[:500]] / scale, reference[p[500:]] / scale, kernel).item()
+            for p in halves
+        ]
+    )
+    print(f"Brock-Hommes wavy: MMD {distance:.2e}, split-half noise floor {floor:.2e}")
+    assert distance < 3 * floor
+
+
+def test_bad_input_is_rejected_before_any_simulation():
+    calls = []
+
+    def loss(theta, y):
+        calls.append(1)
+        return theta.sum()
+
+    q, prior = DiagonalGaussian(torch.zeros(2)), normal_prior(0.0, 1.0, 2)
+    with pytest.raises(ValueError, match="prior is over 3 parameter"):
+        VI(loss, normal_prior(0.0, 1.0, 3), q)
+    with pytest.raises(ValueError, match="`w`"):
+        VI(loss, prior, q, w=-1.0)
+    with pytest.raises(ValueError, match="n_samples_per_epoch"):
+        VI(loss, prior, q, n_samples_per_epoch=0)
+    with pytest.raises(ValueError, match="gradient_estimation_method"):
+        VI(loss, prior, q, gradient_estimation_method="evolution")
+    with pytest.raises(ValueError, match="`kl`"):
+        VI(loss, prior, q, kl="exact")
+    with pytest.raises(TypeError, match="`prior`"):
+        VI(loss, "normal", q)
+    with pytest.raises(ValueError, match="resume"):
+        VI(loss, prior, q, resume=True)
+    with pytest.raises(TypeError, match="`data`"):
+        VI(loss, prior, q, progress_bar=False).run(np.zeros(3), 2)
+    assert not calls
+
+    def vector_loss(theta, y):
+        return theta * 2
+
+    with pytest.raises(ValueError, match="must return a scalar for one draw"):
+        VI(vector_loss, prior, q, progress_bar=False).run(torch.zeros(3), 2)
+
+
+def test_epochs_where_every_draw_fails_stop_the_run():
+    def nan_loss(theta, y):
+        return theta.sum(-1) * torch.nan
+
+    nan_loss.batched = True
+    vi = VI(
+        nan_loss,
+        normal_prior(0.0, 1.0),
+        DiagonalGaussian(torch.zeros(1)),
+        progress_bar=False,
+        max_failed_epochs=3,
+    )
+    with pytest.raises(RuntimeError, match=r"every draw failed .* in 3 consecutive epochs"):
+        vi.run(torch.zeros(1), 10)
+    assert vi.losses_hist["dropped"] == [10, 10, 10]
+
+
+def test_history_best_state_and_early_stopping():
+    vi = VI(
+        gaussian_nll(1.0),
+        normal_prior(0.0, 1.0),
+        DiagonalGaussian(torch.zeros(1)),
+        progress_bar=False,
+        seed=0,
+    )
+    vi.run(torch.randn(5), n_epochs=200, max_epochs_without_improvement=5)
+    n = len(vi.losses_hist["total"])
+    assert n < 200  # stopped early
+    assert all(len(v) == n for v in vi.losses_hist.values())
+    assert vi.best_loss == min(vi.losses_hist["total"])
+    assert set(vi.best_estimator_state_dict) == {"loc", "raw_scale"}
+    for total, loss, reg in zip(
+        vi.losses_hist["total"],
+        vi.losses_hist["loss"],
+        vi.losses_hist["regularisation"],
+        strict=True,
+    ):
+        assert total == pytest.approx(loss + reg)
+
+
+def test_seed_fixes_the_run_and_leaves_the_global_stream_alone():
+    results = []
+    for _ in range(2):
+        q = DiagonalGaussian(torch.zeros(1))
+        state = torch.get_rng_state()
+        VI(gaussian_nll(1.0), normal_prior(0.0, 1.0), q, progress_bar=False, seed=3).run(
+            torch.ones(4), 20, 20
+        )
+        assert torch.equal(torch.get_rng_state(), state)
+        results.append(q.loc.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_initialize_estimator_to_prior():
+    q = DiagonalGaussian(torch.tensor([3.0]), 0.1)
+    vi = VI(
+        gaussian_nll(1.0),
+        normal_prior(-1.0, 2.0),
+        q,
+        initialize_estimator_to_prior=True,
+        initialization_lr=0.05,
+        progress_bar=False,
+        seed=0,
+    )
+    vi.initialize_estimator()
+    # BlackBIRDS' rule: stop once |KL| < 0.01 (or after 50 epochs without improvement)
+    from gradcal.regularisation import kl_divergence
+
+    assert kl_divergence(q, normal_prior(-1.0, 2.0)).item() < 0.011
+    assert q.loc.item() < 0.0 and q.scale.item() > 1.0
+
+
+def test_nothing_is_written_without_a_checkpoint_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    VI(
+        gaussian_nll(1.0),
+        normal_prior(0.0, 1.0),
+        DiagonalGaussian(torch.zeros(1)),
+        progress_bar=False,
+    ).run(torch.ones(3), 5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tensorboard_missing_gives_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    vi = VI(
+        gaussian_nll(1.0),
+        normal_prior(0.0, 1.0),
+        DiagonalGaussian(torch.zeros(1)),
+        progress_bar=False,
+        log_tensorboard=True,
+    )
+    with pytest.raises(ImportError, match=r"gradcal\[tensorboard\]"):
+        vi.run(torch.ones(3), 2)
+
+
+def _vi(checkpoint_dir, resume=False):
+    q = Flow(2, transforms=1, hidden_features=(8,))
+    return q, VI(
+        gaussian_nll(0.5),
+        normal_prior(0.0, 1.0, 2),
+        q,
+        n_samples_per_epoch=8,
+        n_samples_regularisation=64,
+        progress_bar=False,
+        seed=7,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+    )
+
+
+def test_checkpoints_are_atomic_files_loadable_with_weights_only(tmp_path):
+    torch.manual_seed(0)
+    _, vi = _vi(tmp_path)
+    vi.run(torch.ones(2), 4, 100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 4 and len(state["history"]["total"]) == 4
+    assert set(state) >= {"family", "optimizer", "rng", "history", "best_state"}
+
+
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
+    data = torch.ones(2)
+    torch.manual_seed(0)
+    q_straight, vi = _vi(None)
+    vi.run(data, 20, 100)
+    torch.manual_seed(0)
+    _, vi_a = _vi(tmp_path)
+    vi_a.run(data, 10, 100)
+    torch.manual_seed(0)
+    q_b, vi_b = _vi(tmp_path, resume=True)  # a new process would rebuild q the same way
+    vi_b.run(data, 20, 100)
+    for a, b in zip(q_straight.state_dict().values(), q_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert vi_b.losses_hist["total"] == vi.losses_hist["total"]
+
+
+RESUMABLE_SCRIPT = textwrap.dedent(
+    """
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    from infer_helpers import gaussian_nll, normal_prior
+    from gradcal import VI
+    from gradcal.posterior_estimators import Flow
+
+    class Slow:
+        batched = True
+        def __call__(self, theta, y):
+            time.sleep(float(sys.argv[3]))
+            return gaussian_nll(0.5)(theta, y)
+
+    torch.manual_seed(0)
+    q = Flow(2, transforms=1, hidden_features=(8,))
+    vi = VI(Slow(), normal_prior(0.0, 1.0, 2), q, n_samples_per_epoch=8,
+            n_samples_regularisation=64, progress_bar=False, seed=7,
+            checkpoint_dir=sys.argv[1], resume=sys.argv[2] == "resume")
+    vi.run(torch.ones(2), 20, 100)
+    torch.save(q.state_dict(), sys.argv[1] + "/final.pt")
+    """
+)
+
+
+def test_resume_after_a_hard_kill_of_the_process(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(RESUMABLE_SCRIPT.format(tests=str(Path(__file__).parent)))
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(straight), "fresh", "0"], check=True, env=env)
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), "fresh", "0.1"], env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill once a few epochs are on disk
+        if (killed / "last.pt").exists() and load_checkpoint(killed / "last.pt")["epoch"] >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(killed / "last.pt")["epoch"] < 20
+    subprocess.run([sys.executable, str(script), str(killed), "resume", "0"], check=True, env=env)
+    a = torch.load(straight / "final.pt", weights_only=True)
+    b = torch.load(killed / "final.pt", weights_only=True)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
