@@ -5,15 +5,17 @@ loss and family names, a normflows flow, and the ``VI(...)`` / ``run(...)`` call
 """
 
 import math
+import sys
+from pathlib import Path
 
-import normflows as nf
 import pytest
 import torch
 
 from gradcal.infer.vi import VI
-from gradcal.losses import SingleOutput_SimulateAndMMD
-from gradcal.models.model import Model
 from gradcal.posterior_estimators import TrainableGaussian
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+from blackbirds_rama_cont import LogModel, MMDLoss, make_flow
 
 
 def random_walk(theta, n_timesteps, tau=0.5):
@@ -60,92 +62,6 @@ def test_workflow_random_walk_energy_distance_gaussian(method):
     q.load_state_dict(vi.best_estimator_state_dict)
     # p = 0.2 pulls the mean below the prior's logit(0.5) = 0
     assert q.sample(2000)[0].mean() < 0
-
-
-class RamaCont(Model):
-    def __init__(self, n_agents, n_timesteps, s, sigmoid_k):
-        super().__init__()
-        self.n_agents = n_agents
-        self.n_timesteps = n_timesteps
-        self.s = s
-        self.sigmoid_k = sigmoid_k
-
-    def initialize(self, params):
-        nu_0 = torch.distributions.LogNormal(params[0], params[1]).rsample((self.n_agents,))
-        epsilon_t = torch.zeros(self.n_agents)
-        order = self.compute_order(epsilon_t, nu_0)
-        eta = params[3]
-        returns = self.compute_returns(order, eta) * torch.ones(self.n_agents)
-        x = torch.vstack((nu_0, epsilon_t, returns))
-        return x.reshape(1, 3, self.n_agents)
-
-    def step(self, params, x):
-        sigma = params[2]
-        epsilon_t = torch.distributions.Normal(0, sigma).rsample()
-        nu_t = x[-1, 0, :]
-        order = self.compute_order(epsilon_t, nu_t)
-        eta = params[3]
-        returns = self.compute_returns(order, eta)
-        new_nu_t = self.compute_new_nu_t(nu_t, self.s, returns)
-        x = torch.vstack(
-            (new_nu_t, epsilon_t * torch.ones(self.n_agents), returns * torch.ones(self.n_agents))
-        )
-        return x.reshape(1, 3, self.n_agents)
-
-    def observe(self, x):
-        return [x[:, 2, 0]]
-
-    def compute_order_soft(self, epsilon_t, nu_t):
-        return torch.sigmoid(self.sigmoid_k * (epsilon_t - nu_t)) - torch.sigmoid(
-            self.sigmoid_k * (-nu_t - epsilon_t)
-        )
-
-    def compute_order_hard(self, epsilon_t, nu_t):
-        return (epsilon_t > nu_t).float() - (epsilon_t < -nu_t).float()
-
-    def compute_order(self, epsilon_t, nu_t):
-        soft = self.compute_order_soft(epsilon_t, nu_t)
-        return self.compute_order_hard(epsilon_t, nu_t) + soft - soft.detach()
-
-    def compute_returns(self, order, eta):
-        return 1.0 / (self.n_agents * eta) * order.sum()
-
-    def compute_new_nu_t(self, nu_t, s, returns):
-        probs = s * torch.ones(self.n_agents)
-        probs = torch.vstack((probs, 1.0 - probs)).transpose(0, 1)
-        q = torch.nn.functional.gumbel_softmax(probs.log(), tau=0.1, hard=True)[:, 0]
-        return torch.abs(returns) * q + (1 - q) * nu_t
-
-    def trim_time_series(self, x):
-        return x
-
-
-class LogModel(RamaCont):
-    def initialize(self, params):
-        return super().initialize(10**params)
-
-    def step(self, params, x):
-        return super().step(10**params, x)
-
-
-class MMDLoss:
-    def __init__(self, *args, offset=0.0, **kwargs):
-        self.mmd_calculator = SingleOutput_SimulateAndMMD(*args, **kwargs)
-        self.offset = offset
-
-    def __call__(self, *args, **kwargs):
-        return self.mmd_calculator(*args, **kwargs) - self.offset
-
-
-def make_flow(dim):
-    torch.manual_seed(1)
-    base = nf.distributions.base.DiagGaussian(dim)
-    flows = []
-    for _ in range(5):
-        param_map = nf.nets.MLP([2, 50, 50, 4], init_zeros=True)
-        flows.append(nf.flows.AffineCouplingBlock(param_map))
-        flows.append(nf.flows.Permute(4, mode="swap"))
-    return nf.NormalizingFlow(base, flows)
 
 
 def test_workflow_rama_cont_mmd_normflows(tmp_path, monkeypatch):

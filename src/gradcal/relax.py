@@ -124,6 +124,8 @@ def relaxed_categorical(
     """
     if tau <= 0:
         raise ValueError(f"relaxed_categorical: `tau` must be > 0, got {tau}.")
+    if logits.shape[dim] == 2:
+        return _relaxed_two_categories(logits, tau, hard, dim)
     info = torch.finfo(logits.dtype)
     u = torch.rand_like(logits).clamp(info.tiny, 1.0 - info.eps)
     noisy = logits - torch.log(-torch.log(u))
@@ -132,6 +134,18 @@ def relaxed_categorical(
         return soft
     one_hot = torch.zeros_like(soft).scatter(dim, noisy.argmax(dim, keepdim=True), 1.0)
     return _straight_through(one_hot, soft)
+
+
+def _relaxed_two_categories(logits: Tensor, tau: float, hard: bool, dim: int) -> Tensor:
+    """:func:`relaxed_categorical` for two categories, as a binary draw (same law).
+
+    The difference of two Gumbel variables is logistic, and a softmax over two entries is
+    the sigmoid of their difference; this avoids a softmax and an argmax over an axis of
+    length two, which are slow (above all under vmap).
+    """
+    first, second = logits.unbind(dim)
+    first = relaxed_bernoulli(first - second, tau=tau, hard=hard)
+    return torch.stack((first, 1.0 - first), dim=dim)
 
 
 def straight_through_threshold(

@@ -88,12 +88,12 @@ class RamaCont(Model):
         gradient as summing straight-through orders, fewer operations on (B, N) tensors).
         """
         # Thresholds are never negative, so at most one of eps > nu, eps < -nu holds.
-        hard = torch.sign(eps) * (nu < eps.abs()).sum(-1, keepdim=True)
+        hard = torch.sign(eps) * (nu < eps.abs()).sum(-1, keepdim=True)  # float: promoted
         # soft = sum_i sigmoid(k(eps - nu_i)) - sigmoid(-k(eps + nu_i)), up to the constant
         # -N that the straight-through difference cancels.
         k_eps, k_nu = self.sigmoid_k * eps, self.sigmoid_k * nu
         soft = (torch.sigmoid(k_eps - k_nu) + torch.sigmoid(k_eps + k_nu)).sum(-1, keepdim=True)
-        return (hard.to(soft.dtype) + (soft - soft.detach())) / (self.n_agents * eta)
+        return (hard + (soft - soft.detach())) / (self.n_agents * eta)
 
     def initialize(self, params: Tensor) -> Tensor:
         gamma_0, gamma_1, _, eta = self._natural(params)
@@ -103,8 +103,12 @@ class RamaCont(Model):
         return torch.cat((nu, r), dim=-1)[:, None, :]
 
     def step(self, params: Tensor, x: Tensor) -> Tensor:
-        _, _, sigma, eta = self._natural(params)
-        state = x[:, -1]  # (B, N + 1): thresholds, then the last return
+        scales = 10.0 ** params[:, 2:] if self.log10_params else params[:, 2:]
+        sigma, eta = scales.unbind(-1)
+        sigma, eta = sigma[:, None], eta[:, None]
+        # (B, N + 1): thresholds, then the last return. A reshape (free in the backward pass)
+        # where the history is the one step the model needs.
+        state = x.reshape(x.shape[0], -1) if x.shape[1] == 1 else x[:, -1]
         nu = state[:, :-1]
         eps = sigma * torch.randn_like(sigma)
         r = self._returns(eps, nu, eta)
