@@ -34,8 +34,8 @@ from gradcal.losses import MMDLoss
 from gradcal.models import RamaCont
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-from blackbirds_rama_cont import LogModel, make_flow  # noqa: E402
-from blackbirds_rama_cont import MMDLoss as TutorialMMDLoss  # noqa: E402
+from blackbirds_rama_cont import LogModel, make_flow
+from blackbirds_rama_cont import MMDLoss as TutorialMMDLoss
 
 BLACKBIRDS_SECONDS = {10: 1.2, 30: 3.4}  # BlackBIRDS 1.3, one thread, this machine class
 TRUTH = torch.log10(torch.tensor([1.0, 0.5, 1.0, 0.7]))
