@@ -21,6 +21,7 @@ machine class (1.2 s per epoch at B = 10, 3.4 s at B = 30) are used for the goal
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import statistics
 import sys
@@ -122,7 +123,7 @@ def main() -> None:
         }
         for name, (loss, kwargs) in configs.items():
             rows[name] = seconds_per_epoch(
-                lambda loss=loss, kwargs=kwargs: vi_factory(loss, b=b, **kwargs)(),
+                functools.partial(make_vi, loss, b, kwargs),
                 y,
                 args.epochs,
                 args.repeats,
