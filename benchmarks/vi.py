@@ -69,23 +69,20 @@ def main() -> None:
     y = builtin.run_and_observe(TRUTH)[0].detach()
     prior = torch.distributions.MultivariateNormal(torch.zeros(4), torch.eye(4))
 
-    def vi_factory(loss, **kwargs):
-        def make():
-            flow = make_flow(4)
-            return VI(
-                loss,
-                prior,
-                flow,
-                w=0.001,
-                gradient_clipping_norm=1.0,
-                optimizer=torch.optim.AdamW(flow.parameters(), lr=1e-3),
-                n_samples_per_epoch=kwargs.pop("b"),
-                progress_bar=False,
-                seed=0,
-                **kwargs,
-            )
-
-        return make
+    def make_vi(loss, b: int, options: dict) -> VI:
+        flow = make_flow(4)
+        return VI(
+            loss,
+            prior,
+            flow,
+            w=0.001,
+            gradient_clipping_norm=1.0,
+            optimizer=torch.optim.AdamW(flow.parameters(), lr=1e-3),
+            n_samples_per_epoch=b,
+            progress_bar=False,
+            seed=0,
+            **options,
+        )
 
     has_blackbirds = importlib.util.find_spec("blackbirds") is not None
     print(
