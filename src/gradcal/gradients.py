@@ -35,6 +35,7 @@ from gradcal.relax import relaxed_categorical
 __all__ = [
     "BatchedLoss",
     "EpochEstimate",
+    "loss_and_gradient",
     "PathwiseForward",
     "PathwiseReverse",
     "Score",
@@ -216,6 +217,49 @@ def _estimate(losses: Tensor, valid: Tensor) -> EpochEstimate:
     return EpochEstimate(mean, n_valid, int(valid.numel()) - n_valid)
 
 
+def loss_and_gradient(
+    loss: BatchedLoss,
+    theta: Tensor,
+    data: Any,
+    diff_mode: str = "reverse",
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-draw losses (B,) and their gradients with respect to the draws (B, D).
+
+    Reverse mode: one backward pass over the summed finite losses. Forward mode: one
+    :func:`torch.func.jvp` per parameter axis under ``vmap(randomness="same")``, so every
+    axis sees the same noise and nothing is stored for a backward pass; draws are
+    independent, so tangent k yields dl_i/dtheta_ik for every i. ``chunk_size`` bounds how
+    many axes go through at once. The results carry no graph.
+    """
+    primal = theta.detach()
+    if diff_mode == "reverse":
+        leaf = primal.requires_grad_()
+        losses = loss(leaf, data)
+        finite = torch.where(torch.isfinite(losses), losses, 0.0).sum()
+        grad = (
+            torch.autograd.grad(finite, leaf, allow_unused=True)[0]
+            if finite.requires_grad
+            else None
+        )
+        return losses.detach(), torch.zeros_like(leaf) if grad is None else grad
+    if diff_mode != "forward":
+        raise ValueError(f"`diff_mode` must be 'reverse' or 'forward', got {diff_mode!r}.")
+    loss.resolve(primal, data)
+    d = primal.shape[-1]
+    tangents = torch.eye(d, dtype=primal.dtype, device=primal.device)[:, None, :]
+    tangents = tangents.expand(d, primal.shape[0], d)
+
+    def directional(tangent: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.func.jvp(lambda t: loss(t, data), (primal,), (tangent,))
+
+    with torch.no_grad():
+        values, columns = torch.func.vmap(directional, randomness="same", chunk_size=chunk_size)(
+            tangents
+        )
+    return values[0], columns.T
+
+
 class PathwiseReverse:
     """Reparameterised draws and one reverse-mode pass through loss and simulator.
 
@@ -223,21 +267,19 @@ class PathwiseReverse:
     gradient is not finite is dropped before anything reaches the family's parameters.
     """
 
+    diff_mode = "reverse"
+    chunk_size: int | None = None
+
     def __call__(self, family: Any, loss: BatchedLoss, data: Any, n: int) -> EpochEstimate:
         theta, _ = _sample(family, n)
-        leaf = theta.detach().requires_grad_()
-        losses = loss(leaf, data)
-        grad = torch.autograd.grad(
-            torch.where(torch.isfinite(losses), losses, 0.0).sum(), leaf, allow_unused=True
-        )[0]
-        grad = torch.zeros_like(leaf) if grad is None else grad
-        valid = _finite_rows(losses.detach(), grad)
+        losses, grad = loss_and_gradient(loss, theta, data, self.diff_mode, self.chunk_size)
+        valid = _finite_rows(losses, grad)
         if valid.any():
             _backward_through_family(theta, grad, valid)
-        return _estimate(losses.detach(), valid)
+        return _estimate(losses, valid)
 
 
-class PathwiseForward:
+class PathwiseForward(PathwiseReverse):
     """Per-draw gradients by forward-mode differentiation, memory flat in time steps.
 
     Arguments:
@@ -245,34 +287,12 @@ class PathwiseForward:
             at once (None: all D); lower it to bound memory.
     """
 
+    diff_mode = "forward"
+
     def __init__(self, chunk_size: int | None = None):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"`jacobian_chunk_size` must be None or >= 1, got {chunk_size}.")
         self.chunk_size = chunk_size
-
-    def __call__(self, family: Any, loss: BatchedLoss, data: Any, n: int) -> EpochEstimate:
-        theta, _ = _sample(family, n)
-        primal = theta.detach()
-        loss.resolve(primal, data)
-        d = primal.shape[-1]
-        # Tangent k moves coordinate k of every draw; draws are independent, so the output
-        # tangent is dl_i/dtheta_ik for each i. randomness="same": one noise for all k.
-        tangents = torch.eye(d, dtype=primal.dtype, device=primal.device)[:, None, :].expand(
-            d, primal.shape[0], d
-        )
-
-        def directional(tangent: Tensor) -> tuple[Tensor, Tensor]:
-            return torch.func.jvp(lambda t: loss(t, data), (primal,), (tangent,))
-
-        with torch.no_grad():
-            values, columns = torch.func.vmap(
-                directional, randomness="same", chunk_size=self.chunk_size
-            )(tangents)
-        losses, grad = values[0], columns.T  # (B,), (B, D)
-        valid = _finite_rows(losses, grad)
-        if valid.any():
-            _backward_through_family(theta, grad, valid)
-        return _estimate(losses, valid)
 
 
 class Score:
