@@ -35,10 +35,10 @@ from gradcal.relax import relaxed_categorical
 __all__ = [
     "BatchedLoss",
     "EpochEstimate",
-    "loss_and_gradient",
     "PathwiseForward",
     "PathwiseReverse",
     "Score",
+    "loss_and_gradient",
     "make_estimator",
 ]
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from gradcal.gradients import Batching, BatchedLoss, loss_and_gradient
+from gradcal.gradients import BatchedLoss, Batching, loss_and_gradient
 from gradcal.regularisation import _prior_dim, prior_log_prob
 
 __all__ = ["HMC", "MALA", "MCMC", "effective_sample_size", "split_rhat"]
@@ -131,7 +131,8 @@ class MALA(_Kernel):
         super().__init__(*args, **kwargs)
         if discretisation_method != "e-m":
             raise ValueError(
-                f"`discretisation_method` must be 'e-m' (Euler-Maruyama), got {discretisation_method!r}."
+                "`discretisation_method` must be 'e-m' (Euler-Maruyama), got "
+                f"{discretisation_method!r}."
             )
         self.discretisation_method = discretisation_method
         self._cache: tuple[Tensor, Tensor, Tensor] | None = None
@@ -340,7 +341,7 @@ class MCMC:
         data: Any,
         *args: Any,
         seed: int | None = 0,
-        T: int = 1,  # noqa: N803 (BlackBIRDS' name)
+        T: int = 1,
         warmup: int = 0,
         target_accept: float | None = None,
         adapt_covariance: str | None = "diag",
@@ -384,7 +385,7 @@ class MCMC:
         self.samples = torch.stack(kept)  # (n, C, D)
         self.acceptance_rate = accepted / self.num_samples
         states = [s[0] if single else s for s in kept]
-        return ([initial_state] + states) if warmup == 0 else states
+        return [initial_state, *states] if warmup == 0 else states
 
     def _chain(self, state, data, args, kwargs, T, warmup, target, adapt, step, covariance):
         adapter = _DualAveraging(step, target) if warmup else None
@@ -491,7 +492,7 @@ def split_rhat(chains: Tensor) -> Tensor:
         True
     """
     x = chains if chains.ndim == 3 else chains[..., None]
-    c, s, _ = x.shape
+    s = x.shape[1]
     if s < 4:
         raise ValueError(f"`chains` needs at least 4 samples per chain, got {s}.")
     half = s // 2
