@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["get_rng_state", "load_checkpoint", "save_checkpoint", "set_rng_state"]
+__all__ = ["load_checkpoint", "save_checkpoint"]
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -36,18 +36,3 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def get_rng_state() -> dict[str, Any]:
-    """torch's CPU generator state, and each CUDA device's where CUDA is available."""
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`get_rng_state` returned."""
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

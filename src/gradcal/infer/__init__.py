@@ -1,5 +1,25 @@
-"""Inference drivers: generalised variational inference (more to come)."""
+"""Inference drivers: GVI, simulated minimum distance, gradient MCMC, reference posteriors."""
 
+from gradcal.infer.mcmc import HMC, MALA, MCMC, effective_sample_size, split_rhat
+from gradcal.infer.reference import (
+    ImportanceSamples,
+    RejectionSamples,
+    importance_sampling,
+    rejection_abc,
+)
+from gradcal.infer.smd import SMD
 from gradcal.infer.vi import VI
 
-__all__ = ["VI"]
+__all__ = [
+    "HMC",
+    "MALA",
+    "MCMC",
+    "SMD",
+    "VI",
+    "ImportanceSamples",
+    "RejectionSamples",
+    "effective_sample_size",
+    "importance_sampling",
+    "rejection_abc",
+    "split_rhat",
+]

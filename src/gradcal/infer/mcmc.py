@@ -14,9 +14,7 @@ per gradient evaluation. A proposal whose loss or prior density is not finite is
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,6 +23,7 @@ from tqdm.auto import tqdm
 
 from gradcal.gradients import BatchedLoss, Batching, loss_and_gradient
 from gradcal.regularisation import _prior_dim, prior_log_prob
+from gradcal.rng import seeded
 
 __all__ = ["HMC", "MALA", "MCMC", "effective_sample_size", "split_rhat"]
 
@@ -309,7 +308,8 @@ class MCMC:
         num_samples: draws kept per chain after warm-up.
         progress_bar, progress_info: a tqdm bar, with the acceptance rate.
 
-    After :meth:`run`: ``samples`` (num_samples, C, D), ``acceptance_rate`` (C,),
+    After :meth:`run`: ``samples`` (num_samples, C, D) (``chains``: (C, S, D)),
+    ``acceptance_rate`` (C,),
     ``step_size`` and ``covariance`` (as adapted), :meth:`rhat` and :meth:`ess`.
     """
 
@@ -325,15 +325,6 @@ class MCMC:
         self.kernel, self.num_samples = kernel, num_samples
         self.progress_bar, self.progress_info = progress_bar, progress_info
         self.samples: Tensor | None = None
-
-    @contextlib.contextmanager
-    def _stream(self, seed: int | None) -> Iterator[None]:
-        if seed is None:
-            yield
-            return
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            yield
 
     def run(
         self,
@@ -378,7 +369,7 @@ class MCMC:
         step = scale if scale is not None else (1e-2 if warmup else 1.0)
         single = initial_state.ndim == 1
         state = initial_state[None] if single else initial_state
-        with self._stream(seed):
+        with seeded(seed, state.device):
             kept, accepted = self._chain(
                 state, data, args, kwargs, T, warmup, target, adapt_covariance, step, covariance
             )
@@ -420,13 +411,18 @@ class MCMC:
         self.step_size, self.covariance = step, covariance
         return kept, accepted
 
+    @property
+    def chains(self) -> Tensor:
+        """The kept draws as (C, S, D), the layout of R-hat, ESS and trace plots."""
+        return self.samples.transpose(0, 1)
+
     def rhat(self) -> Tensor:
         """Split R-hat of each parameter over the kept draws: (D,)."""
-        return split_rhat(self.samples.transpose(0, 1))
+        return split_rhat(self.chains)
 
     def ess(self) -> Tensor:
         """Effective sample size of each parameter over all chains: (D,)."""
-        return effective_sample_size(self.samples.transpose(0, 1))
+        return effective_sample_size(self.chains)
 
 
 def _autocorrelation(x: Tensor) -> Tensor:

@@ -11,12 +11,11 @@ q, clip, and step the optimiser.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,10 +23,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from gradcal.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from gradcal.checkpoint import load_checkpoint, save_checkpoint
 from gradcal.gradients import BatchedLoss, Batching, EpochEstimate, make_estimator
 from gradcal.posterior_estimators import as_family
 from gradcal.regularisation import _prior_dim, kl_divergence
+from gradcal.rng import get_rng_state, seeded, set_rng_state
 
 __all__ = ["VI"]
 
@@ -272,16 +272,6 @@ class VI:
         self._epoch, self._stall, self._failed = state["epoch"], state["stall"], state["failed"]
         self.batched_loss.mode = state["batching"]
 
-    @contextlib.contextmanager
-    def _random_stream(self) -> Iterator[None]:
-        if self.seed is None:
-            yield
-            return
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed)
-            yield
-
     def _tensorboard(self) -> Any:
         if not self.log_tensorboard:
             return None
@@ -323,7 +313,7 @@ class VI:
         data = _check_data(data, self.device)
         if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 0:
             raise ValueError(f"`n_epochs` must be an int >= 0, got {n_epochs!r}.")
-        with self._random_stream():
+        with seeded(self.seed, self.device):
             self._start()
             writer = self._tensorboard()
             try:
