@@ -6,13 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from infer_helpers import gaussian_nll, normal_prior
+from infer_helpers import gaussian_nll, mmd_to_reference, normal_prior
 from stats import Z_MAX
 
 from gradcal import VI
-from gradcal.discrepancies import mmd
 from gradcal.infer.mcmc import HMC, MALA, MCMC, effective_sample_size, split_rhat
-from gradcal.kernels import GaussianKernel
 from gradcal.losses import NegativeLogLikelihood
 from gradcal.models import BrockHommes
 from gradcal.posterior_estimators import DiagonalGaussian
@@ -116,16 +114,7 @@ def test_brock_hommes_wavy_matches_the_reference_posterior():
     assert (mcmc.rhat() < 1.05).all()
     draws = mcmc.samples.reshape(-1, 4)
     draws = draws[torch.randperm(draws.shape[0])[:1000]]
-    scale = reference.std(0)
-    kernel_ = GaussianKernel().fitted(reference / scale)
-    distance = mmd(draws / scale, reference / scale, kernel_).item()
-    halves = [torch.randperm(1000) for _ in range(20)]
-    floor = np.std(
-        [
-            mmd(reference[p[:500]] / scale, reference[p[500:]] / scale, kernel_).item()
-            for p in halves
-        ]
-    )
+    distance, floor = mmd_to_reference(draws, reference)
     print(f"MALA on Brock-Hommes wavy: MMD {distance:.2e}, split-half floor {floor:.2e}")
     assert distance < 3 * floor
 

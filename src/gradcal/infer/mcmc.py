@@ -57,6 +57,44 @@ class _Kernel:
         self.diff_mode, self.jacobian_chunk_size = diff_mode, jacobian_chunk_size
         self.gradient_horizon, self.device = gradient_horizon, device  # BlackBIRDS' arguments
         self.dim = _prior_dim(prior)
+        self._cache: tuple[Tensor, Tensor, Tensor] | None = None  # state, log target, grad
+        self.last_accept_prob: Tensor | None = None
+
+    def initialise_chain(self, state: Tensor, data: Any) -> None:
+        """Evaluate the target at ``state`` (C, D) and remember it (BlackBIRDS' name)."""
+        log_density, grad = self.log_density_and_grad(state, data)
+        self._cache = (state.detach(), log_density, grad)
+
+    def _current(self, state: Tensor, data: Any) -> tuple[Tensor, Tensor]:
+        if self._cache is None or not torch.equal(self._cache[0], state.detach()):
+            self.initialise_chain(state, data)
+        return self._cache[1], self._cache[2]
+
+    def _metropolis(
+        self,
+        state: Tensor,
+        proposal: Tensor,
+        log_alpha: Tensor,
+        current: tuple[Tensor, Tensor],
+        proposed: tuple[Tensor, Tensor],
+        single: bool,
+    ) -> tuple[Tensor, Tensor | bool]:
+        """Accept each chain's proposal with probability exp(log_alpha); cache the target.
+
+        ``current`` and ``proposed`` are (log target (C,), gradient (C, D)) pairs.
+        """
+        log_alpha = torch.where(torch.isfinite(log_alpha), log_alpha, -math.inf)
+        self.last_accept_prob = log_alpha.clamp(max=0.0).exp()
+        accept = torch.log(torch.rand_like(log_alpha)) < log_alpha
+        new_state = torch.where(accept[:, None], proposal, state)
+        self._cache = (
+            new_state.detach(),
+            torch.where(accept, proposed[0], current[0]),
+            torch.where(accept[:, None], proposed[1], current[1]),
+        )
+        if single:
+            return new_state[0], bool(accept[0])
+        return new_state, accept
 
     def log_density_and_grad(self, theta: Tensor, data: Any) -> tuple[Tensor, Tensor]:
         r""":math:`\log \pi(\theta) - l(\theta)/w` (C,) and its gradient (C, D).
@@ -134,17 +172,6 @@ class MALA(_Kernel):
                 f"{discretisation_method!r}."
             )
         self.discretisation_method = discretisation_method
-        self._cache: tuple[Tensor, Tensor, Tensor] | None = None
-        self.last_accept_prob: Tensor | None = None
-
-    def initialise_chain(self, state: Tensor, data: Any) -> None:
-        log_density, grad = self.log_density_and_grad(state, data)
-        self._cache = (state.detach(), log_density, grad)
-
-    def _current(self, state: Tensor, data: Any) -> tuple[Tensor, Tensor]:
-        if self._cache is None or not torch.equal(self._cache[0], state.detach()):
-            self.initialise_chain(state, data)
-        return self._cache[1], self._cache[2]
 
     def step(
         self,
@@ -168,18 +195,9 @@ class MALA(_Kernel):
             - log_p
             - _gaussian_log_kernel(proposal, mean, chol, scale)
         )
-        log_alpha = torch.where(torch.isfinite(log_alpha), log_alpha, -math.inf)
-        self.last_accept_prob = log_alpha.clamp(max=0.0).exp()
-        accept = torch.log(torch.rand_like(log_alpha)) < log_alpha
-        new_state = torch.where(accept[:, None], proposal, state)
-        self._cache = (
-            new_state.detach(),
-            torch.where(accept, new_log_p, log_p),
-            torch.where(accept[:, None], new_grad, grad),
+        return self._metropolis(
+            state, proposal, log_alpha, (log_p, grad), (new_log_p, new_grad), single
         )
-        if single:
-            return new_state[0], bool(accept[0])
-        return new_state, accept
 
 
 class HMC(_Kernel):
@@ -210,8 +228,6 @@ class HMC(_Kernel):
         if n_leapfrog < 1:
             raise ValueError(f"`n_leapfrog` must be >= 1, got {n_leapfrog}.")
         self.n_leapfrog = n_leapfrog
-        self._cache: tuple[Tensor, Tensor, Tensor] | None = None
-        self.last_accept_prob: Tensor | None = None
 
     def step(
         self,
@@ -225,10 +241,7 @@ class HMC(_Kernel):
         state = current_state[None] if single else current_state
         chol = _chol(covariance, state.shape[-1], state)
         inverse_mass = chol @ chol.T
-        if self._cache is None or not torch.equal(self._cache[0], state.detach()):
-            log_p, grad = self.log_density_and_grad(state, data)
-        else:
-            log_p, grad = self._cache[1], self._cache[2]
+        log_p, grad = self._current(state, data)
         # p ~ N(0, C^-1): p = L^-T z with C = L L^T
         z = torch.randn_like(state)
         momentum = torch.linalg.solve_triangular(chol.T, z.T, upper=True).T
@@ -240,18 +253,9 @@ class HMC(_Kernel):
             p = p + (scale if i < self.n_leapfrog - 1 else 0.5 * scale) * new_grad
         new_kinetic = 0.5 * (p * (p @ inverse_mass.T)).sum(-1)
         log_alpha = new_log_p - new_kinetic - (log_p - kinetic)
-        log_alpha = torch.where(torch.isfinite(log_alpha), log_alpha, -math.inf)
-        self.last_accept_prob = log_alpha.clamp(max=0.0).exp()
-        accept = torch.log(torch.rand_like(log_alpha)) < log_alpha
-        new_state = torch.where(accept[:, None], position, state)
-        self._cache = (
-            new_state.detach(),
-            torch.where(accept, new_log_p, log_p),
-            torch.where(accept[:, None], new_grad, grad),
+        return self._metropolis(
+            state, position, log_alpha, (log_p, grad), (new_log_p, new_grad), single
         )
-        if single:
-            return new_state[0], bool(accept[0])
-        return new_state, accept
 
 
 class _DualAveraging:
