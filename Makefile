@@ -20,7 +20,7 @@ $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 demo: $(VENV)/.installed-plot
-	$(PY) examples/rama_cont_returns.py --out rama_cont_returns.png
+	$(VENV)/bin/gradcal demo
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -n 2 -q

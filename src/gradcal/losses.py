@@ -287,6 +287,7 @@ class NegativeLogLikelihood:
     """
 
     batched = True
+    exact = True  # a deterministic function of theta (no simulation noise)
 
     def __init__(self, model: Any):
         if not callable(getattr(model, "log_likelihood", None)):

@@ -98,7 +98,9 @@ class RamaCont(Model):
     def initialize(self, params: Tensor) -> Tensor:
         gamma_0, gamma_1, _, eta = self._natural(params)
         z = torch.randn(params.shape[0], self.n_agents, dtype=params.dtype, device=params.device)
-        nu = torch.exp(gamma_0 + gamma_1 * z)
+        # exp(50) ~ 5e21 is an infinite threshold for any return; the cap keeps overflowing
+        # draws (large gamma_1) finite, so their gradients are zero instead of NaN.
+        nu = torch.exp((gamma_0 + gamma_1 * z).clamp(max=50.0))
         r = self._returns(torch.zeros_like(eta), nu, eta)
         return torch.cat((nu, r), dim=-1)[:, None, :]
 

@@ -1,0 +1,256 @@
+"""The ``gradcal`` command: demo, run, check, report, models."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from gradcal.config import BUILTIN_MODELS, ConfigError, check, resolve
+
+__all__ = ["main"]
+
+logger = logging.getLogger("gradcal")
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+DEMO_CONFIG = """
+[run]
+name = "Rama Cont demo: volatility clustering, calibrated by VI with a flow"
+seed = 0
+
+[model]
+name = "RamaCont"
+options = { n_agents = 1000, n_timesteps = 100, s = 0.1, sigmoid_k = 5.0, log10_params = true }
+
+[data]
+simulate = true        # synthetic data at the BlackBIRDS tutorial's true parameters
+
+[loss]
+kind = "mmd"
+
+[method]
+kind = "vi"
+family = "nsf"
+w = 0.001
+samples_per_epoch = 10
+epochs = 250
+patience = 250
+learning_rate = 0.01
+gradient_clipping_norm = 1.0
+n_samples_regularisation = 500
+posterior_samples = 2000
+
+[[parameters]]
+name = "log10_gamma_0"
+prior = { kind = "normal", loc = 0.0, scale = 1.0 }
+truth = 0.0
+
+[[parameters]]
+name = "log10_gamma_1"
+prior = { kind = "normal", loc = 0.0, scale = 1.0 }
+truth = -0.30103
+
+[[parameters]]
+name = "log10_sigma"
+prior = { kind = "normal", loc = 0.0, scale = 1.0 }
+truth = 0.0
+
+[[parameters]]
+name = "log10_eta"
+prior = { kind = "normal", loc = 0.0, scale = 1.0 }
+truth = -0.154902
+"""
+
+EXAMPLES = {
+    "demo": "gradcal demo\n  gradcal demo --out my-demo",
+    "run": "gradcal run examples/sp500/config.toml\n  gradcal run config.toml --out runs/a "
+    "--seed 3\n  gradcal run config.toml --out runs/a --resume",
+    "check": "gradcal check config.toml",
+    "report": "gradcal report runs/a",
+    "models": "gradcal models",
+}
+
+
+def _load(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError([f"{path}: not valid TOML ({error})"]) from None
+
+
+def _configured(raw: dict[str, Any], base: Path, seed: int | None, device: str | None) -> dict:
+    problems = check(raw, base)
+    if problems:
+        raise ConfigError(problems)
+    config = resolve(raw)
+    if seed is not None:
+        config["run"]["seed"] = seed
+    if device is not None:
+        config["run"]["device"] = device
+    return config
+
+
+def _execute(config: dict[str, Any], out: Path, base: Path, resume: bool, command: str) -> int:
+    import torch
+
+    from gradcal.runs import RunInterrupted, run_calibration
+
+    torch.set_default_device(config["run"]["device"])
+    try:
+        report = run_calibration(config, out, base, resume=resume)
+    except RunInterrupted:
+        from gradcal.report import write_report
+
+        write_report(out)
+        print(
+            f"\ninterrupted: the last state is saved in {out}. Continue with:\n"
+            f"  {command} --resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    print(f"report: {report}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    config = _configured(tomllib.loads(DEMO_CONFIG), Path.cwd(), args.seed, None)
+    return _execute(
+        config, out, Path.cwd(), args.resume, f"gradcal demo --out {shlex.quote(str(out))}"
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    path = Path(args.config)
+    base = path.parent
+    config = _configured(_load(args.config), base, args.seed, args.device)
+    out = Path(args.out) if args.out else Path("runs") / path.stem
+    command = f"gradcal run {shlex.quote(args.config)} --out {shlex.quote(str(out))}"
+    if args.seed is not None:
+        command += f" --seed {args.seed}"
+    return _execute(config, out, base, args.resume, command)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    path = Path(args.config)
+    problems = check(_load(args.config), path.parent)
+    if problems:
+        raise ConfigError(problems)
+    print(f"{args.config}: ok")
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from gradcal.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError([f"{args.run_dir}: no such run folder"])
+    print(f"report: {write_report(run_dir)}")
+    return EXIT_OK
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    for name, info in BUILTIN_MODELS.items():
+        print(f"{name:<12} {info.summary}")
+        print(f"{'':<12} parameters: {', '.join(info.parameters)}")
+        options = ", ".join(f"{k} = {v!r}" for k, v in info.options.items())
+        print(f"{'':<12} options (defaults): {options}\n")
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradcal",
+        description="Calibrate differentiable simulators: generalised VI, SMD and MCMC.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()),
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of failures")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog="examples:\n  " + EXAMPLES[name],
+        )
+
+    demo = command(
+        "demo",
+        "Calibrate Rama Cont on synthetic data with VI and a flow; write a "
+        "run folder with a report.",
+    )
+    demo.add_argument("--out", default="gradcal-demo", help="run folder (default gradcal-demo)")
+    demo.add_argument("--seed", type=int, default=None)
+    demo.add_argument("--resume", action="store_true", help="continue an interrupted demo")
+    demo.set_defaults(handler=_cmd_demo)
+
+    run = command("run", "Run the calibration a TOML file describes.")
+    run.add_argument("config", help="the TOML configuration")
+    run.add_argument("--out", help="run folder (default runs/<config name>)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    run.add_argument("--seed", type=int, help="override [run] seed")
+    run.add_argument("--device", help="override [run] device, e.g. cuda")
+    run.set_defaults(handler=_cmd_run)
+
+    chk = command(
+        "check", "Validate a configuration without simulating (exit code 2 on problems)."
+    )
+    chk.add_argument("config")
+    chk.set_defaults(handler=_cmd_check)
+
+    rep = command("report", "Rebuild report.html of a finished or interrupted run.")
+    rep.add_argument("run_dir")
+    rep.set_defaults(handler=_cmd_report)
+
+    mod = command("models", "List the built-in models with their parameters.")
+    mod.set_defaults(handler=_cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gradcal`` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    level = logging.ERROR if args.quiet else (logging.INFO if args.verbose else logging.WARNING)
+    if args.verbose > 1:
+        level = logging.DEBUG
+    logging.basicConfig(level=level, format="%(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        for line in error.problems:
+            print(f"config error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # a failed run: one paragraph, the traceback on request
+        if args.debug:
+            raise
+        message = textwrap.fill(
+            f"gradcal {args.command} failed: {type(error).__name__}: {error}. Run again with "
+            "--debug for the full traceback; check the configuration with `gradcal check`, "
+            "and the simulator at the prior's draws.",
+            width=88,
+        )
+        print(message, file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Run a configured calibration and write its run folder: samples, summary, history, report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradcal.config import Built, build, dumps
+from gradcal.diagnostics import posterior_predictive, vi_khat
+from gradcal.infer.mcmc import HMC, MALA, MCMC
+from gradcal.infer.smd import SMD
+from gradcal.infer.vi import VI
+from gradcal.posterior_estimators import Constrained, DiagonalGaussian, Flow, FullRankGaussian
+from gradcal.regularisation import prior_log_prob
+from gradcal.rng import seeded
+
+__all__ = ["RunInterrupted", "run_calibration", "write_outputs"]
+
+logger = logging.getLogger("gradcal")
+
+
+class RunInterrupted(Exception):
+    """The run was stopped (Ctrl-C); its last state is in the run folder."""
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _family(method: dict[str, Any], built: Built) -> Any:
+    """An unconstrained family mapped onto the prior's support, started near the prior."""
+    d = len(built.names)
+    kind = method["family"]
+    if kind in ("nsf", "maf"):
+        base = Flow(
+            d,
+            kind,
+            transforms=method["transforms"],
+            hidden_features=method["hidden_features"],
+            scale=1.0,
+        )
+    elif kind == "diagonal":
+        base = DiagonalGaussian(torch.zeros(d), 1.0)
+    else:
+        base = FullRankGaussian(torch.zeros(d), 1.0)
+    return Constrained(base, built.prior.supports)
+
+
+def _run_vi(
+    config: dict[str, Any], built: Built, run_dir: Path, resume: bool, progress: bool
+) -> dict[str, Any]:
+    method = config["method"]
+    q = _family(method, built)
+    estimator = method["estimator"]
+    vi = VI(
+        built.loss,
+        built.prior,
+        q,
+        w=method["w"],
+        optimizer=torch.optim.Adam(q.parameters(), lr=method["learning_rate"]),
+        gradient_clipping_norm=method["gradient_clipping_norm"],
+        n_samples_per_epoch=method["samples_per_epoch"],
+        n_samples_regularisation=method["n_samples_regularisation"],
+        diff_mode="forward" if estimator == "forward" else "reverse",
+        gradient_estimation_method="score" if estimator == "score" else "pathwise",
+        progress_bar=progress,
+        seed=config["run"]["seed"],
+        checkpoint_dir=run_dir / "checkpoints",
+        resume=resume,
+        log_tensorboard=_has_tensorboard(),
+        tensorboard_log_dir=str(run_dir / "tensorboard"),
+    )
+    try:
+        vi.run(built.observed, method["epochs"], method["patience"])
+    except KeyboardInterrupt as error:
+        raise RunInterrupted from error
+    finally:
+        _write_history(run_dir, vi.losses_hist)
+    if vi.best_estimator_state_dict is not None:
+        q.load_state_dict(vi.best_estimator_state_dict)
+    with torch.no_grad():
+        samples = q.sample(method["posterior_samples"])[0]
+    batched = vi.batched_loss
+
+    def log_target(theta: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return prior_log_prob(built.prior, theta) - batched(theta, built.observed) / vi.w
+
+    khat = vi_khat(
+        q, log_target, n_samples=min(1000, method["posterior_samples"]), seed=config["run"]["seed"]
+    )
+    return {"samples": samples, "khat": khat}
+
+
+def _run_smd(
+    config: dict[str, Any], built: Built, run_dir: Path, progress: bool
+) -> dict[str, Any]:
+    method = config["method"]
+    with seeded(config["run"]["seed"]):
+        starts = built.prior.sample((method["starts"],))
+    theta = starts.clone().requires_grad_()
+    smd = SMD(
+        built.loss,
+        torch.optim.Adam([theta], lr=method["learning_rate"]),
+        progress_bar=progress,
+        gradient_clipping_norm=method["gradient_clipping_norm"],
+        seed=config["run"]["seed"],
+    )
+    try:
+        estimate, _ = smd.run(built.observed, method["epochs"], method["patience"])
+    except KeyboardInterrupt as error:
+        raise RunInterrupted from error
+    finally:
+        _write_history(run_dir, {"loss": list(smd.loss)})
+    return {"samples": estimate.detach()[None]}
+
+
+def _run_mcmc(
+    config: dict[str, Any], built: Built, run_dir: Path, progress: bool
+) -> dict[str, Any]:
+    method = config["method"]
+    kernel_cls = HMC if method["kernel"] == "hmc" else MALA
+    options = {"n_leapfrog": method["n_leapfrog"]} if method["kernel"] == "hmc" else {}
+    kernel = kernel_cls(built.prior, built.loss, w=method["w"], **options)
+    with seeded(config["run"]["seed"]):
+        start = built.prior.sample((method["chains"],))
+    mcmc = MCMC(kernel, num_samples=method["samples"], progress_bar=progress)
+    try:
+        mcmc.run(start, built.observed, warmup=method["warmup"], seed=config["run"]["seed"])
+    except KeyboardInterrupt as error:
+        raise RunInterrupted from error
+    torch.save({"chains": mcmc.chains, "names": built.names}, run_dir / "chains.pt")
+    return {
+        "samples": mcmc.samples.reshape(-1, len(built.names)),
+        "rhat": mcmc.rhat().tolist(),
+        "ess": mcmc.ess().tolist(),
+    }
+
+
+def _write_history(run_dir: Path, history: dict[str, list[float]]) -> None:
+    keys = [k for k in ("total", "loss", "regularisation", "dropped") if k in history]
+    if not keys or not history[keys[0]]:
+        return
+    with open(run_dir / "history.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", *keys])
+        for i, row in enumerate(zip(*(history[k] for k in keys), strict=True)):
+            writer.writerow([i, *row])
+
+
+def _cell(value: float | None) -> str:
+    return (
+        "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6g}"
+    )
+
+
+def write_outputs(run_dir: Path, built: Built, result: dict[str, Any], seed: int) -> None:
+    """posterior_samples.csv/.pt, summary.csv, predictive.pt and diagnostics.json."""
+    samples = result["samples"].detach().cpu().float()
+    with seeded(seed):
+        prior_samples = built.prior.sample((2000,))
+    truth = [None if t is None else float(t) for t in built.truth]
+    torch.save(
+        {"samples": samples, "names": built.names, "prior_samples": prior_samples, "truth": truth},
+        run_dir / "posterior_samples.pt",
+    )
+    with open(run_dir / "posterior_samples.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(built.names)
+        writer.writerows(samples.tolist())
+    quantiles = torch.quantile(samples, torch.tensor([0.05, 0.5, 0.95]), dim=0)
+    std = samples.std(0) if samples.shape[0] > 1 else torch.full((samples.shape[1],), math.nan)
+    with open(run_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            ["parameter", "mean", "std", "q05", "q50", "q95", "truth", "rhat", "ess", "khat"]
+        )
+        for i, name in enumerate(built.names):
+            writer.writerow(
+                [
+                    name,
+                    _cell(samples[:, i].mean().item()),
+                    _cell(std[i].item()),
+                    *(_cell(quantiles[k, i].item()) for k in range(3)),
+                    _cell(truth[i]),
+                    _cell(result["rhat"][i]) if "rhat" in result else "",
+                    _cell(result["ess"][i]) if "ess" in result else "",
+                    _cell(result.get("khat")) if i == 0 else "",
+                ]
+            )
+    draws = samples[
+        torch.randperm(samples.shape[0], generator=torch.Generator().manual_seed(seed))[:200]
+    ]
+    check = posterior_predictive(built.model, draws, built.data, seed=seed)
+    names = [f"output {i}" for i in range(len(built.data))]
+    torch.save(
+        {
+            "simulated": [s.float() for s in check.simulated],
+            "observed": [y.float() for y in built.data],
+            "names": names,
+        },
+        run_dir / "predictive.pt",
+    )
+    diagnostics: dict[str, Any] = {k: result[k] for k in ("khat", "rhat", "ess") if k in result}
+    if "khat" in result and not getattr(built.loss, "exact", False):
+        diagnostics["notes"] = [
+            "k-hat compares q with exp(-loss / w) x prior evaluated with one simulation per "
+            "draw; for a stochastic simulator that noise alone raises k-hat, so read it as "
+            "an upper bound on the approximation error."
+        ]
+    diagnostics["ppc"] = {
+        names[i]: {
+            name: {
+                "observed": c.observed.reshape(-1)[0].item(),
+                "quantile": c.quantile.reshape(-1)[0].item(),
+                "p_value": c.p_value.reshape(-1)[0].item(),
+            }
+            for name, c in checks.items()
+        }
+        for i, checks in enumerate(check.checks)
+    }
+    (run_dir / "diagnostics.json").write_text(json.dumps(diagnostics, indent=2))
+
+
+def run_calibration(
+    config: dict[str, Any],
+    run_dir: str | Path,
+    base: str | Path = ".",
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Run a resolved configuration; write the run folder; return the report's path."""
+    from gradcal.report import write_report
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dumps(config))
+    started = time.perf_counter()
+    built = build(config, base)
+    method = config["method"]["kind"]
+    if method == "vi":
+        result = _run_vi(config, built, run_dir, resume, progress)
+    elif method == "smd":
+        result = _run_smd(config, built, run_dir, progress)
+    else:
+        result = _run_mcmc(config, built, run_dir, progress)
+    write_outputs(run_dir, built, result, config["run"]["seed"])
+    logger.info("calibration finished in %.1f s", time.perf_counter() - started)
+    return write_report(run_dir)

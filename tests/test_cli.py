@@ -1,0 +1,258 @@
+"""The gradcal command end to end, through subprocesses, on tiny configurations."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = """
+[run]
+name = "tiny"
+seed = 0
+
+[model]
+name = "{model}"
+options = {options}
+
+[data]
+{data}
+
+[loss]
+kind = "{loss}"
+
+[method]
+kind = "{method}"
+family = "diagonal"
+epochs = {epochs}
+samples_per_epoch = 4
+n_samples_regularisation = 64
+posterior_samples = 100
+starts = 3
+chains = 2
+samples = 30
+warmup = 10
+
+[[parameters]]
+name = "mu"
+prior = {{ kind = "normal", loc = 0.0, scale = 2.0 }}
+truth = 1.0
+
+[[parameters]]
+name = "sigma"
+prior = {{ kind = "lognormal", loc = 0.0, scale = 0.5 }}
+truth = 0.8
+"""
+
+
+def _write(folder: Path, name: str = "config.toml", **fields) -> Path:
+    values = {
+        "model": "Normal",
+        "options": "{ n_timesteps = 40 }",
+        "data": "simulate = true",
+        "loss": "mmd",
+        "method": "vi",
+        "epochs": 4,
+    } | fields
+    path = folder / name
+    path.write_text(TINY.format(**values))
+    return path
+
+
+def _gradcal(*args, cwd, check=False, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "gradcal.cli", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("method", ["vi", "smd", "mcmc"])
+def test_run_writes_every_file_and_a_report(tmp_path, method):
+    config = _write(tmp_path, method=method, loss="nll" if method == "mcmc" else "mmd")
+    result = _gradcal("run", config, "--out", tmp_path / "out", cwd=tmp_path, check=True)
+    out = tmp_path / "out"
+    assert f"report: {out / 'report.html'}" in result.stdout
+    expected = {
+        "config.toml",
+        "posterior_samples.csv",
+        "posterior_samples.pt",
+        "summary.csv",
+        "predictive.pt",
+        "diagnostics.json",
+        "report.html",
+    }
+    expected |= {"history.csv"} if method != "mcmc" else {"chains.pt"}
+    expected |= {"checkpoints"} if method == "vi" else set()
+    assert expected <= {p.name for p in out.iterdir()}
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["parameter"] for r in rows] == ["mu", "sigma"]
+    assert rows[0]["truth"] == "1"
+    if method == "mcmc":
+        assert rows[0]["rhat"] and rows[0]["ess"]
+    if method == "vi":
+        assert rows[0]["khat"]
+    with open(out / "posterior_samples.csv") as f:
+        assert next(csv.reader(f)) == ["mu", "sigma"]
+    html = (out / "report.html").read_text()
+    assert "<table" in html and "log" not in html[:0]
+    assert html.count("data:image/png;base64,") >= 2
+    assert "days" not in html[:0]
+    # the resolved configuration has every default filled in and is valid again
+    assert _gradcal("check", out / "config.toml", cwd=tmp_path).returncode == 0
+
+
+def test_check_reports_each_class_of_error_with_exit_code_2(tmp_path):
+    config = _write(tmp_path, data='file = "missing.csv"\ncolumns = ["x"]')
+    text = (
+        config.read_text()
+        .replace("[run]", "[run]\nsed = 3")
+        .replace('kind = "mmd"', 'kind = "mmd"\nwindow = "two"')
+    )
+    config.write_text(text)
+    result = _gradcal("check", config, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert any("run.sed: unknown key (did you mean 'seed'?)" in line for line in lines)
+    assert any("loss.window: must be an integer" in line for line in lines)
+    assert any("data.file: no such file" in line for line in lines)
+    wrong_dimension = _write(tmp_path, "dim.toml", model="RandomWalk")
+    result = _gradcal("check", wrong_dimension, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "parameters: the model takes 1 parameter(s) but 2 are given" in result.stderr
+    bad_prior = _write(tmp_path, "prior.toml")
+    bad_prior.write_text(bad_prior.read_text().replace('kind = "normal"', 'kind = "normall"'))
+    result = _gradcal("check", bad_prior, cwd=tmp_path)
+    assert "did you mean 'normal'?" in result.stderr and result.returncode == 2
+    assert _gradcal("check", _write(tmp_path, "ok.toml"), cwd=tmp_path).returncode == 0
+    assert _gradcal("run", tmp_path / "nope.toml", cwd=tmp_path).returncode == 2
+
+
+def test_resume_continues_an_interrupted_run(tmp_path):
+    slow = textwrap.dedent(
+        """
+        import time
+        import torch
+        from gradcal.models import Normal
+
+        class SlowNormal(Normal):
+            def step(self, params, x):
+                time.sleep(0.002)
+                return super().step(params, x)
+        """
+    )
+    (tmp_path / "slowmodels.py").write_text(slow)
+    config = _write(tmp_path, model="slowmodels:SlowNormal", epochs=400)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradcal.cli", "run", str(config), "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "checkpoints" / "last.pt").exists():
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert f"gradcal run {config} --out {out} --resume" in stderr
+    done = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"]
+    assert 0 < done < 400
+    assert (out / "report.html").exists()  # a report of the partial run
+    _gradcal("run", config, "--out", out, "--resume", cwd=tmp_path, check=True, timeout=600)
+    with open(out / "history.csv") as f:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
+    assert epochs == list(range(len(epochs))) and len(epochs) > done
+
+
+def test_user_model_and_loss_by_import_path(tmp_path):
+    (tmp_path / "mine.py").write_text(
+        textwrap.dedent(
+            """
+        import torch
+        from gradcal.models import Model
+
+        class Shifted(Model):
+            batched = True
+            n_params = 2
+            history_length = 1
+
+            def __init__(self, n_timesteps):
+                super().__init__()
+                self.n_timesteps = n_timesteps
+
+            def initialize(self, params):
+                return params[:, :1] * 0
+
+            def step(self, params, x):
+                return params[:, :1] + params[:, 1:] * torch.randn_like(params[:, :1])
+
+            def observe(self, x):
+                return [x]
+
+        def squared_mean_gap(theta, y):
+            return (theta[0] - y.mean()) ** 2 + (theta[1] - 1.0) ** 2
+        """
+        )
+    )
+    config = _write(tmp_path, model="mine:Shifted", options="{ n_timesteps = 30 }")
+    _gradcal("run", config, "--out", tmp_path / "a", cwd=tmp_path, check=True)
+    custom = _write(tmp_path, "custom.toml", model="mine:Shifted", options="{ n_timesteps = 30 }")
+    custom.write_text(
+        custom.read_text().replace(
+            'kind = "mmd"', 'kind = "custom"\nfunction = "mine:squared_mean_gap"'
+        )
+    )
+    _gradcal("run", custom, "--out", tmp_path / "b", cwd=tmp_path, check=True)
+
+
+def test_data_from_a_csv_file(tmp_path):
+    torch.manual_seed(0)
+    values = (torch.randn(41) * 0.8 + 1.0).tolist()
+    (tmp_path / "obs.csv").write_text(
+        "day,x\n" + "".join(f"{i},{v}\n" for i, v in enumerate(values))
+    )
+    config = _write(
+        tmp_path, data='file = "obs.csv"\ncolumns = ["x"]', options="{ n_timesteps = 41 }"
+    )
+    _gradcal("run", config, "--out", tmp_path / "out", cwd=tmp_path, check=True)
+    predictive = torch.load(tmp_path / "out" / "predictive.pt", weights_only=True)
+    assert torch.allclose(predictive["observed"][0], torch.tensor(values))
+
+
+def test_models_help_report_and_failures(tmp_path):
+    listing = _gradcal("models", cwd=tmp_path, check=True).stdout
+    for name in ("RandomWalk", "RamaCont", "BrockHommes", "SIR", "Normal"):
+        assert name in listing
+    for command in ("demo", "run", "check", "report", "models"):
+        assert "examples:" in _gradcal(command, "--help", cwd=tmp_path, check=True).stdout
+    assert _gradcal("report", tmp_path / "missing", cwd=tmp_path).returncode == 2
+    (tmp_path / "partial").mkdir()
+    _write(tmp_path / "partial", "config.toml")
+    assert _gradcal("report", tmp_path / "partial", cwd=tmp_path, check=True).returncode == 0
+    broken = _write(
+        tmp_path,
+        "broken.toml",
+        model="RamaCont",
+        options="{ n_agents = 10, n_timesteps = 5, s = 0.1, sigmoid_k = -1.0 }",
+    )
+    failed = _gradcal("check", broken, cwd=tmp_path)
+    assert failed.returncode == 2 and "sigmoid_k" in failed.stderr

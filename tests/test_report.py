@@ -1,0 +1,241 @@
+"""report.html: one self-contained page per run folder, complete or interrupted."""
+
+import builtins
+import importlib.util
+import json
+from html import escape
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradcal.diagnostics import read_khat
+from gradcal.report import write_report
+
+IMAGE = "data:image/png;base64,"
+figures = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None, reason="figures need matplotlib"
+)
+SUMMARY = (
+    "parameter,mean,std,q05,q50,q95,truth,rhat,ess,khat\n"
+    "a,1.234567,0.0123456,1.2,1.23,1.26,1.25,{rhat_a},{ess_a},{khat}\n"
+    "b,-0.5,0.25,-0.9,-0.5,-0.1,,{rhat_b},{ess_b},{khat}\n"
+)
+
+
+def make_run(folder: Path, kind: str, name: str | None = "demo run") -> Path:
+    """A fake run folder of method ``kind`` with small tensors (D = 2, two outputs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    run = f'[run]\nname = "{name}"\n\n' if name else ""
+    (folder / "config.toml").write_text(f'{run}[method]\nkind = "{kind}"\nepochs = 3\n')
+    samples = torch.randn(300, 2) * 0.1 + torch.tensor([1.2, -0.5])
+    posterior = {"samples": samples, "names": ["a", "b"]}
+    if kind == "vi":
+        posterior |= {"prior_samples": torch.randn(300, 2), "truth": [1.25, None]}
+    torch.save(posterior, folder / "posterior_samples.pt")
+    mcmc = kind == "mcmc"
+    (folder / "summary.csv").write_text(
+        SUMMARY.format(
+            rhat_a="1.002" if mcmc else "",
+            rhat_b="1.08" if mcmc else "",
+            ess_a="812.3" if mcmc else "",
+            ess_b="37.2" if mcmc else "",
+            khat="0.42" if kind == "vi" else "",
+        )
+    )
+    if kind == "vi":
+        lines = [f"{e},{5 / (e + 1) + 0.5},{5 / (e + 1)},0.5,0" for e in range(6)]
+        (folder / "history.csv").write_text(
+            "epoch,total,loss,regularisation,dropped\n" + "\n".join(lines) + "\n"
+        )
+    elif kind == "smd":
+        lines = [f"{e},{4 / (e + 1)}" for e in range(6)]
+        (folder / "history.csv").write_text("epoch,loss\n" + "\n".join(lines) + "\n")
+    else:
+        chains = torch.randn(2, 50, 2).cumsum(1) * 0.01
+        torch.save({"chains": chains, "names": ["a", "b"]}, folder / "chains.pt")
+    torch.save(
+        {
+            "simulated": [torch.randn(40, 20), torch.randn(40, 15).cumsum(1)],
+            "observed": [torch.randn(20), torch.randn(15).cumsum(0)],
+            "names": ["x", "y"],
+        },
+        folder / "predictive.pt",
+    )
+    diagnostics = {
+        "ppc": {
+            "x": {"std": {"observed": 1.01234, "quantile": 0.55, "p_value": 0.9}},
+            "y": {"mean": {"observed": 3.5, "quantile": 0.99, "p_value": 0.02}},
+        },
+        "notes": ["1 of 300 draws failed and were redrawn"],
+    }
+    if kind == "vi":
+        diagnostics["khat"] = 0.42
+    if mcmc:
+        diagnostics |= {"rhat": [1.002, 1.08], "ess": [812.3, 37.2]}
+    (folder / "diagnostics.json").write_text(json.dumps(diagnostics))
+    return folder
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {p.relative_to(folder) for p in folder.rglob("*")}
+
+
+@pytest.fixture
+def elsewhere(tmp_path, monkeypatch):
+    """An empty working directory, to check that nothing is written into it."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield cwd
+    assert not any(cwd.iterdir())
+
+
+def check_self_contained(page: str) -> None:
+    assert page.startswith("<!DOCTYPE html>")
+    assert "http://" not in page and "https://" not in page
+    assert "<script" not in page and "<link" not in page
+
+
+# --- complete runs ------------------------------------------------------------------------
+
+
+@figures
+@pytest.mark.parametrize(
+    ("kind", "images"),
+    [("vi", 3), ("smd", 3), ("mcmc", 3)],  # corner + loss + bands; MCMC: traces, no loss
+)
+def test_complete_run(tmp_path, elsewhere, kind, images):
+    folder = make_run(tmp_path / "run", kind)
+    before = files_under(folder)
+
+    path = write_report(folder)
+
+    assert path == folder / "report.html" and path.is_file()
+    assert files_under(folder) == before | {Path("report.html")}
+    page = path.read_text(encoding="utf-8")
+    check_self_contained(page)
+    assert page.count(IMAGE) == images
+    assert "<title>demo run</title>" in page and f"method: {kind}" in page
+    # summary values to 4 significant digits
+    for value in ("1.235", "0.01235", "-0.5", "1.25"):
+        assert f'<td class="num">{value}</td>' in page
+    assert "1.234567" not in page
+    # configuration, collapsible
+    assert "<details>" in page and "epochs = 3" in page
+    # posterior predictive check and notes
+    assert "the model rarely reproduces this feature of the data" in page
+    assert page.count("the model rarely reproduces") == 1
+    assert "1 of 300 draws failed and were redrawn" in page
+    assert "missing" not in page.split("</h1>")[1].split("<section>")[0]  # no status line
+    if kind == "vi":
+        assert escape(read_khat(0.42)) in page
+    else:
+        assert "k-hat" not in page
+    if kind == "mcmc":
+        assert "Traces" in page and "<h2>Loss</h2>" not in page
+        assert "the chains of b (R-hat 1.08) have not mixed: run longer" in page
+        assert "smallest effective sample size 37 (b)" in page
+    else:
+        assert "<h2>Loss</h2>" in page and "Traces" not in page
+
+
+@figures
+def test_chains_that_agree_and_a_bad_khat(tmp_path):
+    folder = make_run(tmp_path / "run", "mcmc", name=None)
+    data = json.loads((folder / "diagnostics.json").read_text())
+    data |= {"rhat": [1.001, 1.004], "khat": 0.9}
+    (folder / "diagnostics.json").write_text(json.dumps(data))
+    page = write_report(str(folder)).read_text(encoding="utf-8")
+    assert "<title>run</title>" in page  # no [run] name: the folder's name
+    assert "(largest 1.004): the chains agree" in page
+    assert escape(read_khat(0.9)) in page
+
+
+@figures
+def test_plotting_warnings_go_on_the_page(tmp_path):
+    folder = make_run(tmp_path / "run", "smd")
+    posterior = torch.load(folder / "posterior_samples.pt", weights_only=True)
+    posterior["samples"][:3, 0] = torch.nan
+    torch.save(posterior, folder / "posterior_samples.pt")
+    page = write_report(folder).read_text(encoding="utf-8")
+    assert "left out 3 of 300 draws" in page and page.count(IMAGE) == 3
+
+
+@figures
+def test_text_from_the_files_is_escaped(tmp_path):
+    folder = make_run(tmp_path / "run", "smd", name="<i>run</i> & co")
+    posterior = torch.load(folder / "posterior_samples.pt", weights_only=True)
+    posterior["names"] = ["<b>a</b>", "b"]
+    torch.save(posterior, folder / "posterior_samples.pt")
+    summary = (folder / "summary.csv").read_text().replace("\na,", "\n<b>a</b>,")
+    (folder / "summary.csv").write_text(summary)
+    page = write_report(folder).read_text(encoding="utf-8")
+    assert "<b>" not in page and "<i>" not in page
+    assert "&lt;b&gt;a&lt;/b&gt;" in page and "&lt;i&gt;run&lt;/i&gt; &amp; co" in page
+
+
+# --- interrupted and damaged runs ---------------------------------------------------------
+
+
+def test_only_a_configuration(tmp_path, elsewhere):
+    folder = tmp_path / "stopped"
+    folder.mkdir()
+    (folder / "config.toml").write_text('[method]\nkind = "vi"\n')
+    page = write_report(folder).read_text(encoding="utf-8")
+    assert files_under(folder) == {Path("config.toml"), Path("report.html")}
+    check_self_contained(page)
+    assert IMAGE not in page
+    assert "<title>stopped</title>" in page
+    assert "no posterior samples yet: the run stopped before its first epoch finished" in page
+    assert "no summary table yet" in page and "no loss history yet" in page
+    assert "no diagnostics yet" in page and "no posterior predictive simulations yet" in page
+    assert "This run looks incomplete" in page
+    assert 'kind = "vi"' not in page and "kind = &quot;vi&quot;" in page
+
+
+def test_mcmc_without_chains_says_so_and_does_not_ask_for_a_history(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.toml").write_text('[method]\nkind = "mcmc"\n')
+    page = write_report(folder).read_text(encoding="utf-8")
+    assert "no chains yet" in page and "history" not in page
+
+
+def test_empty_folder(tmp_path):
+    page = write_report(tmp_path).read_text(encoding="utf-8")
+    assert "no configuration: config.toml is missing" in page and "method: unknown" in page
+
+
+@figures
+def test_a_damaged_file_is_named_and_the_rest_is_shown(tmp_path):
+    folder = make_run(tmp_path / "run", "vi")
+    (folder / "posterior_samples.pt").write_bytes(b"half a file")
+    (folder / "diagnostics.json").write_text('{"khat": 0.4')
+    page = write_report(folder).read_text(encoding="utf-8")
+    assert "could not read posterior_samples.pt" in page
+    assert "could not read diagnostics.json" in page
+    assert page.count(IMAGE) == 2  # loss curve and predictive bands still drawn
+    assert '<td class="num">1.235</td>' in page
+
+
+def test_a_missing_folder_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="must be an existing folder"):
+        write_report(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_without_matplotlib_the_page_has_the_tables(tmp_path, monkeypatch):
+    folder = make_run(tmp_path / "run", "vi")
+    real_import = builtins.__import__
+
+    def fake_import(module, *args, **kwargs):
+        if module == "matplotlib" or module.startswith("matplotlib."):
+            raise ImportError(f"No module named {module!r}")
+        return real_import(module, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    page = write_report(folder).read_text(encoding="utf-8")
+    assert IMAGE not in page
+    assert "pip install &#x27;gradcal[plot]&#x27;" in page
+    assert '<td class="num">1.235</td>' in page
