@@ -197,9 +197,27 @@ def write_outputs(run_dir: Path, built: Built, result: dict[str, Any], seed: int
                     _cell(result.get("khat")) if i == 0 else "",
                 ]
             )
-    draws = samples[
-        torch.randperm(samples.shape[0], generator=torch.Generator().manual_seed(seed))[:200]
-    ]
+    diagnostics: dict[str, Any] = {k: result[k] for k in ("khat", "rhat", "ess") if k in result}
+    notes = diagnostics.setdefault("notes", [])
+    if "khat" in result and not getattr(built.loss, "exact", False):
+        notes.append(
+            "k-hat compares q with exp(-loss / w) x prior evaluated with one simulation per "
+            "draw; for a stochastic simulator that noise alone raises k-hat, so read it as "
+            "an upper bound on the approximation error."
+        )
+    try:
+        _predictive(run_dir, built, samples, seed, diagnostics)
+    except ValueError as error:  # e.g. data and simulations of different lengths
+        notes.append(f"posterior predictive check skipped: {error}")
+    (run_dir / "diagnostics.json").write_text(json.dumps(diagnostics, indent=2))
+
+
+def _predictive(
+    run_dir: Path, built: Built, samples: torch.Tensor, seed: int, diagnostics: dict[str, Any]
+) -> None:
+    """Simulate at up to 200 posterior draws; save them and the check's summaries."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = samples[torch.randperm(samples.shape[0], generator=generator)[:200]]
     check = posterior_predictive(built.model, draws, built.data, seed=seed)
     names = [f"output {i}" for i in range(len(built.data))]
     torch.save(
@@ -210,13 +228,6 @@ def write_outputs(run_dir: Path, built: Built, result: dict[str, Any], seed: int
         },
         run_dir / "predictive.pt",
     )
-    diagnostics: dict[str, Any] = {k: result[k] for k in ("khat", "rhat", "ess") if k in result}
-    if "khat" in result and not getattr(built.loss, "exact", False):
-        diagnostics["notes"] = [
-            "k-hat compares q with exp(-loss / w) x prior evaluated with one simulation per "
-            "draw; for a stochastic simulator that noise alone raises k-hat, so read it as "
-            "an upper bound on the approximation error."
-        ]
     diagnostics["ppc"] = {
         names[i]: {
             name: {
@@ -228,7 +239,6 @@ def write_outputs(run_dir: Path, built: Built, result: dict[str, Any], seed: int
         }
         for i, checks in enumerate(check.checks)
     }
-    (run_dir / "diagnostics.json").write_text(json.dumps(diagnostics, indent=2))
 
 
 def run_calibration(
