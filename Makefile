@@ -23,7 +23,7 @@ demo: $(VENV)/.installed-plot
 	$(VENV)/bin/gradcal demo
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 test-slow: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -m slow

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from gradcal.distributed import all_reduce_sum, shard
 from gradcal.relax import relaxed_categorical
 
 __all__ = [
@@ -198,10 +199,14 @@ def _sample(family: Any, n: int) -> tuple[Tensor, Tensor]:
     return (theta[:, None] if theta.ndim == 1 else theta), log_q
 
 
-def _backward_through_family(theta: Tensor, grad: Tensor, valid: Tensor) -> None:
-    """Backpropagate sum_i <grad_i, theta_i> / n_valid over the kept draws into q."""
+def _backward_through_family(theta: Tensor, grad: Tensor, valid: Tensor, n_valid: int) -> None:
+    """Backpropagate sum_i <grad_i, theta_i> / n_valid over the kept draws into q.
+
+    ``n_valid`` counts the kept draws of every rank, so summing the ranks' gradients gives
+    the gradient of the mean over all of them.
+    """
     g = torch.where(valid[:, None], grad, 0.0).detach()
-    ((g * theta).sum() / valid.sum()).backward()
+    ((g * theta).sum() / n_valid).backward()
 
 
 def _finite_rows(values: Tensor, grad: Tensor | None = None) -> Tensor:
@@ -211,10 +216,31 @@ def _finite_rows(values: Tensor, grad: Tensor | None = None) -> Tensor:
     return ok
 
 
-def _estimate(losses: Tensor, valid: Tensor) -> EpochEstimate:
-    n_valid = int(valid.sum())
-    mean = float(losses[valid].mean()) if n_valid else float("nan")
-    return EpochEstimate(mean, n_valid, int(valid.numel()) - n_valid)
+def _totals(losses: Tensor | None, valid: Tensor | None, error: BaseException | None) -> Tensor:
+    """(kept draws, sum of their losses, dropped draws) over all ranks, as float64.
+
+    Every rank reports whether its share failed; if any did, every rank raises here (the
+    failing one its own error), so no rank waits for the others in a later collective.
+    """
+    local = torch.zeros(4, dtype=torch.float64)
+    if error is not None:
+        local[3] = 1.0
+    elif valid is not None and losses is not None:
+        local[0] = float(valid.sum())
+        local[1] = float(losses[valid].sum()) if bool(valid.any()) else 0.0
+        local[2] = float(valid.numel() - valid.sum())
+    total = all_reduce_sum(local)
+    if error is not None:
+        raise error
+    if total[3] > 0:
+        raise RuntimeError("another rank failed during this epoch (its error is in its log).")
+    return total[:3]
+
+
+def _estimate(totals: Tensor) -> EpochEstimate:
+    n_valid, loss_sum, dropped = (float(t) for t in totals)
+    mean = loss_sum / n_valid if n_valid else float("nan")
+    return EpochEstimate(mean, int(n_valid), int(dropped))
 
 
 def loss_and_gradient(
@@ -271,12 +297,17 @@ class PathwiseReverse:
     chunk_size: int | None = None
 
     def __call__(self, family: Any, loss: BatchedLoss, data: Any, n: int) -> EpochEstimate:
-        theta, _ = _sample(family, n)
-        losses, grad = loss_and_gradient(loss, theta, data, self.diff_mode, self.chunk_size)
-        valid = _finite_rows(losses, grad)
-        if valid.any():
-            _backward_through_family(theta, grad, valid)
-        return _estimate(losses, valid)
+        theta = losses = valid = grad = error = None
+        try:  # this rank's share of the n draws
+            theta, _ = _sample(family, shard(n)[1])
+            losses, grad = loss_and_gradient(loss, theta, data, self.diff_mode, self.chunk_size)
+            valid = _finite_rows(losses, grad)
+        except Exception as caught:  # reported to every rank by _totals
+            error = caught
+        totals = _totals(losses, valid, error)
+        if totals[0] > 0 and bool(valid.any()):
+            _backward_through_family(theta, grad, valid, int(totals[0]))
+        return _estimate(totals)
 
 
 class PathwiseForward(PathwiseReverse):
@@ -312,20 +343,24 @@ class Score:
         self.baseline = baseline
 
     def __call__(self, family: Any, loss: BatchedLoss, data: Any, n: int) -> EpochEstimate:
-        with torch.no_grad():
-            theta, _ = _sample(family, n)
-            losses = loss(theta, data)
-        valid = _finite_rows(losses)
-        estimate = _estimate(losses, valid)
-        m = int(valid.sum())
-        if m == 0:
-            return estimate
+        theta = losses = valid = error = None
+        try:
+            with torch.no_grad():
+                theta, _ = _sample(family, shard(n)[1])
+                losses = loss(theta, data)
+            valid = _finite_rows(losses)
+        except Exception as caught:
+            error = caught
+        totals = _totals(losses, valid, error)
+        m, total = int(totals[0]), float(totals[1])
+        if m == 0 or not bool(valid.any()):
+            return _estimate(totals)
         kept = losses[valid]
         if self.baseline == "leave_one_out" and m > 1:
-            kept = kept - (kept.sum() - kept) / (m - 1)
+            kept = kept - (total - kept) / (m - 1)  # the other draws, on every rank
         log_q = family.log_prob(theta[valid])
-        (kept * log_q).mean().backward()
-        return estimate
+        ((kept * log_q).sum() / m).backward()
+        return _estimate(totals)
 
 
 def make_estimator(

@@ -24,6 +24,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from gradcal.checkpoint import load_checkpoint, save_checkpoint
+from gradcal.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    broadcast_module,
+    is_main,
+    rank,
+    sum_gradients,
+    world_size,
+)
 from gradcal.gradients import BatchedLoss, Batching, EpochEstimate, make_estimator
 from gradcal.posterior_estimators import as_family
 from gradcal.regularisation import _prior_dim, kl_divergence
@@ -211,12 +220,15 @@ class VI:
         """Gradients of one epoch into q (not yet applied): (total, loss, regularisation, info)."""
         self.optimizer.zero_grad()
         estimate = self.estimator(self.family, self.batched_loss, data, self.n_samples_per_epoch)
-        regularisation = self.regularisation()
+        # Every rank estimates w * KL on its own draws; the mean over ranks is the estimate.
+        ranks = world_size()
+        regularisation = self.regularisation() / ranks
         if regularisation.requires_grad:
             regularisation.backward()
+        sum_gradients(self.family.parameters())  # the same gradient on every rank
         if math.isfinite(self.gradient_clipping_norm):
             torch.nn.utils.clip_grad_norm_(self.family.parameters(), self.gradient_clipping_norm)
-        reg = float(regularisation.detach())
+        reg = float(all_reduce_sum(regularisation.detach().double()))
         return estimate.loss + reg, estimate.loss, reg, estimate
 
     def initialize_estimator(
@@ -252,7 +264,7 @@ class VI:
             "family": self._module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-            "rng": get_rng_state(),
+            "rng": all_gather_objects(get_rng_state()),  # one state per rank
             "history": dict(self.losses_hist),
             "best_loss": self.best_loss,
             "best_state": self.best_estimator_state_dict,
@@ -266,7 +278,11 @@ class VI:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        states = state["rng"]
+        if len(states) == world_size():
+            set_rng_state(states[rank()])
+        else:  # another number of ranks: a fresh stream per rank (not bit-identical)
+            torch.manual_seed((self.seed or 0) + 7919 * state["epoch"] + rank())
         self.losses_hist = defaultdict(list, state["history"])
         self.best_loss, self.best_estimator_state_dict = state["best_loss"], state["best_state"]
         self._epoch, self._stall, self._failed = state["epoch"], state["stall"], state["failed"]
@@ -313,9 +329,17 @@ class VI:
         data = _check_data(data, self.device)
         if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 0:
             raise ValueError(f"`n_epochs` must be an int >= 0, got {n_epochs!r}.")
-        with seeded(self.seed, self.device):
+        if world_size() > 1:  # one family on every rank, one stream per rank
+            if self.n_samples_per_epoch < world_size():
+                raise ValueError(
+                    f"`n_samples_per_epoch` ({self.n_samples_per_epoch}) must be at least the "
+                    f"number of ranks ({world_size()})."
+                )
+            broadcast_module(self._module)
+        seed = None if self.seed is None and world_size() == 1 else (self.seed or 0) + rank()
+        with seeded(seed, self.device):
             self._start()
-            writer = self._tensorboard()
+            writer = self._tensorboard() if is_main() else None
             try:
                 self._loop(data, n_epochs, max_epochs_without_improvement, writer)
             finally:
@@ -337,7 +361,7 @@ class VI:
             range(self._epoch, n_epochs),
             initial=self._epoch,
             total=n_epochs,
-            disable=not self.progress_bar,
+            disable=not (self.progress_bar and is_main()),
             desc="VI",
         )
         for epoch in bar:
@@ -379,7 +403,9 @@ class VI:
     def _save(self, improved: bool) -> None:
         if self.checkpoint_dir is None:
             return
-        state = self._state()
+        state = self._state()  # a collective: every rank takes part
+        if not is_main():
+            return
         save_checkpoint(self.checkpoint_dir / "last.pt", state)
         if improved:
             save_checkpoint(self.checkpoint_dir / "best.pt", state)

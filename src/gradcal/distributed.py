@@ -1,0 +1,190 @@
+"""torch.distributed glue: start from the launcher's environment, shard draws, reduce.
+
+Data parallel, as DDP: every rank holds the same family, draws its share of the draws from
+its own stream, and gradients and loss figures are summed over ranks. In a single process
+every function here is a no-op, so the engines call them unconditionally.
+
+Launch with ``torchrun --standalone --nproc-per-node N script.py`` (one node),
+``torchrun --nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...`` (several), or
+``srun`` / ``mpirun``: SLURM's and Open MPI's variables are read when torchrun's are absent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "Context",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "broadcast_module",
+    "init_distributed",
+    "is_main",
+    "rank",
+    "shard",
+    "sum_gradients",
+    "world_size",
+]
+
+logger = logging.getLogger("gradcal")
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process sits: its rank, the number of ranks, its rank on the node."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str | None
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list such as ``node[03-05,07],gpu1``."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if match is None:
+        return nodelist
+    prefix, _, ranges = match.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _launcher_environment() -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK (and MASTER_*) from torchrun, SLURM or Open MPI."""
+    env = os.environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return {}
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        found = {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        }
+        if "MASTER_ADDR" not in env:
+            found["MASTER_ADDR"] = _first_host(env.get("SLURM_JOB_NODELIST", "localhost"))
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        found = {
+            "RANK": env["OMPI_COMM_WORLD_RANK"],
+            "WORLD_SIZE": env["OMPI_COMM_WORLD_SIZE"],
+            "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+        }
+    else:
+        return {}
+    found.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "localhost"))
+    found["MASTER_PORT"] = env.get("MASTER_PORT", "29500")
+    return found
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 120.0) -> Context:
+    """Join the process group the launcher set up; a no-op for a single process.
+
+    Arguments:
+        backend: "gloo" or "nccl"; default NCCL when CUDA is available, else gloo.
+        timeout_s: how long a collective waits for a rank that has gone silent before
+            every rank fails (so nothing hangs for ever).
+
+    Returns:
+        This process's :class:`Context`. With CUDA, each process uses the device of its
+        local rank.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return Context(
+            dist.get_rank(),
+            dist.get_world_size(),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            dist.get_backend(),
+        )
+    os.environ.update(_launcher_environment())
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    if size <= 1:
+        return Context(0, 1, 0, None)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(
+        backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    logger.info("rank %d of %d (%s)", dist.get_rank(), size, backend)
+    return Context(dist.get_rank(), size, local, backend)
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if _active() else 0
+
+
+def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if _active() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, the rank that writes files and shows progress."""
+    return rank() == 0
+
+
+def shard(n: int, of: int | None = None, at: int | None = None) -> tuple[int, int]:
+    """This rank's share of n items as (start, count); the first n mod world get one more.
+
+    Example:
+        >>> [shard(10, of=3, at=r) for r in range(3)]
+        [(0, 4), (4, 3), (7, 3)]
+    """
+    of = world_size() if of is None else of
+    at = rank() if at is None else at
+    base, extra = divmod(n, of)
+    start = at * base + min(at, extra)
+    return start, base + (1 if at < extra else 0)
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """The sum of ``t`` over ranks (``t`` itself in a single process); not in place."""
+    if not _active():
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def sum_gradients(parameters: Any) -> None:
+    """Replace each parameter's ``.grad`` by its sum over ranks (missing grads count 0)."""
+    if not _active():
+        return
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s parameters and buffers."""
+    if not _active():
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src)
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` in a single process)."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

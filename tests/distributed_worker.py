@@ -1,0 +1,113 @@
+"""Worker for tests/test_distributed.py, run by torchrun (or directly for one process).
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 distributed_worker.py \
+        SCENARIO OUT_DIR
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from gradcal import VI
+from gradcal.distributed import init_distributed, rank, shard
+from gradcal.gradients import BatchedLoss, PathwiseReverse
+from gradcal.posterior_estimators import DiagonalGaussian
+
+N_DRAWS, DIM, EPOCHS = 6, 2, 8
+TABLE = torch.randn(EPOCHS * 2, N_DRAWS, DIM, generator=torch.Generator().manual_seed(0))
+
+
+class FixedDraws(DiagonalGaussian):
+    """A Gaussian family whose reparameterisation noise comes from a fixed table, so that
+    one process and two ranks see exactly the same global draws, epoch by epoch."""
+
+    def __init__(self):
+        super().__init__(torch.tensor([0.5, -0.5]), 1.0)
+        self.calls = 0
+
+    def sample(self, n):
+        start, count = shard(N_DRAWS)
+        assert count == n, (count, n)
+        eps = TABLE[self.calls, start : start + count]
+        self.calls += 1
+        theta = self.loc + self.scale * eps
+        return theta, self.log_prob(theta)
+
+
+def loss(theta, y):
+    return ((theta - y) ** 2).sum(-1) + torch.sin(3 * theta).sum(-1)
+
+
+loss.batched = True
+
+
+def failing(theta, y):
+    failing.calls += 1
+    if rank() == 1 and failing.calls >= 3:
+        raise ValueError("simulator exploded on rank 1")
+    return loss(theta, y)
+
+
+failing.calls = 0
+failing.batched = True
+
+
+def prior():
+    return torch.distributions.Independent(
+        torch.distributions.Normal(torch.zeros(DIM), torch.ones(DIM)), 1
+    )
+
+
+def main(scenario: str, out: Path) -> None:
+    torch.set_num_threads(1)
+    init_distributed(timeout_s=60)
+    y = torch.tensor([1.0, -1.0])
+    if scenario == "gradient":
+        q = FixedDraws()
+        estimate = PathwiseReverse()(q, BatchedLoss(loss), y, N_DRAWS)
+        from gradcal.distributed import sum_gradients
+
+        sum_gradients(q.parameters())
+        torch.save(
+            {"grads": [p.grad for p in q.parameters()], "loss": estimate.loss},
+            out / f"gradient-{rank()}.pt",
+        )
+    elif scenario in ("vi", "fail"):
+        q = FixedDraws()
+        vi = VI(
+            failing if scenario == "fail" else loss,
+            prior(),
+            q,
+            n_samples_per_epoch=N_DRAWS,
+            progress_bar=False,
+            seed=0,
+            optimizer=torch.optim.SGD(q.parameters(), lr=0.05),
+        )
+        vi.run(y, EPOCHS, 100)
+        torch.save(
+            {"state": q.state_dict(), "history": dict(vi.losses_hist)}, out / f"vi-{rank()}.pt"
+        )
+    elif scenario.startswith("checkpoint"):  # checkpoint-<epochs>-<resume>
+        _, epochs, resume = scenario.split("-")
+        q = DiagonalGaussian(torch.tensor([0.5, -0.5]), 1.0)
+        vi = VI(
+            loss,
+            prior(),
+            q,
+            n_samples_per_epoch=N_DRAWS,
+            progress_bar=False,
+            seed=1,
+            checkpoint_dir=out / "checkpoints",
+            resume=resume == "resume",
+        )
+        vi.run(y, int(epochs), 100)
+        torch.save({"epochs": len(vi.losses_hist["total"])}, out / f"checkpoint-{rank()}.pt")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1], Path(sys.argv[2]))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,87 @@
+"""Two processes with gloo on loopback: gradients, VI, failures, checkpoints."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradcal.distributed import _first_host, shard
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+# One worker runs these one after another: two process groups starting at once on a busy
+# two-core machine make gloo's start-up racy.
+pytestmark = pytest.mark.xdist_group("distributed")
+
+
+def _launch(scenario, out, nproc=2, timeout=180):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    if nproc == 1:
+        command = [sys.executable, str(WORKER), scenario, str(out)]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            str(WORKER),
+            scenario,
+            str(out),
+        ]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_all_reduced_gradient_equals_the_single_process_gradient(tmp_path):
+    (tmp_path / "one").mkdir()
+    _ok(_launch("gradient", tmp_path / "one", nproc=1))
+    _ok(_launch("gradient", tmp_path, nproc=2))
+    single = torch.load(tmp_path / "one" / "gradient-0.pt", weights_only=True)
+    for r in (0, 1):
+        ranked = torch.load(tmp_path / f"gradient-{r}.pt", weights_only=True)
+        for a, b in zip(single["grads"], ranked["grads"], strict=True):
+            torch.testing.assert_close(a, b)
+        assert ranked["loss"] == pytest.approx(single["loss"])
+
+
+def test_two_rank_vi_matches_one_process_on_the_same_global_draws(tmp_path):
+    (tmp_path / "one").mkdir()
+    _ok(_launch("vi", tmp_path / "one", nproc=1))
+    _ok(_launch("vi", tmp_path, nproc=2))
+    single = torch.load(tmp_path / "one" / "vi-0.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / f"vi-{r}.pt", weights_only=True) for r in (0, 1)]
+    for key in single["state"]:
+        assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key])  # identical ranks
+        torch.testing.assert_close(ranks[0]["state"][key], single["state"][key])
+    assert ranks[0]["history"]["total"] == pytest.approx(single["history"]["total"])
+
+
+def test_a_rank_that_raises_stops_every_rank_quickly(tmp_path):
+    started = time.monotonic()
+    result = _launch("fail", tmp_path, nproc=2, timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 90
+    assert "simulator exploded on rank 1" in result.stderr
+    assert "another rank failed" in result.stderr
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_a_two_rank_checkpoint_with_one_or_two_ranks(tmp_path, nproc):
+    _ok(_launch("checkpoint-4-fresh", tmp_path, nproc=2))
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 4
+    _ok(_launch("checkpoint-8-resume", tmp_path, nproc=nproc))
+    assert torch.load(tmp_path / "checkpoint-0.pt", weights_only=True)["epochs"] == 8
+
+
+def test_shard_and_slurm_node_lists():
+    assert [shard(7, of=2, at=r) for r in (0, 1)] == [(0, 4), (4, 3)]
+    assert shard(5) == (0, 5)  # a single process takes everything
+    assert _first_host("node[03-05,07],gpu1") == "node03"
+    assert _first_host("login1") == "login1"
