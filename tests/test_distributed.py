@@ -85,3 +85,15 @@ def test_shard_and_slurm_node_lists():
     assert shard(5) == (0, 5)  # a single process takes everything
     assert _first_host("node[03-05,07],gpu1") == "node03"
     assert _first_host("login1") == "login1"
+
+
+def test_the_command_runs_data_parallel_with_nproc(tmp_path):
+    from test_cli import _gradcal, _write
+
+    config = _write(tmp_path, epochs=3)
+    result = _gradcal("run", config, "--out", tmp_path / "out", "--nproc", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("report:") == 1  # rank 0 alone writes and reports
+    assert (tmp_path / "out" / "report.html").exists()
+    with open(tmp_path / "out" / "history.csv") as f:
+        assert len(f.read().splitlines()) == 4

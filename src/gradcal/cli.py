@@ -71,7 +71,8 @@ truth = -0.154902
 EXAMPLES = {
     "demo": "gradcal demo\n  gradcal demo --out my-demo",
     "run": "gradcal run examples/sp500/config.toml\n  gradcal run config.toml --out runs/a "
-    "--seed 3\n  gradcal run config.toml --out runs/a --resume",
+    "--seed 3\n  gradcal run config.toml --out runs/a --resume\n  "
+    "gradcal run config.toml --nproc 2",
     "check": "gradcal check config.toml",
     "report": "gradcal report runs/a",
     "models": "gradcal models",
@@ -103,12 +104,21 @@ def _configured(raw: dict[str, Any], base: Path, seed: int | None, device: str |
 def _execute(config: dict[str, Any], out: Path, base: Path, resume: bool, command: str) -> int:
     import torch
 
+    from gradcal.distributed import init_distributed, shutdown
     from gradcal.runs import RunInterrupted, run_calibration
 
-    torch.set_default_device(config["run"]["device"])
+    context = init_distributed()
+    main_rank = context.rank == 0
+    device = config["run"]["device"]
+    if device == "cuda" and context.world_size > 1:
+        device = f"cuda:{context.local_rank}"  # one device per local rank
+    torch.set_default_device(device)
     try:
         report = run_calibration(config, out, base, resume=resume)
     except RunInterrupted:
+        shutdown()
+        if not main_rank:
+            return EXIT_INTERRUPTED
         from gradcal.report import write_report
 
         write_report(out)
@@ -118,8 +128,38 @@ def _execute(config: dict[str, Any], out: Path, base: Path, resume: bool, comman
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    print(f"report: {report}")
+    finally:
+        shutdown()
+    if main_rank:
+        print(f"report: {report}")
     return EXIT_OK
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Run this command again under torchrun with ``nproc`` local processes."""
+    import os
+    import subprocess
+
+    forwarded, skip = [], False
+    for arg in argv:  # the same arguments without --nproc
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            forwarded.append(arg)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "gradcal.cli",
+        *forwarded,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(command, env=env)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -131,6 +171,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args.nproc, sys.argv[1:])
     path = Path(args.config)
     base = path.parent
     config = _configured(_load(args.config), base, args.seed, args.device)
@@ -206,6 +250,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue an interrupted run")
     run.add_argument("--seed", type=int, help="override [run] seed")
     run.add_argument("--device", help="override [run] device, e.g. cuda")
+    run.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="local processes, launched through torchrun (VI is data parallel)",
+    )
     run.set_defaults(handler=_cmd_run)
 
     chk = command(

@@ -31,6 +31,7 @@ __all__ = [
     "is_main",
     "rank",
     "shard",
+    "shutdown",
     "sum_gradients",
     "world_size",
 ]
@@ -188,3 +189,9 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def shutdown() -> None:
+    """Leave the process group (a clean exit: gloo aborts a process that skips this)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -14,6 +14,7 @@ import torch
 
 from gradcal.config import Built, build, dumps
 from gradcal.diagnostics import posterior_predictive, vi_khat
+from gradcal.distributed import is_main
 from gradcal.infer.mcmc import HMC, MALA, MCMC
 from gradcal.infer.smd import SMD
 from gradcal.infer.vi import VI
@@ -84,9 +85,12 @@ def _run_vi(
     except KeyboardInterrupt as error:
         raise RunInterrupted from error
     finally:
-        _write_history(run_dir, vi.losses_hist)
+        if is_main():
+            _write_history(run_dir, vi.losses_hist)
     if vi.best_estimator_state_dict is not None:
         q.load_state_dict(vi.best_estimator_state_dict)
+    if not is_main():  # every rank holds the same q; rank 0 summarises it
+        return {}
     with torch.no_grad():
         samples = q.sample(method["posterior_samples"])[0]
     batched = vi.batched_loss
@@ -252,8 +256,9 @@ def run_calibration(
     from gradcal.report import write_report
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(dumps(config))
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(dumps(config))
     started = time.perf_counter()
     built = build(config, base)
     method = config["method"]["kind"]
@@ -263,6 +268,8 @@ def run_calibration(
         result = _run_smd(config, built, run_dir, progress)
     else:
         result = _run_mcmc(config, built, run_dir, progress)
-    write_outputs(run_dir, built, result, config["run"]["seed"])
     logger.info("calibration finished in %.1f s", time.perf_counter() - started)
+    if not is_main():  # under torchrun only rank 0 writes files
+        return run_dir / "report.html"
+    write_outputs(run_dir, built, result, config["run"]["seed"])
     return write_report(run_dir)
