@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from gradcal import VI
-from gradcal.distributed import init_distributed, rank, shard
+from gradcal.distributed import init_distributed, rank, shard, shutdown
 from gradcal.gradients import BatchedLoss, PathwiseReverse
 from gradcal.posterior_estimators import DiagonalGaussian
 
@@ -106,8 +106,5 @@ def main(scenario: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1], Path(sys.argv[2]))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    main(sys.argv[1], Path(sys.argv[2]))
+    shutdown()

@@ -192,6 +192,12 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 
 def shutdown() -> None:
-    """Leave the process group (a clean exit: gloo aborts a process that skips this)."""
+    """Leave the process group together: wait for every rank, then tear it down.
+
+    A rank that tears down (or exits) while another still talks to it can abort in gloo's
+    threads; the barrier lets the slowest rank finish first.
+    """
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
