@@ -88,6 +88,26 @@ def main(scenario: str, out: Path) -> None:
         torch.save(
             {"state": q.state_dict(), "history": dict(vi.losses_hist)}, out / f"vi-{rank()}.pt"
         )
+    elif scenario == "shards":  # SMD starts, MCMC chains and IS draws split over ranks
+        from gradcal.infer import MALA, MCMC, SMD, importance_sampling
+
+        theta = torch.tensor([[0.0, 0.0], [2.0, -2.0], [-1.0, 1.0], [0.5, 0.5]])
+        theta.requires_grad_()
+        smd = SMD(loss, torch.optim.Adam([theta], lr=0.05), seed=0)
+        estimate, best = smd.run(y, 30, 100)
+        mcmc = MCMC(MALA(prior(), loss), num_samples=40, progress_bar=False)
+        mcmc.run(torch.zeros(4, DIM), y, scale=0.05, seed=3)
+        samples = importance_sampling(loss, prior(), y, 300, seed=5, min_ess=0)
+        torch.save(
+            {
+                "smd": estimate,
+                "smd_losses": smd.losses,
+                "mcmc": mcmc.samples,
+                "is": samples.theta,
+                "is_w": samples.log_weights,
+            },
+            out / f"shards-{rank()}.pt",
+        )
     elif scenario.startswith("checkpoint"):  # checkpoint-<epochs>-<resume>
         _, epochs, resume = scenario.split("-")
         q = DiagonalGaussian(torch.tensor([0.5, -0.5]), 1.0)

@@ -80,6 +80,20 @@ def test_resume_a_two_rank_checkpoint_with_one_or_two_ranks(tmp_path, nproc):
     assert torch.load(tmp_path / "checkpoint-0.pt", weights_only=True)["epochs"] == 8
 
 
+def test_smd_mcmc_and_importance_sampling_shard_their_batch_axis(tmp_path):
+    (tmp_path / "one").mkdir()
+    _ok(_launch("shards", tmp_path / "one", nproc=1))
+    _ok(_launch("shards", tmp_path, nproc=2))
+    single = torch.load(tmp_path / "one" / "shards-0.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / f"shards-{r}.pt", weights_only=True) for r in (0, 1)]
+    for key in single:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # every rank has everything
+        assert ranks[0][key].shape == single[key].shape, key
+    # SMD is deterministic here: two ranks with two starts each follow one process's steps
+    torch.testing.assert_close(ranks[0]["smd"], single["smd"])
+    torch.testing.assert_close(ranks[0]["smd_losses"], single["smd_losses"])
+
+
 def test_shard_and_slurm_node_lists():
     assert [shard(7, of=2, at=r) for r in (0, 1)] == [(0, 4), (4, 3)]
     assert shard(5) == (0, 5)  # a single process takes everything

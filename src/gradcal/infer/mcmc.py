@@ -21,6 +21,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from gradcal.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    is_main,
+    rank,
+    shard,
+    world_size,
+)
 from gradcal.gradients import BatchedLoss, Batching, loss_and_gradient
 from gradcal.regularisation import _prior_dim, prior_log_prob
 from gradcal.rng import seeded
@@ -373,12 +381,28 @@ class MCMC:
         step = scale if scale is not None else (1e-2 if warmup else 1.0)
         single = initial_state.ndim == 1
         state = initial_state[None] if single else initial_state
-        with seeded(seed, state.device):
-            kept, accepted = self._chain(
-                state, data, args, kwargs, T, warmup, target, adapt_covariance, step, covariance
+        start, count = shard(state.shape[0])  # under torchrun: this rank's chains
+        if count == 0:
+            raise ValueError(
+                f"{state.shape[0]} chain(s) cannot be shared by {world_size()} ranks."
             )
-        self.samples = torch.stack(kept)  # (n, C, D)
-        self.acceptance_rate = accepted / self.num_samples
+        stream = None if seed is None else seed + rank()
+        with seeded(stream, state.device):
+            kept, accepted = self._chain(
+                state[start : start + count],
+                data,
+                args,
+                kwargs,
+                T,
+                warmup,
+                target,
+                adapt_covariance,
+                step,
+                covariance,
+            )
+        self.samples = _gather_chains(torch.stack(kept))  # (n, C, D), every rank's chains
+        self.acceptance_rate = _gather_chains(accepted[None])[0] / self.num_samples
+        kept = list(self.samples)
         states = [s[0] if single else s for s in kept]
         return [initial_state, *states] if warmup == 0 else states
 
@@ -388,7 +412,7 @@ class MCMC:
         collected: list[Tensor] = []
         kept, accepted = [], torch.zeros(state.shape[0])
         total = warmup + self.num_samples
-        bar = tqdm(range(total), disable=not self.progress_bar, desc="MCMC")
+        bar = tqdm(range(total), disable=not (self.progress_bar and is_main()), desc="MCMC")
         for t in bar:
             state, accept = self.kernel.step(
                 state, data, *args, scale=step, covariance=covariance, **kwargs
@@ -396,12 +420,24 @@ class MCMC:
             accept = torch.as_tensor(accept).reshape(-1).float().cpu()
             if t < warmup:
                 prob = getattr(self.kernel, "last_accept_prob", None)
-                prob = float(accept.mean() if prob is None else prob.mean())
-                step = adapter.update(prob)
+                prob = accept if prob is None else prob.detach().cpu().double()
+                # one step size for every chain of every rank: the mean over all of them
+                both = all_reduce_sum(
+                    torch.stack(
+                        (
+                            prob.sum().double(),
+                            torch.tensor(float(prob.numel()), dtype=torch.float64),
+                        )
+                    )
+                )
+                step = adapter.update(float(both[0] / both[1]))
                 if adapt and window_start <= t:
                     collected.append(state.detach())
                 if adapt and t + 1 in windows:
-                    covariance = _estimate_covariance(torch.cat(collected), adapt)
+                    pooled = torch.cat(
+                        [torch.cat(c) for c in all_gather_objects([c.cpu() for c in collected])]
+                    ).to(state)
+                    covariance = _estimate_covariance(pooled, adapt)
                     collected = []
                     adapter = _DualAveraging(step, target)
                 if t + 1 == warmup:
@@ -427,6 +463,12 @@ class MCMC:
     def ess(self) -> Tensor:
         """Effective sample size of each parameter over all chains: (D,)."""
         return effective_sample_size(self.chains)
+
+
+def _gather_chains(x: Tensor) -> Tensor:
+    """Concatenate every rank's chains along axis 1 (x itself in one process)."""
+    parts = all_gather_objects(x.detach().cpu())
+    return torch.cat(parts, 1).to(x) if len(parts) > 1 else x
 
 
 def _autocorrelation(x: Tensor) -> Tensor:

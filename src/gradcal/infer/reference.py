@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradcal.distributed import all_gather_objects, rank, shard, world_size
 from gradcal.gradients import BatchedLoss, Batching
 from gradcal.regularisation import prior_log_prob
 from gradcal.rng import seeded
@@ -97,9 +98,11 @@ def importance_sampling(
     source = proposal or prior
     batched = BatchedLoss(loss, batching)
     thetas, log_weights = [], []
-    with seeded(seed), torch.no_grad():
-        for start in range(0, n_samples, batch_size):
-            theta = source.sample((min(batch_size, n_samples - start),))
+    n_local = shard(n_samples)[1]  # under torchrun: this rank's share of the draws
+    stream = None if seed is None else seed + rank()
+    with seeded(stream), torch.no_grad():
+        for start in range(0, n_local, batch_size):
+            theta = source.sample((min(batch_size, n_local - start),))
             theta = theta[:, None] if theta.ndim == 1 else theta
             losses = batched(theta, data)
             log_w = -losses / w
@@ -107,7 +110,12 @@ def importance_sampling(
                 log_w = log_w + prior_log_prob(prior, theta) - prior_log_prob(proposal, theta)
             thetas.append(theta)
             log_weights.append(torch.where(torch.isfinite(log_w), log_w, -math.inf))
-    result = ImportanceSamples(torch.cat(thetas), torch.cat(log_weights))
+    theta, log_w = torch.cat(thetas), torch.cat(log_weights)
+    if world_size() > 1:  # every rank gets every rank's draws
+        parts = all_gather_objects((theta.cpu(), log_w.cpu()))
+        theta = torch.cat([p[0] for p in parts]).to(theta)
+        log_w = torch.cat([p[1] for p in parts]).to(log_w)
+    result = ImportanceSamples(theta, log_w)
     if result.ess < min_ess:
         warnings.warn(
             f"importance sampling: effective sample size {result.ess:.1f} of {n_samples} "

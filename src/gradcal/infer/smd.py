@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from gradcal.checkpoint import save_checkpoint
+from gradcal.distributed import all_reduce_sum, shard
 from gradcal.gradients import BatchedLoss, Batching, _check_scalar
 from gradcal.rng import seeded
 from gradcal.simulate import _check_horizon
@@ -177,10 +178,12 @@ class SMD:
 
     # --- one epoch ------------------------------------------------------------------------
 
-    def _evaluate(self, data: Any) -> Tensor:
-        """The loss of every start: (K,)."""
+    def _evaluate(self, data: Any, start: int, count: int) -> Tensor:
+        """The loss of starts ``start .. start + count``: (count,)."""
+        if count == 0:  # more ranks than starts
+            return self._theta.new_zeros(0)
         if self.multi_start:
-            return self.batched_loss(self._theta, data)
+            return self.batched_loss(self._theta[start : start + count], data)
         return _check_scalar(self.loss_fn(self._theta, data)).reshape(1)
 
     def step(self, data: Any) -> tuple[Tensor, Tensor]:
@@ -192,7 +195,8 @@ class SMD:
         """
         self.optimizer.zero_grad()
         theta, k = self._theta, self.n_starts
-        losses = self._evaluate(data)
+        start, count = shard(k) if self.multi_start else (0, k)
+        losses = self._evaluate(data, start, count)  # under torchrun: this rank's starts
         finite = torch.isfinite(losses.detach())
         total = torch.where(finite, losses, 0.0).sum()
         if total.requires_grad:
@@ -205,7 +209,11 @@ class SMD:
         else:
             grad = None
         rows = torch.zeros_like(theta) if grad is None else grad
-        rows = rows.reshape(k, -1)
+        rows = all_reduce_sum(rows.reshape(k, -1))  # ranks own disjoint rows
+        local = torch.zeros(k, dtype=losses.dtype, device=losses.device)
+        local[start : start + count] = losses.detach()
+        losses = all_reduce_sum(local)
+        finite = torch.isfinite(losses)
         ok = finite & torch.isfinite(rows).all(-1)
         rows = torch.where(ok[:, None], rows, 0.0)
         if math.isfinite(self.gradient_clipping_norm):
