@@ -94,7 +94,7 @@ def main(scenario: str, out: Path) -> None:
         theta = torch.tensor([[0.0, 0.0], [2.0, -2.0], [-1.0, 1.0], [0.5, 0.5]])
         theta.requires_grad_()
         smd = SMD(loss, torch.optim.Adam([theta], lr=0.05), seed=0)
-        estimate, best = smd.run(y, 30, 100)
+        estimate, _ = smd.run(y, 30, 100)
         mcmc = MCMC(MALA(prior(), loss), num_samples=40, progress_bar=False)
         mcmc.run(torch.zeros(4, DIM), y, scale=0.05, seed=3)
         samples = importance_sampling(loss, prior(), y, 300, seed=5, min_ess=0)
