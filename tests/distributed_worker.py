@@ -98,8 +98,14 @@ def main(scenario: str, out: Path) -> None:
         mcmc = MCMC(MALA(prior(), loss), num_samples=40, progress_bar=False)
         mcmc.run(torch.zeros(4, DIM), y, scale=0.05, seed=3)
         samples = importance_sampling(loss, prior(), y, 300, seed=5, min_ess=0)
+        one = torch.tensor([0.3, 0.2], requires_grad=True)  # a single start: not sharded
+        single_start, single_loss = SMD(loss, torch.optim.Adam([one], lr=0.05), seed=0).run(
+            y, 20, 100
+        )
         torch.save(
             {
+                "single_start": single_start,
+                "single_loss": torch.tensor(single_loss),
                 "smd": estimate,
                 "smd_losses": smd.losses,
                 "mcmc": mcmc.samples,

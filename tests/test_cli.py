@@ -138,6 +138,17 @@ def test_check_reports_each_class_of_error_with_exit_code_2(tmp_path):
     bad_prior.write_text(bad_prior.read_text().replace('kind = "normal"', 'kind = "normall"'))
     result = _gradcal("check", bad_prior, cwd=tmp_path)
     assert "did you mean 'normal'?" in result.stderr and result.returncode == 2
+    ranges = _write(tmp_path, "ranges.toml", method="smd")
+    ranges.write_text(
+        ranges.read_text()
+        .replace("starts = 3", "starts = 0")
+        .replace(
+            'kind = "normal", loc = 0.0, scale = 2.0', 'kind = "uniform", low = 3.0, high = 1.0'
+        )
+    )
+    result = _gradcal("check", ranges, cwd=tmp_path)
+    assert "method.starts: must be >= 1" in result.stderr
+    assert "a uniform prior needs low < high" in result.stderr
     assert _gradcal("check", _write(tmp_path, "ok.toml"), cwd=tmp_path).returncode == 0
     assert _gradcal("run", tmp_path / "nope.toml", cwd=tmp_path).returncode == 2
 

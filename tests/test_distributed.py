@@ -92,6 +92,8 @@ def test_smd_mcmc_and_importance_sampling_shard_their_batch_axis(tmp_path):
     # SMD is deterministic here: two ranks with two starts each follow one process's steps
     torch.testing.assert_close(ranks[0]["smd"], single["smd"])
     torch.testing.assert_close(ranks[0]["smd_losses"], single["smd_losses"])
+    torch.testing.assert_close(ranks[0]["single_start"], single["single_start"])
+    torch.testing.assert_close(ranks[0]["single_loss"], single["single_loss"])
 
 
 def test_shard_and_slurm_node_lists():

@@ -19,6 +19,7 @@ __all__ = ["main"]
 logger = logging.getLogger("gradcal")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+_PROGRESS = [True]  # progress bars; off with -q
 
 DEMO_CONFIG = """
 [run]
@@ -114,7 +115,7 @@ def _execute(config: dict[str, Any], out: Path, base: Path, resume: bool, comman
         device = f"cuda:{context.local_rank}"  # one device per local rank
     torch.set_default_device(device)
     try:
-        report = run_calibration(config, out, base, resume=resume)
+        report = run_calibration(config, out, base, resume=resume, progress=_PROGRESS[0])
     except RunInterrupted:
         shutdown()
         if not main_rank:
@@ -280,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose > 1:
         level = logging.DEBUG
     logging.basicConfig(level=level, format="%(name)s: %(message)s")
+    _PROGRESS[0] = not args.quiet
     try:
         return args.handler(args)
     except ConfigError as error:

@@ -279,6 +279,50 @@ def _check_data(config: dict[str, Any], problems: list[str], base: Path) -> None
             )
 
 
+_AT_LEAST_ONE = (
+    "samples_per_epoch",
+    "epochs",
+    "posterior_samples",
+    "starts",
+    "chains",
+    "samples",
+    "n_leapfrog",
+    "n_samples_regularisation",
+    "transforms",
+)
+
+
+def _check_ranges(config: dict[str, Any], problems: list[str]) -> None:
+    method = config.get("method") if isinstance(config.get("method"), dict) else {}
+    for key in _AT_LEAST_ONE:
+        value = method.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            problems.append(f"method.{key}: must be >= 1, got {value}")
+    for key in ("w", "learning_rate"):
+        value = method.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+            problems.append(f"method.{key}: must be > 0, got {value}")
+    device = config.get("run", {}).get("device") if isinstance(config.get("run"), dict) else None
+    if isinstance(device, str):
+        try:
+            torch.device(device)
+        except RuntimeError:
+            problems.append(f"run.device: {device!r} is not a torch device (e.g. 'cpu', 'cuda')")
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    at, parameters = data.get("at"), config.get("parameters")
+    if isinstance(at, list) and isinstance(parameters, list) and len(at) != len(parameters):
+        problems.append(f"data.at: {len(at)} value(s) for {len(parameters)} parameter(s)")
+    columns, file = data.get("columns"), data.get("file")
+    if isinstance(columns, list) and isinstance(file, str):
+        kind = int if file.lower().endswith(".npy") else str
+        if not all(isinstance(c, kind) and not isinstance(c, bool) for c in columns):
+            what = "column indices (integers)" if kind is int else "column names (strings)"
+            problems.append(f"data.columns: must be {what} for {Path(file).suffix} files")
+    loss = config.get("loss") if isinstance(config.get("loss"), dict) else {}
+    if loss.get("function") and loss.get("kind", "mmd") != "custom":
+        problems.append('loss.function: only used with kind = "custom"')
+
+
 def check(config: dict[str, Any], base: str | Path = ".") -> list[str]:
     """Every problem of a configuration, one line each with the key's path; [] when fine.
 
@@ -305,6 +349,7 @@ def check(config: dict[str, Any], base: str | Path = ".") -> list[str]:
             problems.append(f"{table}.{key}: {value!r} is not one of {', '.join(choices)}{hint}")
     _check_parameters(config, problems)
     _check_data(config, problems, base)
+    _check_ranges(config, problems)
     loss = config.get("loss", {}) if isinstance(config.get("loss"), dict) else {}
     if loss.get("kind") == "custom":
         if not loss.get("function"):

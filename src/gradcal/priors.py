@@ -35,6 +35,10 @@ def marginal(kind: str, **arguments: float) -> Distribution:
     cls, names = PRIOR_KINDS[kind]
     if set(arguments) != set(names):
         raise ValueError(f"a {kind} prior takes {', '.join(names)}, got {', '.join(arguments)}.")
+    if kind == "uniform" and not arguments["low"] < arguments["high"]:
+        raise ValueError(
+            f"a uniform prior needs low < high, got {arguments['low']} and {arguments['high']}."
+        )
     return cls(**{k: torch.tensor(float(arguments[k])) for k in names})
 
 

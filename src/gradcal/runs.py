@@ -124,7 +124,8 @@ def _run_smd(
     except KeyboardInterrupt as error:
         raise RunInterrupted from error
     finally:
-        _write_history(run_dir, {"loss": list(smd.loss)})
+        if is_main():
+            _write_history(run_dir, {"loss": list(smd.loss)})
     return {"samples": estimate.detach()[None]}
 
 
@@ -142,7 +143,8 @@ def _run_mcmc(
         mcmc.run(start, built.observed, warmup=method["warmup"], seed=config["run"]["seed"])
     except KeyboardInterrupt as error:
         raise RunInterrupted from error
-    torch.save({"chains": mcmc.chains, "names": built.names}, run_dir / "chains.pt")
+    if is_main():
+        torch.save({"chains": mcmc.chains, "names": built.names}, run_dir / "chains.pt")
     return {
         "samples": mcmc.samples.reshape(-1, len(built.names)),
         "rhat": mcmc.rhat().tolist(),

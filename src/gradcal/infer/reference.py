@@ -98,6 +98,8 @@ def importance_sampling(
     source = proposal or prior
     batched = BatchedLoss(loss, batching)
     thetas, log_weights = [], []
+    if n_samples < world_size():  # the same test on every rank: all raise together
+        raise ValueError(f"`n_samples` ({n_samples}) must be at least the number of ranks.")
     n_local = shard(n_samples)[1]  # under torchrun: this rank's share of the draws
     stream = None if seed is None else seed + rank()
     with seeded(stream), torch.no_grad():

@@ -209,10 +209,12 @@ class SMD:
         else:
             grad = None
         rows = torch.zeros_like(theta) if grad is None else grad
-        rows = all_reduce_sum(rows.reshape(k, -1))  # ranks own disjoint rows
+        rows = rows.reshape(k, -1)
         local = torch.zeros(k, dtype=losses.dtype, device=losses.device)
         local[start : start + count] = losses.detach()
-        losses = all_reduce_sum(local)
+        losses = local
+        if self.multi_start:  # ranks own disjoint starts: add their rows up
+            rows, losses = all_reduce_sum(rows), all_reduce_sum(local)
         finite = torch.isfinite(losses)
         ok = finite & torch.isfinite(rows).all(-1)
         rows = torch.where(ok[:, None], rows, 0.0)

@@ -329,16 +329,15 @@ class VI:
         data = _check_data(data, self.device)
         if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 0:
             raise ValueError(f"`n_epochs` must be an int >= 0, got {n_epochs!r}.")
-        if world_size() > 1:  # one family on every rank, one stream per rank
-            if self.n_samples_per_epoch < world_size():
-                raise ValueError(
-                    f"`n_samples_per_epoch` ({self.n_samples_per_epoch}) must be at least the "
-                    f"number of ranks ({world_size()})."
-                )
-            broadcast_module(self._module)
+        if self.n_samples_per_epoch < world_size():  # every rank needs a draw
+            raise ValueError(
+                f"`n_samples_per_epoch` ({self.n_samples_per_epoch}) must be at least the "
+                f"number of ranks ({world_size()})."
+            )
         seed = None if self.seed is None and world_size() == 1 else (self.seed or 0) + rank()
         with seeded(seed, self.device):
             self._start()
+            broadcast_module(self._module)  # after any fit to the prior: one q everywhere
             writer = self._tensorboard() if is_main() else None
             try:
                 self._loop(data, n_epochs, max_epochs_without_improvement, writer)
