@@ -78,6 +78,15 @@ class _Kernel:
             self.initialise_chain(state, data)
         return self._cache[1], self._cache[2]
 
+    def _begin(
+        self, current_state: Tensor, data: Any, covariance: Tensor | None
+    ) -> tuple[bool, Tensor, Tensor, Tensor, Tensor]:
+        """(one chain?, state (C, D), Cholesky factor of C, log target (C,), gradient)."""
+        single = current_state.ndim == 1
+        state = current_state[None] if single else current_state
+        chol = _chol(covariance, state.shape[-1], state)
+        return (single, state, chol, *self._current(state, data))
+
     def _metropolis(
         self,
         state: Tensor,
@@ -189,10 +198,7 @@ class MALA(_Kernel):
         covariance: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | bool]:
         """One MALA step from ``current_state`` (D,) or (C, D): (new state, accepted)."""
-        single = current_state.ndim == 1
-        state = current_state[None] if single else current_state
-        chol = _chol(covariance, state.shape[-1], state)
-        log_p, grad = self._current(state, data)
+        single, state, chol, log_p, grad = self._begin(current_state, data, covariance)
         mean = state + scale * grad @ (chol @ chol.T).T
         proposal = mean + math.sqrt(2 * scale) * torch.randn_like(state) @ chol.T
         new_log_p, new_grad = self.log_density_and_grad(proposal, data)
@@ -245,11 +251,8 @@ class HMC(_Kernel):
         covariance: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | bool]:
         """One HMC transition from ``current_state`` (D,) or (C, D): (new state, accepted)."""
-        single = current_state.ndim == 1
-        state = current_state[None] if single else current_state
-        chol = _chol(covariance, state.shape[-1], state)
+        single, state, chol, log_p, grad = self._begin(current_state, data, covariance)
         inverse_mass = chol @ chol.T
-        log_p, grad = self._current(state, data)
         # p ~ N(0, C^-1): p = L^-T z with C = L L^T
         z = torch.randn_like(state)
         momentum = torch.linalg.solve_triangular(chol.T, z.T, upper=True).T
