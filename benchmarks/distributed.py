@@ -21,7 +21,7 @@ import torch
 WORKER = """
 import sys, time, torch, networkx
 from gradcal import VI
-from gradcal.distributed import init_distributed, is_main, shutdown
+from gradcal.distributed import exit_process, init_distributed, is_main
 from gradcal.losses import MMDLoss
 from gradcal.models import SIR
 from gradcal.posterior_estimators import DiagonalGaussian
@@ -40,8 +40,8 @@ vi.run(y, 1, 100)                      # warm-up epoch
 start = time.perf_counter()
 vi.run(y, epochs, 100)
 if is_main():
-    print((time.perf_counter() - start) / epochs)
-shutdown()
+    print((time.perf_counter() - start) / epochs, flush=True)
+exit_process(0)
 """
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from gradcal import VI
-from gradcal.distributed import init_distributed, rank, shard, shutdown
+from gradcal.distributed import exit_process, init_distributed, rank, shard
 from gradcal.gradients import BatchedLoss, PathwiseReverse
 from gradcal.posterior_estimators import DiagonalGaussian
 
@@ -133,4 +133,4 @@ def main(scenario: str, out: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
-    shutdown()
+    exit_process(0)

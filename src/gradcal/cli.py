@@ -102,7 +102,7 @@ def _configured(raw: dict[str, Any], base: Path, seed: int | None, device: str |
     return config
 
 
-def _execute(config: dict[str, Any], out: Path, base: Path, resume: bool, command: str) -> int:
+def _run_here(config: dict[str, Any], out: Path, base: Path, resume: bool, command: str) -> int:
     import torch
 
     from gradcal.distributed import init_distributed, shutdown
@@ -134,6 +134,19 @@ def _execute(config: dict[str, Any], out: Path, base: Path, resume: bool, comman
     if main_rank:
         print(f"report: {report}")
     return EXIT_OK
+
+
+def _execute(config: dict[str, Any], out: Path, base: Path, resume: bool, command: str) -> int:
+    """Run the calibration; a rank under torchrun ends its process right after (see
+    :func:`gradcal.distributed.exit_process`)."""
+    import os
+
+    code = _run_here(config, out, base, resume, command)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        from gradcal.distributed import exit_process
+
+        exit_process(code)
+    return code
 
 
 def _launch(nproc: int, argv: list[str]) -> int:

@@ -27,6 +27,7 @@ __all__ = [
     "all_gather_objects",
     "all_reduce_sum",
     "broadcast_module",
+    "exit_process",
     "init_distributed",
     "is_main",
     "rank",
@@ -201,3 +202,18 @@ def shutdown() -> None:
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> None:
+    """End a rank's process at once, after :func:`shutdown` and flushing its output.
+
+    gloo's threads can abort a process in interpreter teardown ("terminate called without
+    an active exception") even after a clean shutdown; skipping the teardown avoids a
+    spurious failure that torchrun would report for the whole job.
+    """
+    import sys
+
+    shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
