@@ -5,9 +5,20 @@ import logging
 from gradcal import models, relax
 from gradcal.infer import VI
 from gradcal.models import Model
+from gradcal.results import Run, calibrate, load_run
 from gradcal.simulate import run_model, simulate_and_observe_model
 
-__all__ = ["VI", "Model", "models", "relax", "run_model", "simulate_and_observe_model"]
+__all__ = [
+    "VI",
+    "Model",
+    "Run",
+    "calibrate",
+    "load_run",
+    "models",
+    "relax",
+    "run_model",
+    "simulate_and_observe_model",
+]
 __version__ = "0.1.0"
 
 logging.getLogger("gradcal").addHandler(logging.NullHandler())

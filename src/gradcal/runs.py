@@ -22,9 +22,11 @@ from gradcal.posterior_estimators import Constrained, DiagonalGaussian, Flow, Fu
 from gradcal.regularisation import prior_log_prob
 from gradcal.rng import seeded
 
-__all__ = ["RunInterrupted", "run_calibration", "write_outputs"]
+__all__ = ["RUN_INFO", "RunInterrupted", "make_family", "run_calibration", "write_outputs"]
 
 logger = logging.getLogger("gradcal")
+
+RUN_INFO = "run.json"  # where the configuration's folder (relative paths start there) is kept
 
 
 class RunInterrupted(Exception):
@@ -37,8 +39,9 @@ def _has_tensorboard() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def _family(method: dict[str, Any], built: Built) -> Any:
-    """An unconstrained family mapped onto the prior's support, started near the prior."""
+def make_family(method: dict[str, Any], built: Built) -> Any:
+    """The family ``[method]`` names: an unconstrained family mapped onto the prior's support,
+    started near the prior (VI fits it; :func:`gradcal.results.load_run` rebuilds it)."""
     d = len(built.names)
     kind = method["family"]
     if kind in ("nsf", "maf"):
@@ -60,7 +63,7 @@ def _run_vi(
     config: dict[str, Any], built: Built, run_dir: Path, resume: bool, progress: bool
 ) -> dict[str, Any]:
     method = config["method"]
-    q = _family(method, built)
+    q = make_family(method, built)
     estimator = method["estimator"]
     vi = VI(
         built.loss,
@@ -144,7 +147,15 @@ def _run_mcmc(
     except KeyboardInterrupt as error:
         raise RunInterrupted from error
     if is_main():
-        torch.save({"chains": mcmc.chains, "names": built.names}, run_dir / "chains.pt")
+        torch.save(
+            {
+                "chains": mcmc.chains,
+                "names": built.names,
+                "acceptance_rate": mcmc.acceptance_rate,
+                "step_size": float(mcmc.step_size),
+            },
+            run_dir / "chains.pt",
+        )
     return {
         "samples": mcmc.samples.reshape(-1, len(built.names)),
         "rhat": mcmc.rhat().tolist(),
@@ -253,14 +264,18 @@ def run_calibration(
     base: str | Path = ".",
     resume: bool = False,
     progress: bool = True,
+    report: bool = True,
 ) -> Path:
-    """Run a resolved configuration; write the run folder; return the report's path."""
+    """Run a resolved configuration; write the run folder; return the report's path (the
+    folder's when ``report=False`` leaves the report out)."""
     from gradcal.report import write_report
 
     run_dir = Path(run_dir)
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(dumps(config))
+        info = {"base": str(Path(base).resolve())}
+        (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     started = time.perf_counter()
     built = build(config, base)
     method = config["method"]["kind"]
@@ -274,4 +289,4 @@ def run_calibration(
     if not is_main():  # under torchrun only rank 0 writes files
         return run_dir / "report.html"
     write_outputs(run_dir, built, result, config["run"]["seed"])
-    return write_report(run_dir)
+    return write_report(run_dir) if report else run_dir
