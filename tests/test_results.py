@@ -276,7 +276,9 @@ def test_arviz_export_of_vi_and_smd(runs):
     run = runs["vi"]
     idata = az.convert_to_inference_data(run.to_inference_data(predictive=10, seed=1))
     assert dict(idata.posterior.sizes) == {"chain": 1, "draw": 1000}
-    assert torch.allclose(torch.from_numpy(idata.posterior["mu"].values[0]), run.samples[:, 0].double())
+    assert torch.allclose(
+        torch.from_numpy(idata.posterior["mu"].values[0]), run.samples[:, 0].double()
+    )
     log_q = torch.from_numpy(idata.sample_stats["log_q"].values[0])
     assert torch.allclose(log_q, run.log_prob(run.samples).double(), atol=1e-5)
     assert idata.posterior_predictive["y"].shape == (1, 10, T)

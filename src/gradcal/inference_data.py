@@ -30,9 +30,7 @@ def _arviz() -> Any:
     try:
         import arviz
     except ImportError as error:
-        raise ImportError(
-            "to_inference_data needs ArviZ: pip install 'gradcal[arviz]'"
-        ) from error
+        raise ImportError("to_inference_data needs ArviZ: pip install 'gradcal[arviz]'") from error
     if int(arviz.__version__.split(".")[0]) >= 1:
         raise ImportError(
             f"to_inference_data is written for ArviZ 0.x (InferenceData); ArviZ "
@@ -108,7 +106,10 @@ def to_inference_data(run: Run, predictive: int | None = 200, seed: int | None =
     if predictive:
         simulated = run.predictive(predictive, seed=seed)
         groups["posterior_predictive"] = xarray.Dataset(
-            {n: _series(n, y[None], ("chain", "draw")) for n, y in zip(names, simulated, strict=True)},
+            {
+                n: _series(n, y[None], ("chain", "draw"))
+                for n, y in zip(names, simulated, strict=True)
+            },
             coords={"chain": [0], "draw": range(predictive)},
         )
     return az.InferenceData(**groups)

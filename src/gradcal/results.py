@@ -365,7 +365,9 @@ def _fitted_family(config: dict[str, Any], built: Built, folder: Path) -> Fitted
         raise ValueError(f"{folder}: a VI run folder needs checkpoints/best.pt; none found")
     state = load_checkpoint(checkpoint, map_location="cpu")
     family = make_family(config["method"], built)
-    family.load_state_dict(state["best_state"] if state["best_state"] is not None else state["family"])
+    family.load_state_dict(
+        state["best_state"] if state["best_state"] is not None else state["family"]
+    )
     family.eval()
     return FittedFamily(family)
 
