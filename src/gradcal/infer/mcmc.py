@@ -219,11 +219,11 @@ class HMC(_Kernel):
 
     Momentum :math:`p \sim N(0, C^{-1})`, ``n_leapfrog`` leapfrog steps of size ``scale``
     with inverse mass matrix ``covariance`` C, then a Metropolis correction on the
-    Hamiltonian. Each leapfrog step costs one batched loss and gradient evaluation.
+    Hamiltonian. Each leapfrog step costs one batched loss and gradient evaluation. The
+    other arguments are :class:`MALA`'s.
 
     Arguments:
         n_leapfrog: leapfrog steps per proposal.
-        Other arguments as :class:`MALA`.
 
     Example:
         >>> prior = torch.distributions.Independent(
