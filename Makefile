@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 export OMP_NUM_THREADS := 1
 export MKL_NUM_THREADS := 1
 
-.PHONY: demo test test-slow lint format bench clean
+.PHONY: demo test test-slow lint format docs bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,11 @@ lint: $(VENV)/.installed-dev
 format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
+docs: $(VENV)/.installed-dev
+	$(PY) -m mkdocs build --strict
+
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/simulate.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info
