@@ -81,7 +81,7 @@ class Table:
         ([1.0, 2.5], 2.5, 2)
         >>> print(t)
         parameter  mean
-        a           1.0
+        a             1
         b           2.5
     """
 
