@@ -289,6 +289,8 @@ class Run:
             None for MCMC.
         diagnostics: diagnostics.json (k-hat, R-hat, ESS, posterior predictive checks).
         sample_stats: MCMC's ``acceptance_rate`` (C,) and ``step_size``; empty otherwise.
+        finished: False for an interrupted VI run: the posterior is the best state its
+            checkpoint holds, ``samples`` are fresh draws of it, ``summary`` is None.
     """
 
     path: Path | None
@@ -305,6 +307,7 @@ class Run:
     diagnostics: dict[str, Any]
     chains: Tensor | None = None
     sample_stats: dict[str, Any] = field(default_factory=dict)
+    finished: bool = True
 
     @property
     def method(self) -> str:
@@ -362,7 +365,9 @@ def _fitted_family(config: dict[str, Any], built: Built, folder: Path) -> Fitted
     best, last = folder / "checkpoints" / "best.pt", folder / "checkpoints" / "last.pt"
     checkpoint = best if best.is_file() else last
     if not checkpoint.is_file():
-        raise ValueError(f"{folder}: a VI run folder needs checkpoints/best.pt; none found")
+        raise ValueError(
+            f"load_run: {folder}: a VI run folder needs checkpoints/best.pt; none found"
+        )
     state = load_checkpoint(checkpoint, map_location="cpu")
     family = make_family(config["method"], built)
     family.load_state_dict(
@@ -379,7 +384,8 @@ def load_run(path: str | Path, base: str | Path | None = None) -> Run:
     (relative paths start at the configuration's folder, which the run recorded in
     ``run.json``; ``base`` overrides it). A VI posterior is the family rebuilt from
     ``checkpoints/best.pt`` (``torch.load(weights_only=True)``); MCMC's draws come from
-    ``chains.pt``, SMD's estimate from ``posterior_samples.pt``.
+    ``chains.pt``, SMD's estimate from ``posterior_samples.pt``. An interrupted VI run loads
+    too (``finished`` is False): its posterior is the best state of its checkpoint.
 
     Arguments:
         path: the run folder.
@@ -403,17 +409,22 @@ def load_run(path: str | Path, base: str | Path | None = None) -> Run:
             "configuration's folder has moved, pass base=<that folder>"
         ) from error
     saved_path = folder / "posterior_samples.pt"
-    if not saved_path.is_file():
+    finished = saved_path.is_file()
+    method = config["method"]["kind"]
+    if not finished and method != "vi":
         raise ValueError(
             f"load_run: {path}: no posterior_samples.pt (the run did not finish; resume it)"
         )
-    saved = load_checkpoint(saved_path, map_location="cpu")
-    samples = saved["samples"]
-    method = config["method"]["kind"]
     chains, stats = None, {}
     posterior: FittedFamily | PosteriorDraws | PointEstimate
+    if finished:
+        samples = load_checkpoint(saved_path, map_location="cpu")["samples"]
     if method == "vi":
         posterior = _fitted_family(config, built, folder)
+        if not finished:  # interrupted: draws of the best state so far
+            samples = posterior.sample(
+                config["method"]["posterior_samples"], config["run"]["seed"]
+            )
     elif method == "mcmc":
         if not (folder / "chains.pt").is_file():
             raise ValueError(f"load_run: {path}: an MCMC run folder needs chains.pt")
@@ -441,6 +452,7 @@ def load_run(path: str | Path, base: str | Path | None = None) -> Run:
         diagnostics=diagnostics or {},
         chains=chains,
         sample_stats=stats,
+        finished=finished,
     )
 
 
