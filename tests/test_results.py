@@ -212,6 +212,17 @@ def test_load_run_errors(tmp_path, runs):
         load_run(tmp_path / "nothing")
     with pytest.raises(ValueError, match=r"not a run folder \(no config.toml\)"):
         load_run(tmp_path)
+    (tmp_path / "config.toml").write_text('[method]\nkind = "vi"\n')
+    with pytest.raises(ValueError, match="is not a complete configuration"):
+        load_run(tmp_path)
+    damaged = tmp_path / "mcmc"
+    shutil.copytree(runs["mcmc"].path, damaged)
+    (damaged / "chains.pt").unlink()
+    with pytest.raises(ValueError, match=r"an MCMC run folder needs chains\.pt"):
+        load_run(damaged)
+    (damaged / "posterior_samples.pt").unlink()
+    with pytest.raises(ValueError, match="the run did not finish"):
+        load_run(damaged)
 
 
 def test_load_run_finds_data_files_from_the_configs_folder(tmp_path, monkeypatch):

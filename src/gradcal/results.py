@@ -400,7 +400,12 @@ def load_run(path: str | Path, base: str | Path | None = None) -> Run:
         raise ValueError(f"load_run: {path}: no such run folder")
     if not (folder / "config.toml").is_file():
         raise ValueError(f"load_run: {path}: not a run folder (no config.toml)")
-    config = resolve(_toml_load(folder / "config.toml"))
+    try:
+        config = resolve(_toml_load(folder / "config.toml"))
+    except (ValueError, KeyError, TypeError) as error:  # damaged or hand-edited
+        raise ValueError(
+            f"load_run: {folder / 'config.toml'} is not a complete configuration ({error!r})"
+        ) from error
     try:
         built = build(config, _base_of(folder, base))
     except (ConfigError, OSError) as error:
@@ -447,7 +452,7 @@ def load_run(path: str | Path, base: str | Path | None = None) -> Run:
         data=built.data,
         posterior=posterior,
         samples=samples,
-        summary=_read_optional(folder / "summary.csv", Table.from_csv),
+        summary=_read_optional(folder / "summary.csv", Table.from_csv) if finished else None,
         history=_read_optional(folder / "history.csv", Table.from_csv),
         diagnostics=diagnostics or {},
         chains=chains,
