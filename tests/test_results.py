@@ -83,24 +83,22 @@ def test_vi_posterior_is_the_checkpoints_family(runs):
     assert torch.equal(loaded.sample(3, seed=7), loaded.sample(3, seed=7))
 
 
-def test_vi_log_prob_is_the_density_of_sample(runs):
-    """log_prob is the density sample() draws from, the Jacobian of sigma = exp(u) included.
-
-    With q Gaussian in (mu, log sigma), E_q[log q] = -0.5 log(2 pi e s_mu^2)
-    - 0.5 log(2 pi e s_l^2) - E[log sigma], from the draws' own moments. Monte Carlo sd of
-    each mean at 4000 draws is about 0.7 / sqrt(4000) = 0.011, so 0.1 is > 5 sd; dropping
-    the Jacobian moves it by E[log sigma] ~ log 0.8 = -0.22.
-    """
+def test_vi_log_prob_is_a_normalised_density(runs):
+    """exp(log_prob) integrates to 1 over (mu, sigma) (trapezoid rule on a 400 x 400 grid
+    spanning +-8 sd of the draws, error < 1e-3): the Jacobian of sigma = exp(u) is in.
+    Without it the integral is E_q[sigma], here about 0.9."""
     run = runs["vi"]
-    theta = run.sample(4000, seed=2)
-    mean_log_q = run.log_prob(theta).mean().item()
-    s_mu, log_sigma = theta[:, 0].std().item(), theta[:, 1].log()
-    expected = (
-        -0.5 * math.log(2 * math.pi * math.e * s_mu**2)
-        - 0.5 * math.log(2 * math.pi * math.e * log_sigma.std().item() ** 2)
-        - log_sigma.mean().item()
-    )
-    assert abs(mean_log_q - expected) < 0.1
+    draws = run.sample(4000, seed=2)
+    m, s = draws[:, 0].mean().item(), draws[:, 0].std().item()
+    log_sigma = draws[:, 1].log()
+    ml, sl = log_sigma.mean().item(), log_sigma.std().item()
+    mu = torch.linspace(m - 8 * s, m + 8 * s, 400)
+    sigma = torch.exp(torch.linspace(ml - 8 * sl, ml + 8 * sl, 400))
+    grid = torch.stack(torch.meshgrid(mu, sigma, indexing="ij"), -1).reshape(-1, 2)
+    density = run.log_prob(grid).exp().reshape(400, 400).double()
+    total = torch.trapezoid(torch.trapezoid(density, sigma.double(), dim=1), mu.double())
+    assert abs(total.item() - 1.0) < 1e-3, total.item()
+    assert abs(draws[:, 1].mean().item() - 1.0) > 0.02  # the check above can tell
 
 
 def test_run_object_holds_config_summary_history_and_data(runs):
