@@ -1,5 +1,6 @@
 """The VI engine: correctness on known posteriors, run management, checkpoints, errors."""
 
+import logging
 import math
 import os
 import signal
@@ -329,10 +330,24 @@ def test_tensorboard_missing_gives_a_clear_error(monkeypatch):
         vi.run(torch.ones(3), 2)
 
 
-def _vi(checkpoint_dir, resume=False):
-    q = Flow(2, transforms=1, hidden_features=(8,))
-    return q, VI(
-        gaussian_nll(0.5),
+class CountingLoss:
+    """A batched loss that counts its calls (one per epoch): how many epochs really ran."""
+
+    batched = True
+
+    def __init__(self, loss):
+        self.loss, self.calls = loss, 0
+
+    def __call__(self, theta, y):
+        self.calls += 1
+        return self.loss(theta, y)
+
+
+def _vi(checkpoint_dir, resume=False, init_seed=0):
+    torch.manual_seed(init_seed)
+    q, loss = Flow(2, transforms=1, hidden_features=(8,)), CountingLoss(gaussian_nll(0.5))
+    vi = VI(
+        loss,
         normal_prior(0.0, 1.0, 2),
         q,
         n_samples_per_epoch=8,
@@ -342,11 +357,11 @@ def _vi(checkpoint_dir, resume=False):
         checkpoint_dir=checkpoint_dir,
         resume=resume,
     )
+    return q, vi, loss
 
 
 def test_checkpoints_are_atomic_files_loadable_with_weights_only(tmp_path):
-    torch.manual_seed(0)
-    _, vi = _vi(tmp_path)
+    _, vi, _ = _vi(tmp_path)
     vi.run(torch.ones(2), 4, 100)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
     state = load_checkpoint(tmp_path / "last.pt")
@@ -354,20 +369,27 @@ def test_checkpoints_are_atomic_files_loadable_with_weights_only(tmp_path):
     assert set(state) >= {"family", "optimizer", "rng", "history", "best_state"}
 
 
-def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, caplog):
     data = torch.ones(2)
-    torch.manual_seed(0)
-    q_straight, vi = _vi(None)
+    q_straight, vi, _ = _vi(None)
     vi.run(data, 20, 100)
-    torch.manual_seed(0)
-    _, vi_a = _vi(tmp_path)
+    _, vi_a, _ = _vi(tmp_path)
     vi_a.run(data, 10, 100)
-    torch.manual_seed(0)
-    q_b, vi_b = _vi(tmp_path, resume=True)  # a new process would rebuild q the same way
-    vi_b.run(data, 20, 100)
+    # The resumed run builds q from another seed: only a real resume (q, optimiser, RNG and
+    # history from last.pt) can continue bit for bit; a restart from scratch would run 20
+    # epochs from a different q.
+    q_b, vi_b, loss_b = _vi(tmp_path, resume=True, init_seed=1)
+    with caplog.at_level(logging.INFO, logger="gradcal"):
+        vi_b.run(data, 20, 100)
+    assert "at epoch 10" in caplog.text
+    assert loss_b.calls == 10  # epochs 10..19 only
     for a, b in zip(q_straight.state_dict().values(), q_b.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert vi_b.losses_hist["total"] == vi.losses_hist["total"]
+    adam, adam_b = vi.optimizer.state_dict()["state"], vi_b.optimizer.state_dict()["state"]
+    for key in adam:  # Adam's moments and step counts continued, not restarted
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(adam[key][name], adam_b[key][name]), (key, name)
 
 
 RESUMABLE_SCRIPT = textwrap.dedent(
@@ -380,17 +402,20 @@ RESUMABLE_SCRIPT = textwrap.dedent(
 
     class Slow:
         batched = True
+        calls = 0
         def __call__(self, theta, y):
+            Slow.calls += 1
             time.sleep(float(sys.argv[3]))
             return gaussian_nll(0.5)(theta, y)
 
-    torch.manual_seed(0)
+    torch.manual_seed(int(sys.argv[4]))  # q's initial weights
     q = Flow(2, transforms=1, hidden_features=(8,))
     vi = VI(Slow(), normal_prior(0.0, 1.0, 2), q, n_samples_per_epoch=8,
             n_samples_regularisation=64, progress_bar=False, seed=7,
             checkpoint_dir=sys.argv[1], resume=sys.argv[2] == "resume")
     vi.run(torch.ones(2), 20, 100)
     torch.save(q.state_dict(), sys.argv[1] + "/final.pt")
+    torch.save(Slow.calls, sys.argv[1] + "/calls.pt")
     """
 )
 
@@ -400,8 +425,9 @@ def test_resume_after_a_hard_kill_of_the_process(tmp_path):
     script.write_text(RESUMABLE_SCRIPT.format(tests=str(Path(__file__).parent)))
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(straight), "fresh", "0"], check=True, env=env)
-    proc = subprocess.Popen([sys.executable, str(script), str(killed), "fresh", "0.1"], env=env)
+    run = [sys.executable, str(script)]
+    subprocess.run([*run, str(straight), "fresh", "0", "0"], check=True, env=env)
+    proc = subprocess.Popen([*run, str(killed), "fresh", "0.1", "0"], env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # kill once a few epochs are on disk
         if (killed / "last.pt").exists() and load_checkpoint(killed / "last.pt")["epoch"] >= 5:
@@ -409,8 +435,11 @@ def test_resume_after_a_hard_kill_of_the_process(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert load_checkpoint(killed / "last.pt")["epoch"] < 20
-    subprocess.run([sys.executable, str(script), str(killed), "resume", "0"], check=True, env=env)
+    stopped_at = load_checkpoint(killed / "last.pt")["epoch"]
+    assert stopped_at < 20
+    # The resumed process starts q from other weights (seed 1): a restart would diverge.
+    subprocess.run([*run, str(killed), "resume", "0", "1"], check=True, env=env)
+    assert torch.load(killed / "calls.pt") == 20 - stopped_at  # continued, not restarted
     a = torch.load(straight / "final.pt", weights_only=True)
     b = torch.load(killed / "final.pt", weights_only=True)
     for key in a:
