@@ -23,27 +23,39 @@ def _cross_checked_ess(chains, ess):
     after checking that they agree. With 10 batches a chain (batches ~10 autocorrelation
     times long or more here) the batch-means estimate has a relative standard error
     sqrt(2 / (10 C - 1)) (16 % for C = 8, 6.5 % for C = 48), so their log ratio must stay
-    within Z_MAX of it: a factor 2.05 for C = 8, 1.34 for C = 48. Taking the smaller one
-    keeps the moment tolerances honest even where gradcal's ESS is too large."""
+    within Z_MAX of it: a factor 2.05 for C = 8, 1.34 for C = 48; an ESS off by 4x fails
+    either way. gradcal caps its ESS at C S log10(C S) (Stan's cap, reached by HMC's
+    antithetic chains): there it is a lower bound, and only its excess is checked.
+    Taking the smaller estimate keeps the tolerances from being too tight; the two-sided
+    check keeps them from being too loose."""
     independent = batch_means_ess(chains, n_batches=10)
     bound = Z_MAX * batch_means_relative_se(chains.shape[0], n_batches=10)
+    n = chains.shape[0] * chains.shape[1]
     for k in range(chains.shape[-1]):
-        ratio = float(ess[k] / independent[k])
-        assert abs(math.log(ratio)) < bound, (float(ess[k]), float(independent[k]))
+        log_ratio = math.log(float(ess[k] / independent[k]))
+        capped = float(ess[k]) >= 0.999 * n * math.log10(n)
+        assert log_ratio < bound if capped else abs(log_ratio) < bound, (
+            float(ess[k]),
+            float(independent[k]),
+        )
     return torch.minimum(ess, independent)
 
 
 def _check_moments(chains, ess, mean, sd):
     """Sample mean within Z_MAX Monte Carlo standard errors (sd / sqrt(ESS)) of the truth;
-    sample variance within Z_MAX standard errors of a variance estimate, sd^2 sqrt(2 / ESS).
-    ESS is the smaller of gradcal's and the batch-means estimate (see _cross_checked_ess).
-    With the ESS of these runs (~2000 to 8000), the mean test detects a bias of about
-    0.1 posterior sd and the variance test a variance error of about 15 %."""
+    sample variance within Z_MAX standard errors of a variance estimate, sd^2 sqrt(2 / ESS'),
+    with ESS' that of the squared deviations (HMC's draws are antithetic for the mean, not
+    for the variance). Each ESS is cross-checked against batch means (_cross_checked_ess).
+    With the ESS of these runs (mean: ~7000 or more; squares: a few thousand) the mean test
+    detects a bias of about 0.05 posterior sd and the variance test an error of ~10-20 %."""
     ess = _cross_checked_ess(chains, ess)
+    squares = (chains - chains.mean((0, 1))) ** 2
+    ess_square = _cross_checked_ess(squares, effective_sample_size(squares))
     draws = chains.reshape(-1, chains.shape[-1])
     for k in range(draws.shape[-1]):
         assert abs(draws[:, k].mean() - mean[k]) < Z_MAX * sd[k] / math.sqrt(ess[k])
-        assert abs(draws[:, k].var() - sd[k] ** 2) < Z_MAX * sd[k] ** 2 * math.sqrt(2 / ess[k])
+        tolerance = Z_MAX * sd[k] ** 2 * math.sqrt(2 / ess_square[k])
+        assert abs(draws[:, k].var() - sd[k] ** 2) < tolerance
     return ess
 
 
