@@ -53,6 +53,19 @@ failing.calls = 0
 failing.batched = True
 
 
+class Counting:
+    """The loss, counting its calls on this rank (one per epoch)."""
+
+    batched = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, theta, y):
+        self.calls += 1
+        return loss(theta, y)
+
+
 def prior():
     return torch.distributions.Independent(
         torch.distributions.Normal(torch.zeros(DIM), torch.ones(DIM)), 1
@@ -116,9 +129,12 @@ def main(scenario: str, out: Path) -> None:
         )
     elif scenario.startswith("checkpoint"):  # checkpoint-<epochs>-<resume>
         _, epochs, resume = scenario.split("-")
-        q = DiagonalGaussian(torch.tensor([0.5, -0.5]), 1.0)
+        # A resumed run starts q elsewhere: only a real resume continues the checkpoint.
+        start = [3.0, 3.0] if resume == "resume" else [0.5, -0.5]
+        q = DiagonalGaussian(torch.tensor(start), 1.0)
+        counting = Counting()
         vi = VI(
-            loss,
+            counting,
             prior(),
             q,
             n_samples_per_epoch=N_DRAWS,
@@ -128,7 +144,15 @@ def main(scenario: str, out: Path) -> None:
             resume=resume == "resume",
         )
         vi.run(y, int(epochs), 100)
-        torch.save({"epochs": len(vi.losses_hist["total"])}, out / f"checkpoint-{rank()}.pt")
+        torch.save(
+            {
+                "epochs": len(vi.losses_hist["total"]),
+                "calls": counting.calls,
+                "state": q.state_dict(),
+                "history": dict(vi.losses_hist),
+            },
+            out / f"checkpoint-{rank()}.pt",
+        )
 
 
 if __name__ == "__main__":

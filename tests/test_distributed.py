@@ -18,7 +18,10 @@ pytestmark = pytest.mark.xdist_group("distributed")
 
 
 def _launch(scenario, out, nproc=2, timeout=180):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    # The tests folder first, then the caller's path (which may point at the gradcal under
+    # test, e.g. a worktree's src/): replacing it would test whichever gradcal is installed.
+    path = os.pathsep.join(p for p in (str(WORKER.parent), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     if nproc == 1:
         command = [sys.executable, str(WORKER), scenario, str(out)]
     else:
@@ -75,9 +78,23 @@ def test_a_rank_that_raises_stops_every_rank_quickly(tmp_path):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_resume_a_two_rank_checkpoint_with_one_or_two_ranks(tmp_path, nproc):
     _ok(_launch("checkpoint-4-fresh", tmp_path, nproc=2))
-    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 4
+    first = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert first["epoch"] == 4
+    # The resuming ranks start q at (3, 3), not (0.5, -0.5): a restart would not continue.
     _ok(_launch("checkpoint-8-resume", tmp_path, nproc=nproc))
-    assert torch.load(tmp_path / "checkpoint-0.pt", weights_only=True)["epochs"] == 8
+    for r in range(nproc):
+        resumed = torch.load(tmp_path / f"checkpoint-{r}.pt", weights_only=True)
+        assert resumed["epochs"] == 8
+        assert resumed["calls"] == 4  # epochs 4..7 only, on every rank
+        assert resumed["history"]["total"][:4] == first["history"]["total"]
+    if nproc == 2:  # the same number of ranks: bit for bit an uninterrupted 2-rank run
+        (tmp_path / "straight").mkdir()
+        _ok(_launch("checkpoint-8-fresh", tmp_path / "straight", nproc=2))
+        straight = torch.load(tmp_path / "straight" / "checkpoint-0.pt", weights_only=True)
+        assert straight["calls"] == 8
+        for key, value in straight["state"].items():
+            assert torch.equal(value, resumed["state"][key]), key
+        assert straight["history"]["total"] == resumed["history"]["total"]
 
 
 def test_smd_mcmc_and_importance_sampling_shard_their_batch_axis(tmp_path):
