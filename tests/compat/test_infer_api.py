@@ -269,6 +269,17 @@ def test_regularisation_against_a_trainable_gaussian_prior():
     assert abs(kl.item() - 0.5) / (1 / math.sqrt(n)) < Z_MAX
 
 
+def test_a_duck_typed_prior_with_per_coordinate_log_prob_is_summed():
+    from gradcal.regularisation import prior_log_prob
+
+    class PerCoordinate(DuckPrior):
+        def log_prob(self, theta):  # (n, D): one value per coordinate
+            return torch.distributions.Normal(0.0, 1.0).log_prob(theta)
+
+    theta = torch.randn(5, 2)
+    torch.testing.assert_close(prior_log_prob(PerCoordinate(), theta), DuckPrior().log_prob(theta))
+
+
 def test_regularisation_against_a_duck_typed_prior():
     from gradcal.infer.vi import compute_regularisation_loss
 
@@ -413,13 +424,13 @@ def test_mcmc_reset_forgets_the_run_and_the_cached_target():
 
     kernel = MALA(torch.distributions.Normal(0.0, 10.0), nll, w=1.0, batching="loop")
     mcmc = MCMC(kernel, num_samples=3, progress_bar=False)
-    start = torch.tensor([0.25])
     first, second = torch.tensor([1.0]), torch.tensor([-1.0])
-    mcmc.run(start, first)
+    states = mcmc.run(torch.tensor([0.25]), first)
     assert mcmc.samples is not None
     mcmc.reset()
     assert mcmc.samples is None and mcmc.acceptance_rate is None
     seen.clear()
-    mcmc.run(start, second)
-    # the new data's target is evaluated at the (unchanged) starting state
-    assert any(y is second and torch.equal(t, start) for t, y in seen)
+    end = states[-1]  # the kernel last evaluated the target here, with the first data
+    mcmc.run(end, second)
+    # the new data's target is evaluated at the starting state, not taken from a cache
+    assert any(y is second and torch.equal(t.reshape(end.shape), end) for t, y in seen)
