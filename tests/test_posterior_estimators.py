@@ -123,8 +123,9 @@ def test_constrained_draws_stay_in_the_support_and_density_integrates_to_one():
 
 def test_trainable_gaussian_keeps_blackbirds_constructor():
     q = TrainableGaussian(mu=[1.0, 2.0], sigma=0.3, device="cpu")
-    torch.testing.assert_close(q.distribution().stddev, torch.tensor([0.3, 0.3]))
-    torch.testing.assert_close(q.loc.detach(), torch.tensor([1.0, 2.0]))
+    # BlackBIRDS' code: sigma * I is the initial covariance, so the sd is sqrt(0.3)
+    torch.testing.assert_close(q.distribution().covariance_matrix, 0.3 * torch.eye(2))
+    torch.testing.assert_close(q.mu.detach(), torch.tensor([1.0, 2.0]))
 
 
 def test_beta_family_by_factory_and_a_clear_error_for_a_built_instance():

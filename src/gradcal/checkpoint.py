@@ -12,12 +12,12 @@ import torch
 __all__ = ["load_checkpoint", "save_checkpoint"]
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any] | torch.Tensor) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, renamed.
 
     A run killed at any moment leaves either the previous checkpoint or the new one, never a
-    torn file. ``state`` must hold only tensors, numbers, strings, lists and dicts so that
-    :func:`load_checkpoint` can read it with ``weights_only=True``.
+    torn file. ``state`` (a tensor or a dict) must hold only tensors, numbers, strings,
+    lists and dicts so that :func:`load_checkpoint` can read it with ``weights_only=True``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +33,6 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         raise
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> Any:
     """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
     return torch.load(path, map_location=map_location, weights_only=True)

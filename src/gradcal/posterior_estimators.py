@@ -172,22 +172,66 @@ class FullRankGaussian(Family):
         return torch.distributions.MultivariateNormal(self.loc, scale_tril=self.scale_tril)
 
 
-class TrainableGaussian(FullRankGaussian):
-    """BlackBIRDS' full-covariance Gaussian: ``TrainableGaussian(mu=[0.0], sigma=1.0)``.
+class TrainableGaussian(Family):
+    r"""BlackBIRDS' Gaussian with a trainable mean and a trainable covariance matrix.
 
-    ``sigma`` is the initial standard deviation of every coordinate, as BlackBIRDS
-    documents it. A :class:`FullRankGaussian` under another constructor.
+    :math:`N(\mu, \Sigma)` with ``mu`` (D,) and ``sigma`` (D, D) both ``nn.Parameter``\ s;
+    ``sigma`` is the covariance matrix itself, started at ``sigma * I``. So the initial
+    standard deviation of each coordinate is :math:`\sqrt{\texttt{sigma}}` (``sigma=0.1``
+    means sd 0.32): BlackBIRDS 1.3's code does this (its docstring calls ``sigma`` a
+    standard deviation), and scripts were tuned on the code. Before use, the diagonal is
+    clamped at 1e-3 (:meth:`clamp_sigma`). For a positive definite parameterisation use
+    :class:`FullRankGaussian`.
+
+    Arguments:
+        mu: initial mean, a sequence, array or tensor (D,).
+        sigma: the initial covariance is ``sigma`` times the identity.
+        device: where the parameters live.
 
     Example:
-        >>> TrainableGaussian([0.0, 1.0], 0.1).sample(5)[0].shape
+        >>> q = TrainableGaussian([0.0, 1.0], 0.25)
+        >>> q.sigma.shape, q.distribution().stddev
+        (torch.Size([2, 2]), tensor([0.5000, 0.5000], grad_fn=<SqrtBackward0>))
+        >>> q.sample(5)[0].shape
         torch.Size([5, 2])
     """
 
     def __init__(
-        self, mu: Sequence[float] | Tensor = (0.0,), sigma: float = 1.0, device: str = "cpu"
+        self,
+        mu: Sequence[float] | Tensor = (0.0,),
+        sigma: float = 1.0,
+        device: str | torch.device = "cpu",
     ):
-        super().__init__(torch.as_tensor(mu, dtype=torch.get_default_dtype()), sigma)
-        self.to(device)
+        super().__init__()
+        mu = torch.as_tensor(mu).detach().clone().to(device)
+        if not mu.is_floating_point():
+            mu = mu.to(torch.get_default_dtype())
+        if mu.ndim != 1 or mu.numel() == 0:
+            raise ValueError(f"`mu` must have shape (D,) with D >= 1, got {tuple(mu.shape)}.")
+        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0:
+            raise ValueError(f"`sigma` must be a number > 0, got {sigma!r}.")
+        self.dim = mu.shape[0]
+        self.mu = torch.nn.Parameter(mu)
+        self.sigma = torch.nn.Parameter(
+            sigma * torch.eye(self.dim, dtype=mu.dtype, device=mu.device)
+        )
+
+    @property
+    def loc(self) -> Tensor:
+        """The mean ``mu`` (the name other gradcal families use)."""
+        return self.mu
+
+    def clamp_sigma(self) -> Tensor:
+        """The covariance used: ``sigma`` with its diagonal clamped at 1e-3 (D, D)."""
+        diagonal = torch.diagonal(self.sigma)
+        return self.sigma + torch.diag_embed(diagonal.clamp(min=1e-3) - diagonal)
+
+    def distribution(self) -> Distribution:
+        return torch.distributions.MultivariateNormal(self.mu, self.clamp_sigma())
+
+    def __call__(self, x: Any = None) -> TrainableGaussian:
+        """BlackBIRDS' call convention: the module itself."""
+        return self
 
 
 def _zero_last_layers(flow: torch.nn.Module) -> None:

@@ -2,6 +2,11 @@ r"""The regularisation term of GVI: KL(q || prior), closed form when known, else
 
 KL is taken in the space where the prior is defined: a :class:`Constrained` family's
 ``log_q`` is already a density there. The GVI objective multiplies it by w.
+
+A prior is a :class:`torch.distributions.Distribution` or, as in BlackBIRDS, any object with
+``log_prob(theta)`` and ``sample`` (a gradcal family such as ``TrainableGaussian`` works).
+Support checks and closed forms need a torch distribution (or a family's
+``distribution()``); for other objects ``log_prob`` is taken as given.
 """
 
 from __future__ import annotations
@@ -15,7 +20,13 @@ from torch.distributions import Distribution
 
 from gradcal.posterior_estimators import as_family
 
-__all__ = ["compute_regularisation_loss", "kl_divergence", "prior_log_prob"]
+__all__ = [
+    "check_prior",
+    "compute_regularisation_loss",
+    "kl_divergence",
+    "prior_dim",
+    "prior_log_prob",
+]
 
 
 def _without_validation(d: Distribution) -> Distribution:
@@ -28,12 +39,34 @@ def _without_validation(d: Distribution) -> Distribution:
     return d
 
 
-def prior_log_prob(prior: Distribution, theta: Tensor) -> Tensor:
+def check_prior(prior: Any) -> None:
+    """Raise ``TypeError`` unless ``prior`` is a torch distribution or has ``log_prob`` and
+    ``sample`` (BlackBIRDS' duck typing)."""
+    if isinstance(prior, Distribution):
+        return
+    missing = [m for m in ("log_prob", "sample") if not callable(getattr(prior, m, None))]
+    if missing:
+        raise TypeError(
+            f"`prior` must be a torch.distributions.Distribution or have log_prob(theta) and "
+            f"sample; {type(prior).__name__} lacks {' and '.join(missing)}."
+        )
+
+
+def prior_log_prob(prior: Any, theta: Tensor) -> Tensor:
     """log prior(theta) for theta (n, D): (n,), -inf outside the support (no exception).
 
     A prior with a batch shape (D,) and no event shape (``Normal(zeros(D), ones(D))``) is
-    read as D independent coordinates.
+    read as D independent coordinates. A prior that is not a torch distribution gives its
+    own ``log_prob`` (summed over the last axis if it returns one value per coordinate).
+
+    Example:
+        >>> from gradcal.posterior_estimators import TrainableGaussian
+        >>> prior_log_prob(TrainableGaussian([0.0, 0.0], 1.0), torch.zeros(3, 2)).shape
+        torch.Size([3])
     """
+    if not isinstance(prior, Distribution):
+        lp = prior.log_prob(theta)
+        return lp.sum(-1) if lp.ndim == theta.ndim else lp
     prior = _without_validation(prior)
     lp = prior.log_prob(theta)
     inside = prior.support.check(theta)
@@ -44,14 +77,36 @@ def prior_log_prob(prior: Distribution, theta: Tensor) -> Tensor:
     return torch.where(inside, lp, -torch.inf)
 
 
-def _prior_dim(prior: Distribution) -> int:
-    """The number D of parameters a prior is over (event shape, else batch shape)."""
-    if prior.event_shape:
-        return prior.event_shape[-1]
-    return prior.batch_shape[-1] if prior.batch_shape else 1
+def prior_dim(prior: Any) -> int | None:
+    """The number D of parameters a prior is over, None when it cannot be read.
+
+    A torch distribution: its event shape, else its batch shape (independent coordinates),
+    else 1. Another object: its ``dim`` (gradcal families) or ``event_shape``; otherwise
+    None (nothing is sampled to find out).
+
+    Example:
+        >>> prior_dim(torch.distributions.Normal(torch.zeros(3), 1.0))
+        3
+    """
+    shape_owner = prior if isinstance(prior, Distribution) else None
+    if shape_owner is None:
+        dim = getattr(prior, "dim", None)
+        if isinstance(dim, int) and not isinstance(dim, bool):
+            return dim
+        if not isinstance(getattr(prior, "event_shape", None), torch.Size):
+            return None
+        shape_owner = prior
+    if shape_owner.event_shape:
+        return shape_owner.event_shape[-1]
+    batch = getattr(shape_owner, "batch_shape", torch.Size())
+    return batch[-1] if batch else 1
 
 
-def _analytic(q: Any, prior: Distribution) -> Tensor | None:
+def _analytic(q: Any, prior: Any) -> Tensor | None:
+    if not isinstance(prior, Distribution):
+        if not callable(getattr(prior, "distribution", None)):
+            return None
+        prior = prior.distribution()  # a gradcal family used as the prior
     try:
         kl = torch.distributions.kl_divergence(q.distribution(), prior)
     except NotImplementedError:
@@ -61,7 +116,7 @@ def _analytic(q: Any, prior: Distribution) -> Tensor | None:
 
 def kl_divergence(
     q: Any,
-    prior: Distribution,
+    prior: Any,
     method: Literal["auto", "analytic", "monte_carlo"] = "auto",
     n_samples: int = 10_000,
 ) -> Tensor:
@@ -70,7 +125,8 @@ def kl_divergence(
     Arguments:
         q: a variational family (anything :func:`~gradcal.posterior_estimators.as_family`
             takes).
-        prior: a torch distribution over theta (D,).
+        prior: a torch distribution over theta (D,), or any object with ``log_prob``
+            and ``sample`` (then Monte Carlo unless it is a gradcal family).
         method: ``"analytic"`` (a registered closed form, else ``ValueError``),
             ``"monte_carlo"`` (:math:`\frac1n \sum_i \log q(\theta_i) - \log \pi(\theta_i)`,
             reparameterised), or ``"auto"`` (analytic when registered).
@@ -85,11 +141,11 @@ def kl_divergence(
     """
     if method not in ("auto", "analytic", "monte_carlo"):
         raise ValueError(f"`method` must be 'auto', 'analytic' or 'monte_carlo', got {method!r}.")
+    check_prior(prior)
     q = as_family(q)
-    if q.dim != _prior_dim(prior):
-        raise ValueError(
-            f"the prior is over {_prior_dim(prior)} parameter(s) but q draws {q.dim}."
-        )
+    d = prior_dim(prior)
+    if d is not None and q.dim != d:
+        raise ValueError(f"the prior is over {d} parameter(s) but q draws {q.dim}.")
     if method != "monte_carlo":
         kl = _analytic(q, prior)
         if kl is not None:
@@ -103,6 +159,16 @@ def kl_divergence(
     return (log_q - prior_log_prob(prior, theta)).mean()
 
 
-def compute_regularisation_loss(posterior_estimator: Any, prior: Distribution, n_samples: int):
-    """BlackBIRDS' name: the Monte Carlo estimate of KL(posterior_estimator || prior)."""
+def compute_regularisation_loss(posterior_estimator: Any, prior: Any, n_samples: int) -> Tensor:
+    r"""BlackBIRDS' name: the Monte Carlo estimate of KL(posterior_estimator || prior).
+
+    :math:`\frac1n \sum_i \log q(\theta_i) - \log \pi(\theta_i)` over n reparameterised
+    draws of q; ``prior`` may be any object with ``log_prob`` and ``sample``.
+
+    Example:
+        >>> from gradcal.posterior_estimators import TrainableGaussian
+        >>> q = TrainableGaussian([0.0], 1.0)
+        >>> compute_regularisation_loss(q, TrainableGaussian([0.0], 1.0), 100).item()
+        0.0
+    """
     return kl_divergence(posterior_estimator, prior, "monte_carlo", n_samples)

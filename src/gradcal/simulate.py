@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradcal.compat.simulate import compute_loss  # BlackBIRDS' helper, at its path
 from gradcal.models.model import Model
 
-__all__ = ["run_model", "simulate_and_observe_model"]
+__all__ = ["compute_loss", "run_model", "simulate_and_observe_model"]
 
 logger = logging.getLogger("gradcal")
 

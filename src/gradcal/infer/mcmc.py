@@ -30,7 +30,7 @@ from gradcal.distributed import (
     world_size,
 )
 from gradcal.gradients import BatchedLoss, Batching, loss_and_gradient
-from gradcal.regularisation import _prior_dim, prior_log_prob
+from gradcal.regularisation import check_prior, prior_dim, prior_log_prob
 from gradcal.rng import seeded
 
 __all__ = ["HMC", "MALA", "MCMC", "effective_sample_size", "split_rhat"]
@@ -53,8 +53,7 @@ class _Kernel:
         device: str | torch.device = "cpu",
         batching: Batching = "auto",
     ):
-        if not isinstance(prior, torch.distributions.Distribution):
-            raise TypeError(f"`prior` must be a torch distribution, got {type(prior).__name__}.")
+        check_prior(prior)
         if not w > 0:
             raise ValueError(f"`w` must be > 0, got {w}.")
         if diff_mode not in ("reverse", "forward"):
@@ -64,9 +63,13 @@ class _Kernel:
         self.gradient_clipping_norm = gradient_clipping_norm
         self.diff_mode, self.jacobian_chunk_size = diff_mode, jacobian_chunk_size
         self.gradient_horizon, self.device = gradient_horizon, device  # BlackBIRDS' arguments
-        self.dim = _prior_dim(prior)
+        self.dim = prior_dim(prior)
         self._cache: tuple[Tensor, Tensor, Tensor] | None = None  # state, log target, grad
         self.last_accept_prob: Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the cached target of the current state (a new run or new data)."""
+        self._cache, self.last_accept_prob = None, None
 
     def initialise_chain(self, state: Tensor, data: Any) -> None:
         """Evaluate the target at ``state`` (C, D) and remember it (BlackBIRDS' name)."""
@@ -340,6 +343,17 @@ class MCMC:
         self.kernel, self.num_samples = kernel, num_samples
         self.progress_bar, self.progress_info = progress_bar, progress_info
         self.samples: Tensor | None = None
+        self.acceptance_rate: Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the last run: its draws, acceptance rates and the kernel's cached target.
+
+        BlackBIRDS' name; :meth:`run` calls it first, so a run with new data never reuses
+        the target of the old data at an equal starting state.
+        """
+        self.samples, self.acceptance_rate = None, None
+        if callable(getattr(self.kernel, "reset", None)):
+            self.kernel.reset()
 
     def run(
         self,
@@ -389,6 +403,7 @@ class MCMC:
             raise ValueError(
                 f"{state.shape[0]} chain(s) cannot be shared by {world_size()} ranks."
             )
+        self.reset()
         stream = None if seed is None else seed + rank()
         with seeded(stream, state.device):
             kept, accepted = self._chain(

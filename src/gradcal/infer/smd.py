@@ -329,8 +329,8 @@ class SMD:
             parameters_save_dir: where to keep the best parameters, rewritten atomically at
                 each improvement: a file path ending in ``.pt``/``.pth`` (BlackBIRDS passes
                 ``"best_parameters.pt"``), or a folder that gets ``best_parameters.pt``.
-                The file holds a dict (``parameters``, ``loss``, ``epoch``, ``start``) for
-                :func:`gradcal.checkpoint.load_checkpoint`. Nothing is written without it.
+                The file holds the best parameters (D,) as one tensor, as BlackBIRDS'
+                (``torch.load(path)``); nothing is written without it.
         """
         _int_at_least("n_epochs", n_epochs, 0)
         patience = max_epochs_without_improvement
@@ -340,12 +340,12 @@ class SMD:
         self._reset()
         with seeded(self.seed, self._theta.device):
             bar = tqdm(range(n_epochs), disable=not self.progress_bar, desc="SMD")
-            for epoch in bar:
+            for _ in bar:
                 losses, ok = self.step(data)
                 improved = self._record(losses)
                 self._check_failures(ok)
                 if improved and path is not None:
-                    self._save(path, epoch)
+                    self._save(path)
                 if self.progress_bar:
                     bar.set_postfix(
                         loss=f"{self.loss[-1]:.4g}",
@@ -360,11 +360,5 @@ class SMD:
             bar.close()
         return self.best_parameters.clone(), self.best_loss
 
-    def _save(self, path: Path, epoch: int) -> None:
-        state = {
-            "parameters": self.best_parameters.clone(),
-            "loss": self.best_loss,
-            "epoch": epoch,
-            "start": self.best_start,
-        }
-        save_checkpoint(path, state)
+    def _save(self, path: Path) -> None:
+        save_checkpoint(path, self.best_parameters.clone())

@@ -24,6 +24,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from gradcal.checkpoint import load_checkpoint, save_checkpoint
+from gradcal.compat.infer import (  # BlackBIRDS' free functions, at BlackBIRDS' path
+    compute_and_differentiate_loss,
+    compute_and_differentiate_loss_score,
+    compute_loss_and_jacobian_pathwise,
+)
 from gradcal.distributed import (
     all_gather_objects,
     all_reduce_sum,
@@ -35,10 +40,21 @@ from gradcal.distributed import (
 )
 from gradcal.gradients import BatchedLoss, Batching, EpochEstimate, make_estimator
 from gradcal.posterior_estimators import as_family
-from gradcal.regularisation import _prior_dim, kl_divergence
+from gradcal.regularisation import (
+    check_prior,
+    compute_regularisation_loss,  # BlackBIRDS' path
+    kl_divergence,
+    prior_dim,
+)
 from gradcal.rng import get_rng_state, seeded, set_rng_state
 
-__all__ = ["VI"]
+__all__ = [
+    "VI",
+    "compute_and_differentiate_loss",
+    "compute_and_differentiate_loss_score",
+    "compute_loss_and_jacobian_pathwise",
+    "compute_regularisation_loss",
+]
 
 logger = logging.getLogger("gradcal")
 
@@ -66,7 +82,8 @@ class VI:
     Arguments (BlackBIRDS' signature, same defaults and meaning):
         loss: ``loss(theta, data)``: a scalar for one draw theta (D,), or, for a loss with
             ``batched = True`` (every gradcal loss builder), (B,) for theta (B, D).
-        prior: a :class:`torch.distributions.Distribution` over theta (D,).
+        prior: a :class:`torch.distributions.Distribution` over theta (D,), or any object
+            with ``log_prob(theta)`` and ``sample`` (e.g. a ``TrainableGaussian``).
         posterior_estimator: the family q: a gradcal family, a normflows flow, a zuko flow,
             a torch distribution with ``rsample``, or any object whose ``sample(n)``
             returns (theta (n, D), log_q (n,)) (``log_prob`` is needed only by the score
@@ -153,10 +170,7 @@ class VI:
         max_failed_epochs: int = 10,
         scheduler: Any = None,
     ):
-        if not isinstance(prior, torch.distributions.Distribution):
-            raise TypeError(
-                f"`prior` must be a torch.distributions.Distribution, got {type(prior).__name__}."
-            )
+        check_prior(prior)
         if not isinstance(w, int | float) or not w >= 0:
             raise ValueError(f"`w` must be a number >= 0, got {w!r}.")
         for name, value in (
@@ -183,10 +197,11 @@ class VI:
             if isinstance(posterior_estimator, torch.nn.Module)
             else self.family
         )
-        if self.family.dim != _prior_dim(prior):
+        d = prior_dim(prior)
+        if d is not None and self.family.dim != d:
             raise ValueError(
-                f"the prior is over {_prior_dim(prior)} parameter(s) but the posterior "
-                f"estimator draws {self.family.dim}."
+                f"the prior is over {d} parameter(s) but the posterior estimator draws "
+                f"{self.family.dim}."
             )
         if isinstance(self.family, torch.nn.Module) and _family_device(self.family).type == "cpu":
             self.family.to(device)
