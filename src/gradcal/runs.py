@@ -22,7 +22,7 @@ from gradcal.posterior_estimators import Constrained, DiagonalGaussian, Flow, Fu
 from gradcal.regularisation import prior_log_prob
 from gradcal.rng import seeded
 
-__all__ = ["RunInterrupted", "run_calibration", "write_outputs"]
+__all__ = ["RunInterrupted", "output_names", "run_calibration", "write_outputs"]
 
 logger = logging.getLogger("gradcal")
 
@@ -169,8 +169,32 @@ def _cell(value: float | None) -> str:
     )
 
 
-def write_outputs(run_dir: Path, built: Built, result: dict[str, Any], seed: int) -> None:
-    """posterior_samples.csv/.pt, summary.csv, predictive.pt and diagnostics.json."""
+def output_names(config: dict[str, Any], n_outputs: int) -> list[str]:
+    """The names of the model's outputs: ``data.columns`` when it names each, else
+    "output 0", "output 1", ...
+
+    Example:
+        >>> output_names({"data": {"columns": ["return"]}}, 1), output_names({"data": {}}, 2)
+        (['return'], ['output 0', 'output 1'])
+    """
+    columns = config.get("data", {}).get("columns")
+    if isinstance(columns, list) and len(columns) == n_outputs:
+        return [str(c) for c in columns]
+    return [f"output {i}" for i in range(n_outputs)]
+
+
+def write_outputs(
+    run_dir: Path,
+    built: Built,
+    result: dict[str, Any],
+    seed: int,
+    outputs: list[str] | None = None,
+) -> None:
+    """posterior_samples.csv/.pt, summary.csv, predictive.pt and diagnostics.json.
+
+    ``outputs`` names the model's outputs in predictive.pt and the predictive check
+    ("output 0", ... when None).
+    """
     samples = result["samples"].detach().cpu().float()
     with seeded(seed):
         prior_samples = built.prior.sample((2000,))
@@ -212,20 +236,25 @@ def write_outputs(run_dir: Path, built: Built, result: dict[str, Any], seed: int
             "an upper bound on the approximation error."
         )
     try:
-        _predictive(run_dir, built, samples, seed, diagnostics)
+        _predictive(run_dir, built, samples, seed, diagnostics, outputs)
     except ValueError as error:  # e.g. data and simulations of different lengths
         notes.append(f"posterior predictive check skipped: {error}")
     (run_dir / "diagnostics.json").write_text(json.dumps(diagnostics, indent=2))
 
 
 def _predictive(
-    run_dir: Path, built: Built, samples: torch.Tensor, seed: int, diagnostics: dict[str, Any]
+    run_dir: Path,
+    built: Built,
+    samples: torch.Tensor,
+    seed: int,
+    diagnostics: dict[str, Any],
+    outputs: list[str] | None = None,
 ) -> None:
     """Simulate at up to 200 posterior draws; save them and the check's summaries."""
     generator = torch.Generator().manual_seed(seed)
     draws = samples[torch.randperm(samples.shape[0], generator=generator)[:200]]
     check = posterior_predictive(built.model, draws, built.data, seed=seed)
-    names = [f"output {i}" for i in range(len(built.data))]
+    names = outputs or [f"output {i}" for i in range(len(built.data))]
     torch.save(
         {
             "simulated": [s.float() for s in check.simulated],
@@ -273,5 +302,6 @@ def run_calibration(
     logger.info("calibration finished in %.1f s", time.perf_counter() - started)
     if not is_main():  # under torchrun only rank 0 writes files
         return run_dir / "report.html"
-    write_outputs(run_dir, built, result, config["run"]["seed"])
+    outputs = output_names(config, len(built.data))
+    write_outputs(run_dir, built, result, config["run"]["seed"], outputs)
     return write_report(run_dir)
