@@ -22,9 +22,25 @@ from gradcal.posterior_estimators import Constrained, DiagonalGaussian, Flow, Fu
 from gradcal.regularisation import prior_log_prob
 from gradcal.rng import seeded
 
-__all__ = ["RunInterrupted", "output_names", "run_calibration", "write_outputs"]
+__all__ = [
+    "KHAT_SIMULATIONS",
+    "RunInterrupted",
+    "output_names",
+    "run_calibration",
+    "write_outputs",
+]
 
 logger = logging.getLogger("gradcal")
+
+
+KHAT_SIMULATIONS = 8
+"""Simulations averaged per draw in the k-hat of a VI fit with a stochastic simulator.
+
+The target of VI is exp(-E l(theta, y) / w) prior(theta); one simulation per draw adds
+noise of sd(l) / w to every log weight, which alone raises k-hat (for the demo's MMD,
+sd(l) ~ 0.005 and w = 0.01: 0.5 nats, and k-hat 0.77 with one simulation, 0.62 with 4).
+Averaging R simulations divides that noise by sqrt(R)."""
+KHAT_CHUNK = 250  # draws simulated at once for k-hat: bounds the memory of long series
 
 
 class RunInterrupted(Exception):
@@ -94,10 +110,18 @@ def _run_vi(
     with torch.no_grad():
         samples = q.sample(method["posterior_samples"])[0]
     batched = vi.batched_loss
+    repeats = 1 if getattr(built.loss, "exact", False) else KHAT_SIMULATIONS
 
     def log_target(theta: torch.Tensor) -> torch.Tensor:
+        # -mean_r l_r(theta) / w + log prior, in chunks of draws to bound memory
         with torch.no_grad():
-            return prior_log_prob(built.prior, theta) - batched(theta, built.observed) / vi.w
+            loss = torch.cat(
+                [
+                    torch.stack([batched(chunk, built.observed) for _ in range(repeats)]).mean(0)
+                    for chunk in theta.split(KHAT_CHUNK)
+                ]
+            )
+            return prior_log_prob(built.prior, theta) - loss / vi.w
 
     khat = vi_khat(
         q, log_target, n_samples=min(1000, method["posterior_samples"]), seed=config["run"]["seed"]
@@ -231,9 +255,9 @@ def write_outputs(
     notes = diagnostics.setdefault("notes", [])
     if "khat" in result and not getattr(built.loss, "exact", False):
         notes.append(
-            "k-hat compares q with exp(-loss / w) x prior evaluated with one simulation per "
-            "draw; for a stochastic simulator that noise alone raises k-hat, so read it as "
-            "an upper bound on the approximation error."
+            f"k-hat compares q with exp(-loss / w) x prior, the loss averaged over "
+            f"{KHAT_SIMULATIONS} simulations per draw; the simulator's remaining noise still "
+            "raises k-hat a little, so read it as an upper bound on the approximation error."
         )
     try:
         _predictive(run_dir, built, samples, seed, diagnostics, outputs)
