@@ -421,3 +421,14 @@ def test_a_negative_loss_is_explained(tmp_path, loss_table, explained):
         "epoch,total,loss,regularisation,dropped\n" + "\n".join(positive) + "\n"
     )
     assert "goes below zero" not in write_report(folder).read_text(encoding="utf-8")
+
+
+@figures
+def test_summary_drops_columns_empty_in_every_row(tmp_path):
+    vi = write_report(make_run(tmp_path / "vi", "vi")).read_text(encoding="utf-8")
+    summary = vi.split("<h2>Summary</h2>")[1].split("</table>")[0]
+    assert "<th>rhat</th>" not in summary and "<th>ess</th>" not in summary
+    assert "<th>khat</th>" in summary and "<th>truth</th>" in summary
+    mcmc = write_report(make_run(tmp_path / "mcmc", "mcmc")).read_text(encoding="utf-8")
+    summary = mcmc.split("<h2>Summary</h2>")[1].split("</table>")[0]
+    assert "<th>rhat</th>" in summary and "<th>khat</th>" not in summary

@@ -239,11 +239,20 @@ def _summary_section(rows: list[list[str]] | None, run: _Run) -> str:
     if rows is None:
         return run.note("summary.csv")
     header, body = rows[0], rows[1:]
+    # columns empty in every row (R-hat and ESS of a VI run, truth when none is given) go
+    keep = [
+        j
+        for j in range(len(header))
+        if j == 0 or any(j < len(row) and row[j].strip() for row in body)
+    ]
     cells = [
-        [(cell, "") if j == 0 else (_number(cell), "num") for j, cell in enumerate(row)]
+        [
+            (row[j], "") if j == 0 else (_number(row[j] if j < len(row) else ""), "num")
+            for j in keep
+        ]
         for row in body
     ]
-    return _table(header, cells)
+    return _table([header[j] for j in keep], cells)
 
 
 def _corner_section(posterior: dict[str, Any] | None, run: _Run) -> str:
@@ -273,8 +282,9 @@ def _negative_loss_note(columns: dict[str, list[float]], loss: Mapping[str, Any]
     kind, estimator = loss.get("kind", "mmd"), loss.get("estimator", "unbiased")
     if kind == "mmd" and estimator in ("unbiased", "linear"):
         what = (
-            f"the {estimator} estimator of the squared MMD is unbiased: its expectation, the "
-            "squared MMD, is never negative, but a single estimate scatters around it"
+            f'the estimator of the squared MMD (loss.estimator = "{estimator}") is unbiased: its '
+            "expectation, the squared MMD, is never negative, but a single estimate scatters "
+            "around it"
         )
     elif kind == "energy":
         what = (
