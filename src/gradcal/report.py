@@ -475,8 +475,8 @@ def _khat_finding(khat: float, method: Mapping[str, Any], exact: bool) -> Findin
     noisy = (
         ""
         if exact
-        else " (k-hat uses one simulation per draw, so simulator noise raises it: "
-        "a larger w makes that noise matter less)"
+        else " (the simulator noise left in the loss raises k-hat a little: a larger w "
+        "makes that noise matter less)"
     )
     if khat < _KHAT_GOOD:
         return Finding("ok", f"k-hat {khat:.2f} < {_KHAT_GOOD}: q fits the posterior well")
