@@ -250,3 +250,22 @@ def test_trace_plot_one_line_per_chain_and_warmup_shading():
         assert ax.get_ylabel() == name
     assert fig.axes[-1].get_xlabel() == "step"
     assert len(trace_plot(np.random.randn(1, 40, 1)).axes[0].patches) == 0
+
+
+def test_loss_history_scale_follows_the_loss_not_a_tiny_regularisation():
+    # The regularisation w KL starts near 1e-12 (q = prior); the loss spans 0.2 to 0.1.
+    # Reading the scale off every series chose a log axis from 1e-12 up, which squeezed
+    # the loss into the top tenth of the plot.
+    epochs = np.arange(50)
+    loss = 0.1 + 0.1 * np.exp(-epochs / 10)
+    reg = np.concatenate([[1e-12], np.full(49, 5e-3)])
+    ax = loss_history({"total": loss + reg, "loss": loss, "regularisation": reg}).axes[0]
+    assert ax.get_yscale() == "linear"
+    plt.close("all")
+    # A loss over three decades still gets a log axis, spanning the loss, not 1e-12.
+    loss = 1e3 * np.exp(-epochs / 5) + 0.5
+    ax = loss_history({"total": loss + reg, "loss": loss, "regularisation": reg}).axes[0]
+    assert ax.get_yscale() == "log"
+    low, high = ax.get_ylim()
+    assert 0.1 < low < 0.5 and high > 1e3
+    plt.close("all")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gradcal.diagnostics import read_khat
-from gradcal.report import write_report
+from gradcal.report import assess, write_report
 
 IMAGE = "data:image/png;base64,"
 figures = pytest.mark.skipif(
@@ -239,3 +239,196 @@ def test_without_matplotlib_the_page_has_the_tables(tmp_path, monkeypatch):
     assert IMAGE not in page
     assert "pip install &#x27;gradcal[plot]&#x27;" in page
     assert '<td class="num">1.235</td>' in page
+
+
+# --- the verdict --------------------------------------------------------------------------
+
+VI_METHOD = {"kind": "vi", "family": "nsf", "epochs": 250, "samples_per_epoch": 10}
+MCMC_METHOD = {"kind": "mcmc", "samples": 500, "warmup": 300}
+GOOD_PPC = {"returns": {"std": {"p_value": 0.6}, "acf1": {"p_value": 0.3}}}
+INSIDE = [{"parameter": "a", "q05": "0.1", "q95": "0.9", "truth": "0.5"}]
+
+
+def test_verdict_trusts_a_fit_whose_diagnostics_are_all_good():
+    verdict = assess({"khat": 0.3, "ppc": GOOD_PPC}, INSIDE, VI_METHOD)
+    assert verdict.level == "trust" and verdict.headline.startswith("The fit can be used")
+    assert [f.level for f in verdict.findings] == ["ok"] * 3
+    chains = {"rhat": [1.001, 1.005], "ess": [900.0, 450.0], "ppc": GOOD_PPC}
+    assert assess(chains, INSIDE, MCMC_METHOD, ["a", "b"]).level == "trust"
+
+
+@pytest.mark.parametrize(
+    ("diagnostics", "intervals", "method", "level", "says", "advice"),
+    [
+        (
+            {"khat": 0.9},
+            (),
+            VI_METHOD,
+            "bad",
+            "k-hat 0.90",
+            [
+                "method.epochs (now 250)",
+                "method.samples_per_epoch (now 10)",
+                'method.family = "full_rank"',
+                '"mcmc"',
+            ],
+        ),
+        (
+            {"khat": 0.6},
+            (),
+            VI_METHOD,
+            "caution",
+            "central intervals are usable",
+            ["method.epochs"],
+        ),
+        ({"khat": float("nan")}, (), VI_METHOD, "caution", "could not be computed", ['"mcmc"']),
+        (
+            {"rhat": [1.002, 1.2]},
+            (),
+            MCMC_METHOD,
+            "bad",
+            "b (1.2)",
+            ["method.warmup (now 300)", "method.samples (now 500)"],
+        ),
+        ({"ess": [900.0, 40.0]}, (), MCMC_METHOD, "bad", "40 (b)", ["method.samples"]),
+        ({"ess": [900.0, 250.0]}, (), MCMC_METHOD, "caution", "250 (b)", ["method.samples"]),
+        (
+            {"ppc": {"returns": {"abs_acf1": {"p_value": 0.004}}}},
+            (),
+            VI_METHOD,
+            "bad",
+            "abs_acf1 of returns",
+            ["loss.window", "method.epochs"],
+        ),
+        (
+            {"ppc": {"returns": {"std": {"p_value": 0.03}}}},
+            (),
+            VI_METHOD,
+            "caution",
+            "std of returns",
+            ["predictive bands"],
+        ),
+        (
+            {},
+            [{"parameter": "a", "q05": 1, "q95": 2, "truth": 0, "q005": 0.5, "q995": 2.5}],
+            VI_METHOD,
+            "bad",
+            "outside the central 99 %",
+            ["larger w", "method.epochs"],
+        ),
+        (
+            {},
+            [{"parameter": "a", "q05": 1, "q95": 2, "truth": 0.8, "q005": 0.5, "q995": 2.5}],
+            VI_METHOD,
+            "caution",
+            "outside the 90 % interval",
+            ["larger w"],
+        ),
+        (
+            {},
+            [{"parameter": "a", "q05": 1, "q95": 2, "truth": 0.8}],
+            MCMC_METHOD,
+            "caution",
+            "a (truth 0.8, 90 % interval 1 to 2)",
+            ["method.samples"],
+        ),
+        ({}, (), {"kind": "smd"}, "caution", "point estimate", ['"vi" or "mcmc"']),
+        (
+            {"ppc": None, "notes": ["posterior predictive check skipped: lengths differ"]},
+            (),
+            VI_METHOD,
+            "caution",
+            "no posterior predictive check",
+            ["as long as"],
+        ),
+    ],
+)
+def test_each_diagnostic_moves_the_verdict_with_its_advice(
+    diagnostics, intervals, method, level, says, advice
+):
+    # Start from a fit that every other diagnostic calls good, so that the one under test
+    # alone decides the verdict.
+    good = {"ppc": GOOD_PPC} | ({"khat": 0.3} if method["kind"] == "vi" else {})
+    verdict = assess(good | diagnostics, intervals or INSIDE, method, ["a", "b"])
+    assert verdict.level == level
+    worst = verdict.findings[0]  # worst first
+    assert worst.level == level and says in worst.text, worst.text
+    for words in advice:
+        assert words in worst.advice, (words, worst.advice)
+    headline = {"bad": "Do not trust", "caution": "Use with care"}[level]
+    assert verdict.headline.startswith(headline)
+
+
+def test_no_diagnostics_no_verdict():
+    assert assess(None).level == "unknown"
+    assert assess({}, (), {"kind": "vi"}).level == "unknown"
+
+
+def test_an_exact_likelihood_needs_no_simulator_noise_caveat():
+    noisy = assess({"khat": 0.9}, method=VI_METHOD).findings[0].advice
+    exact = assess({"khat": 0.9}, method=VI_METHOD, exact_loss=True).findings[0].advice
+    assert "simulator noise" in noisy and "simulator noise" not in exact
+
+
+@figures
+def test_the_verdict_opens_the_page(tmp_path):
+    # make_run's MCMC chains of b have R-hat 1.08: do not trust, and say why at the top.
+    page = write_report(make_run(tmp_path / "run", "mcmc")).read_text(encoding="utf-8")
+    top = page.split("<section>")[0]
+    assert 'class="verdict verdict-bad"' in top and "Do not trust this fit yet" in top
+    assert "R-hat &gt;= 1.01 for b (1.08)" in top and "method.warmup" in top
+    # VI with k-hat 0.42, the truth of a inside its interval, p-value 0.02 on y: caution
+    page = write_report(make_run(tmp_path / "vi", "vi")).read_text(encoding="utf-8")
+    top = page.split("<section>")[0]
+    assert 'class="verdict verdict-caution"' in top and "mean of y is unusual" in top
+
+
+@figures
+def test_predictive_table_has_no_empty_column(tmp_path):
+    page = write_report(make_run(tmp_path / "run", "vi")).read_text(encoding="utf-8")
+    table = page.split("<h3>Posterior predictive check</h3>")[1].split("</table>")[0]
+    assert "<th></th>" not in table and "<th>reading</th>" in table
+    assert "<td></td>" not in table  # every row says how it reads
+    assert "like the simulations" in table
+
+
+@figures
+@pytest.mark.parametrize(
+    ("loss_table", "explained"),
+    [
+        ("", True),
+        ('kind = "mmd"\nestimator = "biased"', False),
+        ('kind = "energy"', True),
+        ('kind = "mse"', False),
+    ],
+)
+def test_a_negative_loss_is_explained(tmp_path, loss_table, explained):
+    folder = make_run(tmp_path / "run", "vi")
+    config = folder / "config.toml"
+    config.write_text(config.read_text() + f"\n[loss]\n{loss_table}\n")
+    lines = [f"{e},{0.05 / (e + 1) - 0.01},{0.05 / (e + 1) - 0.012},0.002,0" for e in range(6)]
+    (folder / "history.csv").write_text(
+        "epoch,total,loss,regularisation,dropped\n" + "\n".join(lines) + "\n"
+    )
+    page = write_report(folder).read_text(encoding="utf-8")
+    loss = page.split("<h2>Loss</h2>")[1].split("</section>")[0]
+    assert ("goes below zero" in loss) is explained
+    if explained:
+        assert "unbiased" in loss and "expectation" in loss and "never negative" in loss
+    # a loss that stays positive needs no note
+    positive = [f"{e},{0.05 / (e + 1)},{0.04 / (e + 1)},0.01,0" for e in range(6)]
+    (folder / "history.csv").write_text(
+        "epoch,total,loss,regularisation,dropped\n" + "\n".join(positive) + "\n"
+    )
+    assert "goes below zero" not in write_report(folder).read_text(encoding="utf-8")
+
+
+@figures
+def test_summary_drops_columns_empty_in_every_row(tmp_path):
+    vi = write_report(make_run(tmp_path / "vi", "vi")).read_text(encoding="utf-8")
+    summary = vi.split("<h2>Summary</h2>")[1].split("</table>")[0]
+    assert "<th>rhat</th>" not in summary and "<th>ess</th>" not in summary
+    assert "<th>khat</th>" in summary and "<th>truth</th>" in summary
+    mcmc = write_report(make_run(tmp_path / "mcmc", "mcmc")).read_text(encoding="utf-8")
+    summary = mcmc.split("<h2>Summary</h2>")[1].split("</table>")[0]
+    assert "<th>rhat</th>" in summary and "<th>khat</th>" not in summary

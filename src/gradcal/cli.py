@@ -32,6 +32,7 @@ options = { n_agents = 1000, n_timesteps = 100, s = 0.1, sigmoid_k = 5.0, log10_
 
 [data]
 simulate = true        # synthetic data at the BlackBIRDS tutorial's true parameters
+columns = ["returns"]  # names the model's output
 
 [loss]
 kind = "mmd"
@@ -39,13 +40,13 @@ kind = "mmd"
 [method]
 kind = "vi"
 family = "nsf"
-w = 0.001
+w = 0.01               # about 1 / (number of observed returns): MMD-Bayes' usual weight
 samples_per_epoch = 10
 epochs = 250
 patience = 250
 learning_rate = 0.01
 gradient_clipping_norm = 1.0
-n_samples_regularisation = 500
+n_samples_regularisation = 100
 posterior_samples = 2000
 
 [[parameters]]

@@ -26,7 +26,16 @@ from gradcal.kernels import GaussianKernel, LaplaceKernel
 from gradcal.losses import EnergyDistanceLoss, MMDLoss, MSELoss, NegativeLogLikelihood
 from gradcal.priors import PRIOR_KINDS, Product, marginal
 
-__all__ = ["BUILTIN_MODELS", "Built", "ConfigError", "build", "check", "dumps", "resolve"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "Built",
+    "ConfigError",
+    "build",
+    "check",
+    "dumps",
+    "relevant",
+    "resolve",
+]
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,34 @@ _SCHEMA: dict[str, Any] = {
         "warmup": (int, 500),
         "n_leapfrog": (int, 10),
     },
+}
+# The [method] and [loss] keys each kind reads; the run folder's config.toml lists only these.
+_METHOD_KEYS = {
+    "vi": (
+        "family",
+        "transforms",
+        "hidden_features",
+        "estimator",
+        "w",
+        "samples_per_epoch",
+        "epochs",
+        "patience",
+        "learning_rate",
+        "gradient_clipping_norm",
+        "n_samples_regularisation",
+        "posterior_samples",
+    ),
+    "smd": ("starts", "epochs", "patience", "learning_rate", "gradient_clipping_norm"),
+    "mcmc": ("kernel", "w", "chains", "samples", "warmup", "n_leapfrog"),
+}
+_FLOW_KEYS = ("transforms", "hidden_features")  # VI with family "nsf" or "maf" only
+_SAMPLE_LOSS_KEYS = ("window", "increments", "gradient_horizon", "chunk_size")
+_LOSS_KEYS = {
+    "mmd": ("kernel", "bandwidth", "scales", "estimator", *_SAMPLE_LOSS_KEYS),
+    "energy": _SAMPLE_LOSS_KEYS,
+    "mse": ("gradient_horizon",),
+    "nll": (),
+    "custom": ("function",),
 }
 _PARAMETER_KEYS = {
     "name": (str, _REQUIRED),
@@ -392,8 +429,39 @@ def resolve(config: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+def relevant(config: dict[str, Any]) -> dict[str, Any]:
+    """The configuration without the [method] and [loss] keys its kinds do not read.
+
+    A resolved configuration holds every key of every method; a VI run does not read
+    ``chains`` or ``warmup``, an NLL loss no ``kernel``, an HMC run alone ``n_leapfrog``.
+
+    Example:
+        >>> config = {"method": {"kind": "vi", "family": "diagonal", "w": 1.0, "chains": 8,
+        ...                      "transforms": 3}, "loss": {"kind": "nll", "kernel": "gaussian"}}
+        >>> relevant(config)
+        {'method': {'kind': 'vi', 'family': 'diagonal', 'w': 1.0}, 'loss': {'kind': 'nll'}}
+    """
+    out = dict(config)
+    method = config.get("method")
+    if isinstance(method, dict) and method.get("kind") in _METHOD_KEYS:
+        kind = method["kind"]
+        keep = set(_METHOD_KEYS[kind]) | {"kind"}
+        if kind == "vi" and method.get("family") not in ("nsf", "maf"):
+            keep -= set(_FLOW_KEYS)
+        if kind == "mcmc" and method.get("kernel") != "hmc":
+            keep.discard("n_leapfrog")
+        out["method"] = {k: v for k, v in method.items() if k in keep}
+    loss = config.get("loss")
+    if isinstance(loss, dict) and loss.get("kind") in _LOSS_KEYS:
+        keep = set(_LOSS_KEYS[loss["kind"]]) | {"kind"}
+        out["loss"] = {k: v for k, v in loss.items() if k in keep}
+    return out
+
+
 def dumps(config: dict[str, Any]) -> str:
-    """TOML text of a resolved configuration (None values are left out)."""
+    """TOML text of a resolved configuration (None values and keys its method and loss kinds
+    do not read are left out, see :func:`relevant`)."""
+    config = relevant(config)
 
     def value(v: Any) -> str:
         if isinstance(v, bool):

@@ -319,9 +319,11 @@ def loss_history(
         losses_hist: a dict with some of the keys ``total``, ``loss``, ``regularisation``,
             each a list (E,), or one list, array or tensor (E,).
         path: where to save the figure; nothing is written without it.
-        log_scale: True or False, or ``"auto"``: logarithmic when every value is positive
-            and they span more than two decades. True with values <= 0 gives a symmetric
-            log scale.
+        log_scale: True or False, or ``"auto"``: logarithmic when every value of the total
+            and the loss (of the regularisation alone when it is all there is) is positive
+            and they span more than two decades; the axis then spans those values, and
+            smaller regularisation values fall below it. True with values <= 0 gives a
+            symmetric log scale.
 
     Returns:
         The figure (one axes).
@@ -352,13 +354,19 @@ def loss_history(
         ax.axvline(best, color="0.4", linestyle="--", linewidth=1.0)
         ax.plot(best, values[best], "o", color="k", label=f"best epoch {best}: {values[best]:.4g}")
 
-    every = np.concatenate(list(series.values()))
+    # The scale follows the total and the loss: the regularisation w KL starts near 0 (q
+    # starts at the prior), and its first values (1e-12, say) would stretch a log axis over
+    # ten decades and flatten the curves that matter; below the axis it is clipped.
+    headline = [v for k, v in series.items() if k != "regularisation"] or list(series.values())
+    every = np.concatenate(headline)
     every = every[np.isfinite(every)]
     positive = every.size > 0 and every.min() > 0
     if log_scale == "auto":
         log_scale = bool(positive and every.max() / every.min() > 100)
     if log_scale and positive:
         ax.set_yscale("log")
+        low, high = every.min(), max(every.max(), *(np.nanmax(v) for v in series.values()))
+        ax.set_ylim(low / 1.5, high * 1.5)
     elif log_scale:
         nonzero = np.abs(every[every != 0])
         ax.set_yscale("symlog", linthresh=float(nonzero.min()) if nonzero.size else 1.0)

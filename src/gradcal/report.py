@@ -20,7 +20,8 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from html import escape
 from io import BytesIO
@@ -35,7 +36,7 @@ from gradcal.diagnostics import read_khat
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["REPORT_NAME", "write_report"]
+__all__ = ["REPORT_NAME", "Finding", "Verdict", "assess", "write_report"]
 
 REPORT_NAME = "report.html"
 
@@ -54,7 +55,11 @@ _MISSING = {
     "diagnostics.json": "no diagnostics yet: the run stopped before it checked the posterior",
 }
 _RHAT_OK = 1.01  # R-hat below this for every parameter: the chains agree (Vehtari et al. 2021)
-_PPC_ALPHA = 0.05
+_ESS_OK, _ESS_POOR = 400, 100  # bulk ESS: 400 for reliable R-hat and intervals (ibid.)
+_KHAT_GOOD, _KHAT_OK = 0.5, 0.7  # PSIS k-hat thresholds (Yao et al. 2018)
+_PPC_ALPHA = 0.05  # a predictive p-value below this: the data are unusual for the model
+_PPC_SEVERE = 0.01  # ... and below this: the model does not reproduce the feature
+_LEVELS = ("ok", "caution", "bad")  # a finding's levels, from good to bad
 _MAX_PIXELS = 1600  # longest side of an embedded figure
 
 _CSS = """
@@ -73,6 +78,14 @@ img { max-width: 100%; height: auto; display: block; margin: 0.5rem 0; }
 .problem { color: #8a1010; background: #fdecec; border-left: 4px solid #d33;
            padding: 0.4rem 0.8rem; }
 .flag { color: #8a1010; font-weight: 600; }
+.verdict { padding: 0.6rem 1rem; border-left: 6px solid; margin: 1rem 0; }
+.verdict p.headline { font-size: 1.15rem; font-weight: 600; margin: 0.2rem 0; }
+.verdict ul { margin: 0.3rem 0; padding-left: 1.3rem; }
+.verdict-trust { background: #eaf6ec; border-color: #2e8b3d; }
+.verdict-caution { background: #fff6e0; border-color: #e0a400; }
+.verdict-bad { background: #fdecec; border-color: #d33; }
+.verdict-unknown { background: #f2f2f2; border-color: #888; }
+.advice { color: #444; }
 pre { background: #f7f7f7; padding: 0.8rem; overflow-x: auto; font-size: 0.88rem; }
 summary { cursor: pointer; font-weight: 600; }
 """
@@ -226,11 +239,20 @@ def _summary_section(rows: list[list[str]] | None, run: _Run) -> str:
     if rows is None:
         return run.note("summary.csv")
     header, body = rows[0], rows[1:]
+    # columns empty in every row (R-hat and ESS of a VI run, truth when none is given) go
+    keep = [
+        j
+        for j in range(len(header))
+        if j == 0 or any(j < len(row) and row[j].strip() for row in body)
+    ]
     cells = [
-        [(cell, "") if j == 0 else (_number(cell), "num") for j, cell in enumerate(row)]
+        [
+            (row[j], "") if j == 0 else (_number(row[j] if j < len(row) else ""), "num")
+            for j in keep
+        ]
         for row in body
     ]
-    return _table(header, cells)
+    return _table([header[j] for j in keep], cells)
 
 
 def _corner_section(posterior: dict[str, Any] | None, run: _Run) -> str:
@@ -252,7 +274,35 @@ def _corner_section(posterior: dict[str, Any] | None, run: _Run) -> str:
     )
 
 
-def _history_section(rows: list[list[str]] | None, run: _Run) -> str:
+def _negative_loss_note(columns: dict[str, list[float]], loss: Mapping[str, Any]) -> str:
+    """Why a loss below zero is no bug, for the estimators that can go there."""
+    values = [v for key in ("loss", "total") for v in columns.get(key, []) if math.isfinite(v)]
+    if not values or min(values) >= 0:
+        return ""
+    kind, estimator = loss.get("kind", "mmd"), loss.get("estimator", "unbiased")
+    if kind == "mmd" and estimator in ("unbiased", "linear"):
+        what = (
+            f'the estimator of the squared MMD (loss.estimator = "{estimator}") is unbiased: its '
+            "expectation, the squared MMD, is never negative, but a single estimate scatters "
+            "around it"
+        )
+    elif kind == "energy":
+        what = (
+            "the energy distance is estimated by an unbiased estimator (pairs i != j): its "
+            "expectation is never negative, but a single estimate scatters around it"
+        )
+    else:
+        return ""
+    return _para(
+        f"The loss goes below zero (lowest {min(values):.3g}): {what}, so values near or "
+        "below zero mean that the simulations are as close to the data as the estimator can "
+        "tell. The regularisation is w KL(q || prior), the total their sum."
+    )
+
+
+def _history_section(
+    rows: list[list[str]] | None, run: _Run, loss: Mapping[str, Any] | None = None
+) -> str:
     if rows is None:
         return run.note("history.csv")
     header, body = rows[0], rows[1:]
@@ -263,7 +313,8 @@ def _history_section(rows: list[list[str]] | None, run: _Run) -> str:
         for j, key in enumerate(header)
         if key in ("total", "loss", "regularisation")
     }
-    return _figure(lambda: plotting.loss_history(columns), "loss curve")
+    figure = _figure(lambda: plotting.loss_history(columns), "loss curve")
+    return figure + _negative_loss_note(columns, loss or {})
 
 
 def _predictive_section(predictive: dict[str, Any] | None, run: _Run) -> str:
@@ -314,7 +365,12 @@ def _ppc_table(ppc: dict[str, Any]) -> str:
         for summary, check in (summaries or {}).items():
             check = check or {}
             p = _float(check.get("p_value"))
-            flag = "the model rarely reproduces this feature of the data" if p < _PPC_ALPHA else ""
+            if p < _PPC_ALPHA:
+                reading = ("the model rarely reproduces this feature of the data", "flag")
+            elif math.isnan(p):
+                reading = ("could not be computed", "")
+            else:
+                reading = ("like the simulations", "")
             rows.append(
                 [
                     (str(output), ""),
@@ -322,10 +378,10 @@ def _ppc_table(ppc: dict[str, Any]) -> str:
                     (_number(check.get("observed")), "num"),
                     (_number(check.get("quantile"), 2), "num"),
                     (_number(check.get("p_value"), 2), "num"),
-                    (flag, "flag"),
+                    reading,
                 ]
             )
-    header = ["output", "summary", "observed", "quantile among simulations", "p-value", ""]
+    header = ["output", "summary", "observed", "quantile among simulations", "p-value", "reading"]
     return _table(header, rows)
 
 
@@ -362,7 +418,367 @@ def _config_section(config: tuple[str, dict[str, Any]] | None, run: _Run) -> str
     )
 
 
+# --- the verdict --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnostic read in words: ``level`` is "ok", "caution" or "bad"; ``advice`` says
+    what to do next (empty when nothing needs doing)."""
+
+    level: str
+    text: str
+    advice: str = ""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The report's answer to "can I use this fit?".
+
+    ``level``: "trust" (every diagnostic is good), "caution", "bad" (do not trust) or
+    "unknown" (no diagnostic to judge by); ``headline`` says it in one sentence and
+    ``findings`` give the reasons, worst first.
+    """
+
+    level: str
+    headline: str
+    findings: tuple[Finding, ...]
+
+
+_HEADLINES = {
+    "trust": "The fit can be used: every diagnostic below is good.",
+    "caution": "Use with care: the fit is usable for some purposes; see the notes below.",
+    "bad": "Do not trust this fit yet: at least one diagnostic says it is wrong.",
+    "unknown": "No verdict: the run left no diagnostics to judge it by.",
+}
+
+
+def _vi_advice(method: Mapping[str, Any]) -> str:
+    epochs, draws = method.get("epochs"), method.get("samples_per_epoch")
+    family = method.get("family")
+    other = "full_rank" if family in ("nsf", "maf") else "nsf"
+    now = lambda value: f" (now {value})" if value is not None else ""  # noqa: E731
+    return (
+        f"train longer (method.epochs{now(epochs)}), use more draws per epoch "
+        f"(method.samples_per_epoch{now(draws)}), try another family (method.family = "
+        f'"{other}"), or compare with method.kind = "mcmc"'
+    )
+
+
+def _khat_finding(khat: float, method: Mapping[str, Any], exact: bool) -> Finding:
+    if math.isnan(khat):
+        return Finding(
+            "caution",
+            "k-hat could not be computed, so nothing checks how well q fits the posterior",
+            'compare with method.kind = "mcmc"',
+        )
+    noisy = (
+        ""
+        if exact
+        else " (the simulator noise left in the loss raises k-hat a little: a larger w "
+        "makes that noise matter less)"
+    )
+    if khat < _KHAT_GOOD:
+        return Finding("ok", f"k-hat {khat:.2f} < {_KHAT_GOOD}: q fits the posterior well")
+    if khat < _KHAT_OK:
+        return Finding(
+            "caution",
+            f"k-hat {khat:.2f} lies between {_KHAT_GOOD} and {_KHAT_OK}: means and central "
+            "intervals are usable, tail probabilities are not",
+            "for tails, " + _vi_advice(method) + noisy,
+        )
+    return Finding(
+        "bad",
+        f"k-hat {khat:.2f} >= {_KHAT_OK}: q misses the posterior's tails, so its intervals "
+        "cannot be relied on",
+        _vi_advice(method) + noisy,
+    )
+
+
+def _mcmc_advice(method: Mapping[str, Any]) -> str:
+    samples, warmup = method.get("samples"), method.get("warmup")
+    now = lambda value: f" (now {value})" if value is not None else ""  # noqa: E731
+    return (
+        f"run longer: more warm-up (method.warmup{now(warmup)}) and more draws "
+        f"(method.samples{now(samples)}), or more chains (method.chains)"
+    )
+
+
+def _chain_findings(
+    rhat: Sequence[Any] | None,
+    ess: Sequence[Any] | None,
+    names: Sequence[str],
+    method: Mapping[str, Any],
+) -> list[Finding]:
+    findings = []
+
+    def named(values: Sequence[Any]) -> list[tuple[str, float]]:
+        labels = (
+            list(names)
+            if len(names) == len(values)
+            else [f"theta_{j}" for j in range(len(values))]
+        )
+        return [(n, _float(v)) for n, v in zip(labels, values, strict=True)]
+
+    if rhat:
+        bad = [(n, r) for n, r in named(rhat) if not r < _RHAT_OK]
+        if bad:
+            listed = ", ".join(f"{n} ({_number(r)})" for n, r in bad)
+            findings.append(
+                Finding(
+                    "bad",
+                    f"R-hat >= {_RHAT_OK} for {listed}: the chains have not mixed, they do "
+                    "not yet sample one posterior",
+                    _mcmc_advice(method),
+                )
+            )
+        else:
+            largest = max(r for _, r in named(rhat))
+            findings.append(Finding("ok", f"every R-hat < {_RHAT_OK} (largest {largest:.3f})"))
+    if ess:
+        finite = [(e, n) for n, e in named(ess) if math.isfinite(e)]
+        if not finite:
+            findings.append(
+                Finding(
+                    "caution",
+                    "the effective sample size could not be computed",
+                    _mcmc_advice(method),
+                )
+            )
+        else:
+            smallest, name = min(finite)
+            text = f"smallest effective sample size {round(smallest)} ({name})"
+            if smallest < _ESS_POOR:
+                findings.append(
+                    Finding(
+                        "bad",
+                        f"{text} < {_ESS_POOR}: too few independent draws for intervals",
+                        _mcmc_advice(method),
+                    )
+                )
+            elif smallest < _ESS_OK:
+                findings.append(
+                    Finding(
+                        "caution",
+                        f"{text} < {_ESS_OK}: means are usable, interval ends are noisy",
+                        _mcmc_advice(method),
+                    )
+                )
+            else:
+                findings.append(Finding("ok", f"{text} >= {_ESS_OK}"))
+    return findings
+
+
+def _ppc_findings(ppc: Mapping[str, Any], method: Mapping[str, Any]) -> list[Finding]:
+    worst: list[tuple[float, str, str]] = []
+    count = 0
+    for output, summaries in ppc.items():
+        for summary, check in (summaries or {}).items():
+            p = _float((check or {}).get("p_value"))
+            count += 1
+            if p < _PPC_ALPHA:
+                worst.append((p, str(output), str(summary)))
+    if count == 0:
+        return []
+    if not worst:
+        return [
+            Finding(
+                "ok",
+                f"posterior predictive check: the data look like the calibrated model's "
+                f"simulations in all {count} summaries (every p-value >= {_PPC_ALPHA})",
+            )
+        ]
+    findings = []
+    for p, output, summary in sorted(worst):
+        level = "bad" if p < _PPC_SEVERE else "caution"
+        findings.append(
+            Finding(
+                level,
+                f"posterior predictive check: the {summary} of {output} is unusual for the "
+                f"calibrated model (p-value {p:.2g})",
+                "the model may not reproduce this feature of the data (misspecified), or "
+                "the fit has not converged: look at the predictive bands, "
+                + (_vi_advice(method) if method.get("kind", "vi") == "vi" else "run longer")
+                + ", or choose a loss that sees this feature (e.g. loss.window for "
+                "dependence between time steps)",
+            )
+        )
+    return findings
+
+
+def _truth_findings(
+    intervals: Sequence[Mapping[str, Any]], method: Mapping[str, Any]
+) -> list[Finding]:
+    outside_90, outside_99, inside, checked = [], [], [], 0
+    for row in intervals:
+        truth = _float(row.get("truth"))
+        low, high = _float(row.get("q05")), _float(row.get("q95"))
+        if not (math.isfinite(truth) and math.isfinite(low) and math.isfinite(high)):
+            continue
+        checked += 1
+        name = str(row.get("parameter", "?"))
+        if low <= truth <= high:
+            inside.append(name)
+            continue
+        wide = (_float(row.get("q005")), _float(row.get("q995")))
+        if all(math.isfinite(w) for w in wide) and not wide[0] <= truth <= wide[1]:
+            outside_99.append(
+                f"{name} (truth {_number(truth)}, 90 % interval "
+                f"{_number(low, 3)} to {_number(high, 3)})"
+            )
+        else:
+            outside_90.append(
+                f"{name} (truth {_number(truth)}, 90 % interval "
+                f"{_number(low, 3)} to {_number(high, 3)})"
+            )
+    if checked == 0:
+        return []
+    if method.get("kind") == "vi":
+        advice = "widen the posterior with a larger w, " + _vi_advice(method)
+    elif method.get("kind") == "mcmc":
+        advice = "use a larger w if the loss is not a likelihood, or " + _mcmc_advice(method)
+    else:
+        advice = 'use method.kind = "vi" or "mcmc" for a posterior with intervals'
+    findings = []
+    if outside_99:
+        findings.append(
+            Finding(
+                "bad",
+                "the true value lies outside the central 99 % of the posterior for "
+                + "; ".join(outside_99)
+                + ": the posterior is too narrow or off target",
+                advice,
+            )
+        )
+    if outside_90:
+        findings.append(
+            Finding(
+                "caution",
+                "the true value lies outside the 90 % interval for "
+                + "; ".join(outside_90)
+                + ": a correct posterior misses about 1 true value in 10; more often means "
+                "the posterior is too narrow",
+                advice,
+            )
+        )
+    if not findings:
+        findings.append(
+            Finding(
+                "ok",
+                f"the true value lies inside the 90 % interval of all {checked} "
+                "parameters with a known truth",
+            )
+        )
+    return findings
+
+
+def assess(
+    diagnostics: Mapping[str, Any] | None,
+    intervals: Sequence[Mapping[str, Any]] = (),
+    method: Mapping[str, Any] | None = None,
+    names: Sequence[str] = (),
+    exact_loss: bool = False,
+) -> Verdict:
+    r"""Read a run's diagnostics into one verdict with what to do next.
+
+    Each diagnostic gives a :class:`Finding` ("ok", "caution" or "bad"); the verdict is the
+    worst of them ("trust" when all are "ok", "unknown" when there are none):
+
+    - PSIS k-hat (VI): < 0.5 ok, < 0.7 caution (means and central intervals only), else bad;
+    - R-hat (MCMC): any >= 1.01 bad; smallest ESS < 100 bad, < 400 caution;
+    - posterior predictive p-values: < 0.01 bad, < 0.05 caution;
+    - a given truth outside the 90 % interval: caution (a correct posterior misses about 1
+      in 10), outside the central 99 % (when ``q005``/``q995`` are given): bad;
+    - SMD: a point estimate, caution (no uncertainty); a skipped predictive check: caution.
+
+    Arguments:
+        diagnostics: the contents of ``diagnostics.json`` (``khat``, ``rhat``, ``ess``,
+            ``ppc``, ``notes``), or None when the run left none.
+        intervals: one mapping per parameter with ``parameter``, ``q05``, ``q95``,
+            ``truth`` and optionally ``q005``, ``q995`` (numbers or strings; blanks skip).
+        method: the ``[method]`` table (``kind`` and the settings the advice quotes).
+        names: parameter names, for R-hat and ESS.
+        exact_loss: the loss is an exact negative log-likelihood (k-hat has no simulator
+            noise then).
+
+    Example:
+        >>> verdict = assess({"khat": 0.9}, method={"kind": "vi", "epochs": 250})
+        >>> verdict.level, verdict.findings[0].advice.startswith("train longer")
+        ('bad', True)
+        >>> assess({"khat": 0.3}, [{"parameter": "a", "q05": 0, "q95": 1, "truth": 0.5}]).level
+        'trust'
+    """
+    method = dict(method or {})
+    kind = method.get("kind")
+    if diagnostics is None:
+        return Verdict("unknown", _HEADLINES["unknown"], ())
+    findings: list[Finding] = []
+    if kind == "smd":
+        findings.append(
+            Finding(
+                "caution",
+                "SMD gives a point estimate: there is no posterior, so no uncertainty",
+                'for intervals use method.kind = "vi" or "mcmc"',
+            )
+        )
+    if diagnostics.get("khat") is not None:
+        findings.append(_khat_finding(_float(diagnostics["khat"]), method, exact_loss))
+    findings += _chain_findings(diagnostics.get("rhat"), diagnostics.get("ess"), names, method)
+    if diagnostics.get("ppc"):
+        findings += _ppc_findings(diagnostics["ppc"], method)
+    elif any("predictive check skipped" in str(n) for n in diagnostics.get("notes", ())):
+        findings.append(
+            Finding(
+                "caution",
+                "no posterior predictive check: the simulations could not be compared with "
+                "the data (see the notes)",
+                "make the data as long as the model's output (see the notes)",
+            )
+        )
+    findings += _truth_findings(intervals, method)
+    if not findings:
+        return Verdict("unknown", _HEADLINES["unknown"], ())
+    findings.sort(key=lambda f: -_LEVELS.index(f.level))
+    worst = findings[0].level
+    level = "trust" if worst == "ok" else worst
+    return Verdict(level, _HEADLINES[level], tuple(findings))
+
+
+def _verdict_box(verdict: Verdict) -> str:
+    items = "".join(
+        f"<li><strong>{escape(f.level)}</strong>: {escape(f.text)}"
+        + (f'<br><span class="advice">next: {escape(f.advice)}</span>' if f.advice else "")
+        + "</li>"
+        for f in verdict.findings
+    )
+    listed = f"<ul>{items}</ul>" if items else ""
+    return (
+        f'<div class="verdict verdict-{verdict.level}"><p class="headline">'
+        f"{escape(verdict.headline)}</p>{listed}</div>"
+    )
+
+
 # --- the page -----------------------------------------------------------------------------
+
+
+def _intervals(
+    summary: list[list[str]] | None, posterior: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """summary.csv's rows as mappings, with the central 99 % interval from the samples."""
+    if summary is None:
+        return []
+    header, body = summary[0], summary[1:]
+    rows = [dict(zip(header, row, strict=False)) for row in body]
+    if posterior is not None and posterior.get("names") is not None:
+        samples = torch.as_tensor(posterior["samples"], dtype=torch.float64)
+        names = [str(n) for n in posterior["names"]]
+        if samples.ndim == 2 and samples.shape[1] == len(names) and samples.shape[0] > 1:
+            wide = torch.nanquantile(samples, torch.tensor([0.005, 0.995], dtype=torch.float64), 0)
+            for row in rows:
+                if row.get("parameter") in names:
+                    j = names.index(row["parameter"])
+                    row["q005"], row["q995"] = wide[0, j].item(), wide[1, j].item()
+    return rows
 
 
 def _section(title: str, body: str) -> str:
@@ -437,12 +853,19 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
             "problem" if run.unreadable else "missing",
         )
 
+    verdict = assess(
+        diagnostics,
+        _intervals(summary, posterior),
+        {"kind": method, **settings.get("method", {})},
+        names,
+        exact_loss=settings.get("loss", {}).get("kind") == "nll",
+    )
     sections = [
         _section("Summary", _summary_section(summary, run)),
         _section("Posterior", _corner_section(posterior, run)),
     ]
     if method != "mcmc":
-        sections.append(_section("Loss", _history_section(history, run)))
+        sections.append(_section("Loss", _history_section(history, run, settings.get("loss", {}))))
     sections.append(_section("Posterior predictive", _predictive_section(predictive, run)))
     if method == "mcmc":
         sections.append(_section("Traces", _trace_section(chains, run)))
@@ -453,8 +876,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{escape(str(title))}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         f"<h1>{escape(str(title))}</h1>\n<p class=meta>{escape(meta)}</p>\n{status}\n"
-        + "\n".join(sections)
-        + "\n</body>\n</html>\n"
+        f"{_verdict_box(verdict)}\n" + "\n".join(sections) + "\n</body>\n</html>\n"
     )
     path = folder / REPORT_NAME
     path.write_text(page, encoding="utf-8")
