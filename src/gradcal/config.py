@@ -25,6 +25,7 @@ from gradcal import models
 from gradcal.kernels import GaussianKernel, LaplaceKernel
 from gradcal.losses import EnergyDistanceLoss, MMDLoss, MSELoss, NegativeLogLikelihood
 from gradcal.priors import PRIOR_KINDS, Product, marginal
+from gradcal.rng import seeded
 
 __all__ = ["BUILTIN_MODELS", "Built", "ConfigError", "build", "check", "dumps", "resolve"]
 
@@ -517,8 +518,7 @@ def build(config: dict[str, Any], base: str | Path = ".") -> Built:
             data_cfg["at"] if data_cfg["at"] is not None else truth,
             dtype=torch.get_default_dtype(),
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config["run"]["seed"] + 1)
+        with seeded(config["run"]["seed"] + 1, torch.device(config["run"]["device"])):
             data = [y.detach() for y in model.run_and_observe(at)]
     else:
         data = _read_data(data_cfg, base)

@@ -20,6 +20,7 @@ from gradcal.infer.smd import SMD
 from gradcal.infer.vi import VI
 from gradcal.posterior_estimators import Constrained, DiagonalGaussian, Flow, FullRankGaussian
 from gradcal.regularisation import prior_log_prob
+from gradcal.priors import distribution_device
 from gradcal.rng import seeded
 
 __all__ = ["RunInterrupted", "run_calibration", "write_outputs"]
@@ -35,6 +36,11 @@ def _has_tensorboard() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard") is not None
+
+
+def _device(config: dict[str, Any]) -> torch.device:
+    """The device of the run (``[run] device``)."""
+    return torch.device(config["run"]["device"])
 
 
 def _family(method: dict[str, Any], built: Built) -> Any:
@@ -109,7 +115,7 @@ def _run_smd(
     config: dict[str, Any], built: Built, run_dir: Path, progress: bool
 ) -> dict[str, Any]:
     method = config["method"]
-    with seeded(config["run"]["seed"]):
+    with seeded(config["run"]["seed"], _device(config)):
         starts = built.prior.sample((method["starts"],))
     theta = starts.clone().requires_grad_()
     smd = SMD(
@@ -136,7 +142,7 @@ def _run_mcmc(
     kernel_cls = HMC if method["kernel"] == "hmc" else MALA
     options = {"n_leapfrog": method["n_leapfrog"]} if method["kernel"] == "hmc" else {}
     kernel = kernel_cls(built.prior, built.loss, w=method["w"], **options)
-    with seeded(config["run"]["seed"]):
+    with seeded(config["run"]["seed"], _device(config)):
         start = built.prior.sample((method["chains"],))
     mcmc = MCMC(kernel, num_samples=method["samples"], progress_bar=progress)
     try:
@@ -172,7 +178,7 @@ def _cell(value: float | None) -> str:
 def write_outputs(run_dir: Path, built: Built, result: dict[str, Any], seed: int) -> None:
     """posterior_samples.csv/.pt, summary.csv, predictive.pt and diagnostics.json."""
     samples = result["samples"].detach().cpu().float()
-    with seeded(seed):
+    with seeded(seed, distribution_device(built.prior)):
         prior_samples = built.prior.sample((2000,))
     truth = [None if t is None else float(t) for t in built.truth]
     torch.save(

@@ -35,6 +35,7 @@ from gradcal.distributed import (
 )
 from gradcal.gradients import BatchedLoss, Batching, EpochEstimate, make_estimator
 from gradcal.posterior_estimators import as_family
+from gradcal.priors import distribution_device, distribution_to
 from gradcal.regularisation import _prior_dim, kl_divergence
 from gradcal.rng import get_rng_state, seeded, set_rng_state
 
@@ -81,7 +82,8 @@ class VI:
         diff_mode: ``"reverse"`` or ``"forward"`` (pathwise estimator only).
         gradient_estimation_method: ``"pathwise"`` or ``"score"``.
         jacobian_chunk_size: forward mode: tangent directions pushed through at once.
-        device: where q lives: a family on the CPU is moved there; data follows q.
+        device: where q lives: a family on the CPU is moved there; data and (a copy of)
+            the prior follow q.
         progress_bar, progress_info: show a tqdm bar, with loss figures.
         log_tensorboard, tensorboard_log_dir: write TensorBoard scalars (``tensorboard``
             extra; torch's default folder ``runs/`` when no folder is given).
@@ -201,6 +203,8 @@ class VI:
         self.diff_mode, self.gradient_estimation_method = diff_mode, gradient_estimation_method
         self.jacobian_chunk_size = jacobian_chunk_size
         self.device = _family_device(self.family)
+        if distribution_device(prior) != self.device:  # the KL needs the prior beside q
+            self.prior = distribution_to(prior, self.device)
         self.progress_bar, self.progress_info = progress_bar, progress_info
         self.log_tensorboard, self.tensorboard_log_dir = log_tensorboard, tensorboard_log_dir
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)

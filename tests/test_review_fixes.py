@@ -1,0 +1,230 @@
+"""Regression tests for the bugs a code review found (issue 11), one block per bug.
+
+Each test failed on the code before its fix; the module docstring of each block says how.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import gradcal.distributed as gdist
+from gradcal import rng
+from gradcal.infer.mcmc import MALA, MCMC
+from gradcal.infer.vi import VI
+from gradcal.posterior_estimators import Constrained, DiagonalGaussian, DistributionFamily
+
+
+def _normal_prior(d=2):
+    return torch.distributions.Independent(
+        torch.distributions.Normal(torch.zeros(d), torch.ones(d)), 1
+    )
+
+
+def _quadratic(theta, y):
+    return 0.5 * ((theta - y) ** 2).sum(-1)
+
+
+_quadratic.batched = True
+
+
+# --- NCCL: every collective's tensor must be on a device the backend serves ----------------
+# Before the fix init_distributed chose plain "nccl" with CUDA, and the loss totals and the
+# MCMC warm-up reduced CPU float64 tensors: every multi-GPU run raised at its first epoch.
+
+# What each torch backend can reduce (torch.distributed's documentation); written out here
+# rather than taken from gradcal, so the test judges the library from outside.
+_SERVES = {"nccl": {"cuda"}, "gloo": {"cpu", "cuda"}, "mpi": {"cpu", "cuda"}}
+
+
+def _served(backend):
+    if ":" in backend:
+        return {part.split(":")[0] for part in backend.split(",")}
+    return _SERVES[backend]
+
+
+@pytest.fixture
+def gpu_launch(monkeypatch):
+    """A 2-rank torchrun environment on a machine that reports CUDA: the backend chosen."""
+    chosen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.setdefault("dev", device))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+
+    def init(backend, **kwargs):
+        chosen["backend"] = backend
+
+    monkeypatch.setattr(dist, "init_process_group", init)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    context = gdist.init_distributed()
+    return chosen, context
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Collectives of a one-rank 'group' that record the device of each tensor they get."""
+    devices = []
+    monkeypatch.setattr(gdist, "_active", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, **kw: devices.append(t.device))
+    monkeypatch.setattr(dist, "broadcast", lambda t, src=0, **kw: devices.append(t.device))
+
+    def gather(out, obj, **kwargs):
+        out[0] = obj
+
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    return devices
+
+
+def test_backend_with_cuda_serves_cpu_collectives(gpu_launch):
+    chosen, context = gpu_launch
+    assert chosen["backend"] == context.backend
+    assert "cpu" in _served(context.backend) and "cuda" in _served(context.backend)
+    assert chosen["dev"] == 0  # each rank on the GPU of its local rank
+
+
+def test_explicit_nccl_is_given_a_cpu_backend(monkeypatch):
+    assert gdist.choose_backend("nccl", cuda=True) == "cpu:gloo,cuda:nccl"
+    assert gdist.choose_backend("gloo", cuda=True) == "gloo"
+
+
+@pytest.mark.parametrize("method", ["pathwise", "score"])
+def test_vi_collectives_on_devices_the_backend_serves(gpu_launch, recorded, method):
+    _, context = gpu_launch
+    q = DiagonalGaussian(torch.zeros(2))
+    vi = VI(
+        _quadratic,
+        _normal_prior(),
+        q,
+        n_samples_per_epoch=4,
+        gradient_estimation_method=method,
+        progress_bar=False,
+        seed=0,
+    )
+    vi.run(torch.ones(2), n_epochs=2)
+    assert recorded, "no collective ran"
+    assert {d.type for d in recorded} <= _served(context.backend), recorded
+
+
+def test_mcmc_warmup_collectives_on_devices_the_backend_serves(gpu_launch, recorded):
+    _, context = gpu_launch
+    mcmc = MCMC(MALA(_normal_prior(), _quadratic), num_samples=3, progress_bar=False)
+    mcmc.run(torch.zeros(2, 2), torch.ones(2), warmup=4)
+    assert recorded, "no collective ran"
+    assert {d.type for d in recorded} <= _served(context.backend), recorded
+
+
+# --- seeded: the caller's CUDA generators are left as they were ----------------------------
+# Before the fix seeded(seed) without a device forked only the CPU generator and called
+# torch.manual_seed, which reseeds every CUDA device: the caller's CUDA stream was changed.
+
+
+class _FakeCuda:
+    """Two CUDA generators, as far as torch.manual_seed and gradcal.rng touch them."""
+
+    def __init__(self, initialised=True):
+        self.states = [torch.tensor([11]), torch.tensor([22])]
+        self.initialised = initialised
+        self.calls = 0
+
+    def install(self, monkeypatch):
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "is_available", lambda: True)
+        monkeypatch.setattr(cuda, "is_initialized", lambda: self.initialised)
+        monkeypatch.setattr(cuda, "device_count", lambda: 2)
+        monkeypatch.setattr(cuda, "get_rng_state", self.get)
+        monkeypatch.setattr(cuda, "set_rng_state", self.set)
+        monkeypatch.setattr(cuda, "manual_seed_all", self.seed_all)
+        monkeypatch.setattr(cuda, "manual_seed", lambda seed: self.set(torch.tensor([seed]), 0))
+
+    def get(self, device="cuda"):
+        self.calls += 1
+        return self.states[torch.device("cuda", device).index or 0].clone()
+
+    def set(self, state, device="cuda"):
+        self.calls += 1
+        self.states[torch.device("cuda", device).index or 0] = state.clone()
+
+    def seed_all(self, seed):
+        self.calls += 1
+        self.states = [torch.tensor([seed]), torch.tensor([seed])]
+
+
+def test_seeded_restores_every_cuda_generator(monkeypatch):
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+    inside = []
+    with rng.seeded(5):  # as infer/reference.py and runs.py call it: no device
+        inside.append([s.item() for s in fake.states])
+    assert inside == [[5, 5]]  # the block's CUDA draws are seeded too
+    assert [s.item() for s in fake.states] == [11, 22]
+
+
+def test_seeded_leaves_an_unused_cuda_alone(monkeypatch):
+    fake = _FakeCuda(initialised=False)
+    fake.install(monkeypatch)
+    with rng.seeded(5):
+        pass
+    assert fake.calls == 0 and [s.item() for s in fake.states] == [11, 22]
+
+
+def test_reference_passes_its_device_to_seeded(monkeypatch):
+    import gradcal.infer.reference as reference
+
+    devices = []
+    real = reference.seeded
+
+    def recording(seed, device=None):
+        devices.append(device)
+        return real(seed, device)
+
+    monkeypatch.setattr(reference, "seeded", recording)
+    reference.importance_sampling(_quadratic, _normal_prior(), torch.ones(2), 10, seed=1)
+    reference.rejection_abc(_quadratic, _normal_prior(), torch.ones(2), 10, seed=1)
+    assert devices == [torch.device("cpu")] * 2
+
+
+# --- VI(device=...) moves the prior; .to() of an instance family moves its leaves ----------
+# Before the fix the prior stayed on the CPU (the analytic KL raised "Tensor on device cpu is
+# not on the expected device"), and DistributionFamily(instance).to() moved copies of the
+# leaves into its state dict while sampling and the optimiser kept the old ones.
+
+
+def test_vi_device_moves_the_prior():
+    # "meta" stands in for a GPU: mixing it with CPU tensors raises as CUDA does.
+    vi = VI(_quadratic, _normal_prior(), DiagonalGaussian(torch.zeros(2)), device="meta")
+    kl = vi.regularisation()
+    assert kl.device.type == "meta"
+    constrained = Constrained(DiagonalGaussian(torch.zeros(1)), torch.distributions.constraints.positive)
+    prior = torch.distributions.Independent(
+        torch.distributions.LogNormal(torch.zeros(1), torch.ones(1)), 1
+    )
+    vi = VI(_quadratic, prior, constrained, device="meta", n_samples_regularisation=8)
+    assert vi.regularisation().device.type == "meta"  # Monte Carlo KL
+
+
+def test_distribution_family_instance_follows_to():
+    loc = torch.zeros(2, requires_grad=True)
+    q = DistributionFamily(torch.distributions.Normal(loc, torch.ones(2)))
+    optimiser = torch.optim.SGD(q.parameters(), lr=0.1)
+    q.double()
+    theta, log_q = q.sample(5)
+    assert theta.dtype == log_q.dtype == torch.float64
+    (theta.sum() + log_q.sum()).backward()
+    optimiser.step()
+    assert loc.dtype == torch.float64 and not torch.equal(loc, torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(q.state_dict()["leaf0"], loc.detach())  # the trained leaf, not a copy
+    assert [p is loc for p in q.parameters()] == [True]
+
+
+def test_distribution_family_instance_to_another_device():
+    loc = torch.zeros(2, requires_grad=True)
+    q = DistributionFamily(torch.distributions.Normal(loc, torch.ones(2)))
+    q.to("meta")
+    assert loc.device.type == "meta" and q.sample(3)[0].device.type == "meta"
+    assert [p is loc for p in q.parameters()] == [True]
