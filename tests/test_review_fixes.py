@@ -14,6 +14,7 @@ from gradcal import rng
 from gradcal.infer.mcmc import MALA, MCMC
 from gradcal.infer.vi import VI
 from gradcal.posterior_estimators import Constrained, DiagonalGaussian, DistributionFamily
+from gradcal.priors import distribution_device
 
 
 def _normal_prior(d=2):
@@ -204,8 +205,9 @@ def test_vi_device_moves_the_prior():
     prior = torch.distributions.Independent(
         torch.distributions.LogNormal(torch.zeros(1), torch.ones(1)), 1
     )
-    vi = VI(_quadratic, prior, constrained, device="meta", n_samples_regularisation=8)
-    assert vi.regularisation().device.type == "meta"  # Monte Carlo KL
+    vi = VI(_quadratic, prior, constrained, device="meta")
+    assert distribution_device(vi.prior).type == "meta"  # as the Monte Carlo KL needs
+    assert distribution_device(prior).type == "cpu"  # the user's prior is not changed
 
 
 def test_distribution_family_instance_follows_to():
@@ -228,3 +230,85 @@ def test_distribution_family_instance_to_another_device():
     q.to("meta")
     assert loc.device.type == "meta" and q.sample(3)[0].device.type == "meta"
     assert [p is loc for p in q.parameters()] == [True]
+
+
+# --- non-finite log q: the score estimator and the Monte Carlo KL drop and count ---------
+# Before the fix the score estimator dropped draws on a non-finite loss only: a draw on the
+# bound of a constrained support (exp(u) + 1 == 1 in float32 for u < -17) had log q = NaN
+# and q's gradient became NaN. The Monte Carlo KL was inf whenever a draw hit a bound of a
+# uniform prior, so no epoch's total was ever finite.
+
+
+def _saturating_family():
+    # 10 sd wide: about 4 % of the draws have u < -17, where 1 + exp(u) rounds to 1.
+    return Constrained(
+        DiagonalGaussian(torch.zeros(1), 10.0), torch.distributions.constraints.greater_than(1.0)
+    )
+
+
+def test_score_drops_draws_with_non_finite_log_q():
+    from gradcal.gradients import BatchedLoss, Score
+
+    q = _saturating_family()
+    y = torch.tensor([3.0])
+    with rng.seeded(1):
+        theta = q.sample(400)[0].detach()
+    bad = ~torch.isfinite(q.log_prob(theta))
+    assert bad.sum() > 0  # the set-up does produce such draws
+    with rng.seeded(1):
+        estimate = Score()(q, BatchedLoss(_quadratic), y, 400)
+    assert estimate.n_dropped == int(bad.sum()) and estimate.n_valid == 400 - int(bad.sum())
+    grads = [p.grad.clone() for p in q.parameters()]
+    assert all(torch.isfinite(g).all() for g in grads)
+    # The same gradient by hand over the kept draws, leave-one-out baseline among them.
+    for p in q.parameters():
+        p.grad = None
+    kept = theta[~bad]
+    losses = _quadratic(kept, y)
+    m = len(kept)
+    advantage = losses - (losses.sum() - losses) / (m - 1)
+    ((advantage * q.log_prob(kept)).sum() / m).backward()
+    for g, p in zip(grads, q.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_monte_carlo_kl_drops_draws_on_the_prior_bound():
+    from gradcal.regularisation import kl_divergence, monte_carlo_kl
+
+    # q spreads past the interval's ends: in float32 many draws are exactly 3.0, outside
+    # Uniform(2, 3)'s half-open support [2, 3), where log prior = -inf.
+    q = Constrained(DiagonalGaussian(torch.zeros(1), 40.0), torch.distributions.constraints.interval(2.0, 3.0))
+    prior = torch.distributions.Independent(
+        torch.distributions.Uniform(torch.tensor([2.0]), torch.tensor([3.0])), 1
+    )
+    with rng.seeded(2):
+        theta = q.sample(500)[0]
+    on_bound = int((theta == 3.0).sum())
+    assert on_bound > 0
+    with rng.seeded(2):
+        kl, dropped = monte_carlo_kl(q, prior, 500)
+    assert dropped == on_bound and math.isfinite(kl.item())
+    kl.backward()
+    assert all(torch.isfinite(p.grad).all() for p in q.parameters())
+    with rng.seeded(2):
+        assert torch.equal(kl_divergence(q, prior, "monte_carlo", 500), kl.detach())
+
+
+def test_vi_with_a_uniform_prior_records_kl_drops_and_a_best_state():
+    q = Constrained(DiagonalGaussian(torch.zeros(1), 40.0), torch.distributions.constraints.interval(2.0, 3.0))
+    prior = torch.distributions.Independent(
+        torch.distributions.Uniform(torch.tensor([2.0]), torch.tensor([3.0])), 1
+    )
+    vi = VI(
+        _quadratic,
+        prior,
+        q,
+        n_samples_per_epoch=8,
+        n_samples_regularisation=200,
+        progress_bar=False,
+        seed=0,
+    )
+    vi.run(torch.tensor([2.5]), n_epochs=3)
+    assert all(math.isfinite(t) for t in vi.losses_hist["total"])
+    assert sum(vi.losses_hist["dropped_kl"]) > 0
+    assert vi.best_estimator_state_dict is not None

@@ -36,7 +36,7 @@ from gradcal.distributed import (
 from gradcal.gradients import BatchedLoss, Batching, EpochEstimate, make_estimator
 from gradcal.posterior_estimators import as_family
 from gradcal.priors import distribution_device, distribution_to
-from gradcal.regularisation import _prior_dim, kl_divergence
+from gradcal.regularisation import _prior_dim, kl_divergence, kl_estimate
 from gradcal.rng import get_rng_state, seeded, set_rng_state
 
 __all__ = ["VI"]
@@ -103,7 +103,8 @@ class VI:
         scheduler: an optional learning-rate scheduler, stepped after each epoch.
 
     After :meth:`run`: ``losses_hist`` (keys ``total``, ``loss``, ``regularisation``,
-    ``dropped``; one value per epoch), ``best_loss`` and ``best_estimator_state_dict``.
+    ``dropped`` (draws of the loss dropped), ``dropped_kl`` (Monte Carlo KL draws dropped);
+    one value per epoch), ``best_loss`` and ``best_estimator_state_dict``.
 
     Example:
         >>> from gradcal.losses import NegativeLogLikelihood
@@ -214,10 +215,17 @@ class VI:
     # --- one epoch ------------------------------------------------------------------------
 
     def regularisation(self) -> Tensor:
-        """w * KL(q || prior), differentiable (0 when w = 0)."""
+        """w * KL(q || prior), differentiable (0 when w = 0).
+
+        ``kl_dropped`` keeps how many Monte Carlo draws of the KL were dropped (non-finite
+        log q or log prior, e.g. a draw on a bound of the prior's support).
+        """
+        self.kl_dropped = 0
         if self.w == 0.0:
             return torch.zeros((), device=self.device)
-        kl = kl_divergence(self.family, self.prior, self.kl, self.n_samples_regularisation)
+        kl, self.kl_dropped = kl_estimate(
+            self.family, self.prior, self.kl, self.n_samples_regularisation
+        )
         return self.w * kl
 
     def step(self, data: Any) -> tuple[float, float, float, EpochEstimate]:
@@ -232,7 +240,11 @@ class VI:
         sum_gradients(self.family.parameters())  # the same gradient on every rank
         if math.isfinite(self.gradient_clipping_norm):
             torch.nn.utils.clip_grad_norm_(self.family.parameters(), self.gradient_clipping_norm)
-        reg = float(all_reduce_sum(regularisation.detach().double()))
+        reg_and_dropped = torch.stack(
+            (regularisation.detach().double().cpu(), torch.tensor(float(self.kl_dropped)).double())
+        )
+        reg, kl_dropped = (float(x) for x in all_reduce_sum(reg_and_dropped))
+        self.kl_dropped = int(kl_dropped)  # over every rank's draws
         return estimate.loss + reg, estimate.loss, reg, estimate
 
     def initialize_estimator(
@@ -261,6 +273,7 @@ class VI:
         self.best_loss = math.inf
         self.best_estimator_state_dict: dict[str, Tensor] | None = None
         self._epoch = self._stall = self._failed = 0
+        self.kl_dropped = 0
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -311,6 +324,7 @@ class VI:
             ("loss", loss),
             ("regularisation", reg),
             ("dropped", dropped),
+            ("dropped_kl", self.kl_dropped),
         ):
             self.losses_hist[key].append(value)
         if total < self.best_loss:
