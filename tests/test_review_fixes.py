@@ -312,3 +312,47 @@ def test_vi_with_a_uniform_prior_records_kl_drops_and_a_best_state():
     assert all(math.isfinite(t) for t in vi.losses_hist["total"])
     assert sum(vi.losses_hist["dropped_kl"]) > 0
     assert vi.best_estimator_state_dict is not None
+
+
+# --- MCMC: the cached log target belongs to the data it was computed for ----------------
+# Before the fix the cache was keyed on the state only: a kernel reused with new data and
+# the same start accepted or rejected its first proposal against the old data's target.
+
+
+@pytest.mark.parametrize("edit", ["new tensor", "in place"])
+def test_kernel_cache_is_keyed_on_the_data(edit):
+    kernel = MALA(_normal_prior(1), _quadratic)
+    start = torch.zeros(3, 1)
+    old = torch.tensor([0.0])
+    kernel.step(start, old, scale=0.1)  # caches the target at ... the accepted states
+    kernel.initialise_chain(start, old)  # ... and now at `start` for the old data
+    if edit == "new tensor":
+        new = torch.tensor([50.0])
+    else:
+        new = old
+        new.fill_(50.0)
+    with rng.seeded(3):
+        kernel.step(start, new, scale=0.1)
+    used = kernel.last_accept_prob.clone()
+    fresh = MALA(_normal_prior(1), _quadratic)
+    with rng.seeded(3):
+        fresh.step(start, new, scale=0.1)
+    torch.testing.assert_close(used, fresh.last_accept_prob)
+
+
+def test_kernel_cache_still_saves_the_evaluation(monkeypatch):
+    def loss(theta, data):
+        return _quadratic(theta, data[0])
+
+    loss.batched = True
+    kernel = MALA(_normal_prior(1), loss)
+    calls = []
+    real = kernel.log_density_and_grad
+    monkeypatch.setattr(
+        kernel, "log_density_and_grad", lambda t, d: calls.append(1) or real(t, d)
+    )
+    y = torch.tensor([1.0])
+    state = torch.zeros(2, 1)
+    for _ in range(3):
+        state, _ = kernel.step(state, [y], scale=0.1)  # a new list of the same tensor
+    assert len(calls) == 1 + 3  # the start once, then one proposal per step

@@ -65,18 +65,25 @@ class _Kernel:
         self.diff_mode, self.jacobian_chunk_size = diff_mode, jacobian_chunk_size
         self.gradient_horizon, self.device = gradient_horizon, device  # BlackBIRDS' arguments
         self.dim = _prior_dim(prior)
-        self._cache: tuple[Tensor, Tensor, Tensor] | None = None  # state, log target, grad
+        # (state, data key, log target, gradient) of the current chains
+        self._cache: tuple[Tensor, Any, Tensor, Tensor] | None = None
         self.last_accept_prob: Tensor | None = None
 
     def initialise_chain(self, state: Tensor, data: Any) -> None:
         """Evaluate the target at ``state`` (C, D) and remember it (BlackBIRDS' name)."""
         log_density, grad = self.log_density_and_grad(state, data)
-        self._cache = (state.detach(), log_density, grad)
+        self._cache = (state.detach(), _data_key(data), log_density, grad)
 
     def _current(self, state: Tensor, data: Any) -> tuple[Tensor, Tensor]:
-        if self._cache is None or not torch.equal(self._cache[0], state.detach()):
+        """The cached log target and gradient at ``state``, evaluated again unless they
+        were computed at this state for these data (the same objects, unmodified)."""
+        if (
+            self._cache is None
+            or not torch.equal(self._cache[0], state.detach())
+            or not _same_data(self._cache[1], data)
+        ):
             self.initialise_chain(state, data)
-        return self._cache[1], self._cache[2]
+        return self._cache[2], self._cache[3]
 
     def _begin(
         self, current_state: Tensor, data: Any, covariance: Tensor | None
@@ -106,6 +113,7 @@ class _Kernel:
         new_state = torch.where(accept[:, None], proposal, state)
         self._cache = (
             new_state.detach(),
+            self._cache[1] if self._cache is not None else None,
             torch.where(accept, proposed[0], current[0]),
             torch.where(accept[:, None], proposed[1], current[1]),
         )
@@ -136,6 +144,25 @@ class _Kernel:
         ok = torch.isfinite(log_density) & torch.isfinite(grad).all(-1)
         log_density = torch.where(ok, log_density, -math.inf)
         return log_density, torch.where(ok[:, None], grad, 0.0)
+
+
+def _data_key(data: Any) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    """What identifies the data a target was evaluated for: references to the data's parts
+    (held, so their ids cannot be reused) and the version counters of its tensors (so an
+    in-place edit counts as new data). A list of the same tensors is the same data."""
+    parts = tuple(data) if isinstance(data, list | tuple) else (data,)
+    return parts, tuple(t._version for t in parts if isinstance(t, Tensor))
+
+
+def _same_data(key: tuple[tuple[Any, ...], tuple[int, ...]] | None, data: Any) -> bool:
+    if key is None:
+        return False
+    parts, versions = _data_key(data)
+    return (
+        len(parts) == len(key[0])
+        and all(a is b for a, b in zip(parts, key[0], strict=True))
+        and versions == key[1]
+    )
 
 
 def _chol(covariance: Tensor | None, dim: int, like: Tensor) -> Tensor:
