@@ -356,3 +356,31 @@ def test_kernel_cache_still_saves_the_evaluation(monkeypatch):
     for _ in range(3):
         state, _ = kernel.step(state, [y], scale=0.1)  # a new list of the same tensor
     assert len(calls) == 1 + 3  # the start once, then one proposal per step
+
+
+# --- losses: the observed-data cache cannot be fooled by a reused id ----------------------
+# Before the fix the cache key was (id(y), y._version): float64 data compared with float32
+# simulations is converted, so nothing kept y alive; a new tensor allocated at the freed
+# address (CPython reuses it at once) got the old data's points and a wrong loss.
+
+
+def test_observed_cache_survives_id_reuse():
+    from gradcal.losses import MMDLoss
+    from gradcal.models import Normal
+
+    loss = MMDLoss(Normal(50), torch.randn(50))
+    theta = torch.tensor([[0.0, 1.0]])
+    old = torch.randn(50, dtype=torch.float64)
+    loss(theta, old)
+    old_id = id(old)
+    del old
+    new = torch.full((50,), 3.0, dtype=torch.float64)  # often at the freed address
+    reused = id(new) == old_id
+    with rng.seeded(1):
+        cached = loss(theta, new)
+    loss._cache.clear()
+    with rng.seeded(1):
+        uncached = loss(theta, new)
+    torch.testing.assert_close(cached, uncached)
+    # With the fix the old tensor is still held, so its address cannot be reused.
+    assert not reused
