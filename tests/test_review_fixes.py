@@ -384,3 +384,58 @@ def test_observed_cache_survives_id_reuse():
     torch.testing.assert_close(cached, uncached)
     # With the fix the old tensor is still held, so its address cannot be reused.
     assert not reused
+
+
+# --- Python 3.10: one TOML reader, with the tomli backport declared ----------------------
+# Before the fix cli.py imported tomllib (3.11+) unconditionally, so `gradcal` could not even
+# start on Python 3.10, which pyproject.toml allows; report.py silently read no config there.
+
+_AS_ON_310 = """
+import sys, tomllib
+sys.modules["tomli"] = tomllib      # the backport has the same interface
+sys.modules["tomllib"] = None       # `import tomllib` raises ImportError, as on 3.10
+sys.version_info = (3, 10, 12, "final", 0)
+from gradcal.cli import main
+from gradcal.report import _read_toml
+from pathlib import Path
+print(_read_toml(Path(sys.argv[1]))[1]["run"]["seed"])
+sys.exit(main(["check", sys.argv[1]]))
+"""
+
+
+def test_cli_and_report_read_toml_as_on_python_310(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = Path(__file__).parents[1] / "examples" / "sp500" / "config.toml"
+    result = subprocess.run(
+        [sys.executable, "-c", _AS_ON_310, str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[0].strip().isdigit()
+
+
+def test_tomli_is_declared_for_python_310():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    deps = [d.replace(" ", "") for d in project["project"]["dependencies"]]
+    assert any(d.startswith("tomli") and "python_version<'3.11'" in d for d in deps), deps
+    assert not any("corner" in d for d in project["project"]["optional-dependencies"]["plot"])
+
+
+def test_toml_errors_name_the_file(tmp_path):
+    from gradcal.config import ConfigError, loads_toml, read_toml
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: not valid TOML"):
+        read_toml(bad)
+    with pytest.raises(ConfigError, match=r"missing.toml: no such file"):
+        read_toml(tmp_path / "missing.toml")
+    assert loads_toml('a = 1') == {"a": 1}

@@ -27,7 +27,17 @@ from gradcal.losses import EnergyDistanceLoss, MMDLoss, MSELoss, NegativeLogLike
 from gradcal.priors import PRIOR_KINDS, Product, marginal
 from gradcal.rng import seeded
 
-__all__ = ["BUILTIN_MODELS", "Built", "ConfigError", "build", "check", "dumps", "resolve"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "Built",
+    "ConfigError",
+    "build",
+    "check",
+    "dumps",
+    "loads_toml",
+    "read_toml",
+    "resolve",
+]
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,36 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+def loads_toml(text: str, source: str = "<text>") -> dict[str, Any]:
+    """Parse TOML text (tomllib on Python >= 3.11, the ``tomli`` backport before).
+
+    A syntax error raises :class:`ConfigError` with one line naming ``source``.
+
+    Example:
+        >>> loads_toml('[run]\\nseed = 3')
+        {'run': {'seed': 3}}
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # the backport, a declared dependency on Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError([f"{source}: not valid TOML ({error})"]) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file; a missing file or a syntax error raises :class:`ConfigError`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"{path}: not valid TOML (not UTF-8 text: {error})"]) from None
+    return loads_toml(text, str(path))
 
 
 def _unknown(key: str, known: Any, path: str) -> str:

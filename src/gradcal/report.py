@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradcal import plotting
+from gradcal.config import loads_toml
 from gradcal.diagnostics import read_khat
 
 if TYPE_CHECKING:
@@ -110,14 +111,7 @@ class _Run:
 
 def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            return text, {}
-    return text, tomllib.loads(text)
+    return text, loads_toml(text, path.name)
 
 
 def _read_pt(keys: tuple[str, ...]) -> Callable[[Path], dict[str, Any]]:
