@@ -439,3 +439,34 @@ def test_toml_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"missing.toml: no such file"):
         read_toml(tmp_path / "missing.toml")
     assert loads_toml('a = 1') == {"a": 1}
+
+
+# --- docs and packaging ------------------------------------------------------------------
+
+
+def test_every_module_declares_all():
+    import importlib
+    import pkgutil
+
+    import gradcal
+
+    missing = []
+    for info in pkgutil.walk_packages(gradcal.__path__, "gradcal."):
+        if info.name.endswith("conftest"):
+            continue
+        module = importlib.import_module(info.name)
+        if not hasattr(module, "__all__"):
+            missing.append(info.name)
+    assert not missing, missing
+
+
+def test_architecture_modules_table_is_one_table():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    section = text.split("## Modules (src/gradcal/)")[1].split("\n## ")[0]
+    lines = section.strip().splitlines()
+    table = [i for i, line in enumerate(lines) if line.startswith("|")]
+    assert table == list(range(table[0], table[-1] + 1)), "a blank line splits the table"
+    for module in ("gradients.py", "infer/vi.py", "distributed.py", "checkpoint.py"):
+        assert any(f"`{module}`" in lines[i] for i in table), module
