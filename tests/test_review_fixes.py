@@ -201,7 +201,9 @@ def test_vi_device_moves_the_prior():
     vi = VI(_quadratic, _normal_prior(), DiagonalGaussian(torch.zeros(2)), device="meta")
     kl = vi.regularisation()
     assert kl.device.type == "meta"
-    constrained = Constrained(DiagonalGaussian(torch.zeros(1)), torch.distributions.constraints.positive)
+    constrained = Constrained(
+        DiagonalGaussian(torch.zeros(1)), torch.distributions.constraints.positive
+    )
     prior = torch.distributions.Independent(
         torch.distributions.LogNormal(torch.zeros(1), torch.ones(1)), 1
     )
@@ -277,7 +279,9 @@ def test_monte_carlo_kl_drops_draws_on_the_prior_bound():
 
     # q spreads past the interval's ends: in float32 many draws are exactly 3.0, outside
     # Uniform(2, 3)'s half-open support [2, 3), where log prior = -inf.
-    q = Constrained(DiagonalGaussian(torch.zeros(1), 40.0), torch.distributions.constraints.interval(2.0, 3.0))
+    q = Constrained(
+        DiagonalGaussian(torch.zeros(1), 40.0), torch.distributions.constraints.interval(2.0, 3.0)
+    )
     prior = torch.distributions.Independent(
         torch.distributions.Uniform(torch.tensor([2.0]), torch.tensor([3.0])), 1
     )
@@ -295,7 +299,9 @@ def test_monte_carlo_kl_drops_draws_on_the_prior_bound():
 
 
 def test_vi_with_a_uniform_prior_records_kl_drops_and_a_best_state():
-    q = Constrained(DiagonalGaussian(torch.zeros(1), 40.0), torch.distributions.constraints.interval(2.0, 3.0))
+    q = Constrained(
+        DiagonalGaussian(torch.zeros(1), 40.0), torch.distributions.constraints.interval(2.0, 3.0)
+    )
     prior = torch.distributions.Independent(
         torch.distributions.Uniform(torch.tensor([2.0]), torch.tensor([3.0])), 1
     )
@@ -348,9 +354,7 @@ def test_kernel_cache_still_saves_the_evaluation(monkeypatch):
     kernel = MALA(_normal_prior(1), loss)
     calls = []
     real = kernel.log_density_and_grad
-    monkeypatch.setattr(
-        kernel, "log_density_and_grad", lambda t, d: calls.append(1) or real(t, d)
-    )
+    monkeypatch.setattr(kernel, "log_density_and_grad", lambda t, d: calls.append(1) or real(t, d))
     y = torch.tensor([1.0])
     state = torch.zeros(2, 1)
     for _ in range(3):
@@ -420,10 +424,11 @@ def test_cli_and_report_read_toml_as_on_python_310(tmp_path):
 
 
 def test_tomli_is_declared_for_python_310():
-    import tomllib
     from pathlib import Path
 
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    from gradcal.config import loads_toml
+
+    project = loads_toml((Path(__file__).parents[1] / "pyproject.toml").read_text())
     deps = [d.replace(" ", "") for d in project["project"]["dependencies"]]
     assert any(d.startswith("tomli") and "python_version<'3.11'" in d for d in deps), deps
     assert not any("corner" in d for d in project["project"]["optional-dependencies"]["plot"])
@@ -438,7 +443,7 @@ def test_toml_errors_name_the_file(tmp_path):
         read_toml(bad)
     with pytest.raises(ConfigError, match=r"missing.toml: no such file"):
         read_toml(tmp_path / "missing.toml")
-    assert loads_toml('a = 1') == {"a": 1}
+    assert loads_toml("a = 1") == {"a": 1}
 
 
 # --- docs and packaging ------------------------------------------------------------------

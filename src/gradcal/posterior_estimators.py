@@ -479,9 +479,7 @@ class DistributionFamily(Family):
             for i, leaf in enumerate(self._leaves):
                 _convert_in_place(leaf, fn)  # the optimiser keeps holding the same leaf
                 self._buffers[f"leaf{i}"] = leaf  # not the copy super()._apply made
-        self._instance = map_tensors(
-            self._instance, lambda t: t if id(t) in keep else fn(t)
-        )
+        self._instance = map_tensors(self._instance, lambda t: t if id(t) in keep else fn(t))
         return self
 
     def _raw(self) -> Distribution:

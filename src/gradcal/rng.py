@@ -35,9 +35,7 @@ def seeded(seed: int | None, device: torch.device | str | None = None) -> Iterat
         yield
         return
     device = torch.device("cpu" if device is None else device)
-    cuda = torch.cuda.is_available() and (
-        torch.cuda.is_initialized() or device.type == "cuda"
-    )
+    cuda = torch.cuda.is_available() and (torch.cuda.is_initialized() or device.type == "cuda")
     devices = list(range(torch.cuda.device_count())) if cuda else []
     cpu_state = torch.get_rng_state()
     cuda_states = [torch.cuda.get_rng_state(d) for d in devices]

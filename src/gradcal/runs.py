@@ -19,8 +19,8 @@ from gradcal.infer.mcmc import HMC, MALA, MCMC
 from gradcal.infer.smd import SMD
 from gradcal.infer.vi import VI
 from gradcal.posterior_estimators import Constrained, DiagonalGaussian, Flow, FullRankGaussian
-from gradcal.regularisation import prior_log_prob
 from gradcal.priors import distribution_device
+from gradcal.regularisation import prior_log_prob
 from gradcal.rng import seeded
 
 __all__ = ["RunInterrupted", "run_calibration", "write_outputs"]
@@ -153,8 +153,9 @@ def _run_mcmc(
         torch.save({"chains": mcmc.chains, "names": built.names}, run_dir / "chains.pt")
     return {
         "samples": mcmc.samples.reshape(-1, len(built.names)),
-        "rhat": mcmc.rhat().tolist(),
-        "ess": mcmc.ess().tolist(),
+        "rhat": mcmc.rhat().tolist(),  # rank-normalised split R-hat
+        "ess": mcmc.ess_bulk().tolist(),
+        "ess_tail": mcmc.ess_tail().tolist(),
     }
 
 
@@ -209,7 +210,9 @@ def write_outputs(run_dir: Path, built: Built, result: dict[str, Any], seed: int
                     _cell(result.get("khat")) if i == 0 else "",
                 ]
             )
-    diagnostics: dict[str, Any] = {k: result[k] for k in ("khat", "rhat", "ess") if k in result}
+    diagnostics: dict[str, Any] = {
+        k: result[k] for k in ("khat", "rhat", "ess", "ess_tail") if k in result
+    }
     notes = diagnostics.setdefault("notes", [])
     if "khat" in result and not getattr(built.loss, "exact", False):
         notes.append(

@@ -1,4 +1,4 @@
-r"""Gradient MCMC: MALA and HMC kernels, a runner with warm-up adaptation, R-hat and ESS.
+r"""Gradient MCMC: MALA and HMC kernels, a runner with warm-up adaptation.
 
 Every kernel targets the generalised posterior of the VI convention,
 
@@ -30,10 +30,27 @@ from gradcal.distributed import (
     world_size,
 )
 from gradcal.gradients import BatchedLoss, Batching, loss_and_gradient
+from gradcal.infer.convergence import (
+    effective_sample_size,
+    ess_bulk,
+    ess_tail,
+    rhat,
+    split_rhat,
+)
 from gradcal.regularisation import _prior_dim, prior_log_prob
 from gradcal.rng import seeded
 
-__all__ = ["HMC", "MALA", "MCMC", "effective_sample_size", "split_rhat"]
+# R-hat and ESS live in gradcal.infer.convergence; re-exported at their former path.
+__all__ = [
+    "HMC",
+    "MALA",
+    "MCMC",
+    "effective_sample_size",
+    "ess_bulk",
+    "ess_tail",
+    "rhat",
+    "split_rhat",
+]
 
 
 class _Kernel:
@@ -352,7 +369,8 @@ class MCMC:
 
     After :meth:`run`: ``samples`` (num_samples, C, D) (``chains``: (C, S, D)),
     ``acceptance_rate`` (C,),
-    ``step_size`` and ``covariance`` (as adapted), :meth:`rhat` and :meth:`ess`.
+    ``step_size`` and ``covariance`` (as adapted), :meth:`rhat`, :meth:`ess`,
+    :meth:`ess_bulk` and :meth:`ess_tail`.
     """
 
     def __init__(
@@ -487,91 +505,24 @@ class MCMC:
         return self.samples.transpose(0, 1)
 
     def rhat(self) -> Tensor:
-        """Split R-hat of each parameter over the kept draws: (D,)."""
-        return split_rhat(self.chains)
+        """Rank-normalised split R-hat of each parameter over the kept draws: (D,)
+        (:func:`~gradcal.infer.convergence.rhat`; 1.01 or more: not mixed)."""
+        return rhat(self.chains)
 
     def ess(self) -> Tensor:
-        """Effective sample size of each parameter over all chains: (D,)."""
+        """Effective sample size for the mean of each parameter over all chains: (D,)."""
         return effective_sample_size(self.chains)
+
+    def ess_bulk(self) -> Tensor:
+        """Bulk effective sample size of each parameter (rank-normalised split chains): (D,)."""
+        return ess_bulk(self.chains)
+
+    def ess_tail(self) -> Tensor:
+        """Tail effective sample size of each parameter (5 % and 95 % quantiles): (D,)."""
+        return ess_tail(self.chains)
 
 
 def _gather_chains(x: Tensor) -> Tensor:
     """Concatenate every rank's chains along axis 1 (x itself in one process)."""
     parts = all_gather_objects(x.detach().cpu())
     return torch.cat(parts, 1).to(x) if len(parts) > 1 else x
-
-
-def _autocorrelation(x: Tensor) -> Tensor:
-    """Autocorrelation of each chain along its samples: (C, S) -> (C, S), by FFT."""
-    s = x.shape[-1]
-    centred = x - x.mean(-1, keepdim=True)
-    f = torch.fft.rfft(centred, n=2 * s)
-    acov = torch.fft.irfft(f * f.conj(), n=2 * s)[..., :s] / s
-    return acov / acov[..., :1].clamp(min=torch.finfo(x.dtype).tiny)
-
-
-def effective_sample_size(chains: Tensor) -> Tensor:
-    r"""Effective sample size of chains (C, S, D) (or (C, S)): (D,) (or 0-d).
-
-    Stan's estimator: the autocorrelation :math:`\hat\rho_t` combines the within-chain
-    autocovariances with the between-chain variance, and the sum
-    :math:`\hat\tau = -1 + 2 \sum_t \hat P_t` runs over Geyer's initial positive and
-    monotone sequence of pair sums :math:`P_t = \hat\rho_{2t} + \hat\rho_{2t+1}`;
-    :math:`\mathrm{ESS} = C S / \hat\tau`.
-
-    Example:
-        >>> chains = torch.randn(4, 1000)
-        >>> 3000 < effective_sample_size(chains).item() < 5000
-        True
-    """
-    x = chains if chains.ndim == 3 else chains[..., None]
-    x = x.double()
-    c, s, d = x.shape
-    if s < 4:
-        raise ValueError(f"`chains` needs at least 4 samples per chain, got {s}.")
-    out = []
-    for k in range(d):
-        xk = x[..., k]
-        acov = _autocorrelation(xk) * xk.var(-1, unbiased=False, keepdim=True)
-        within = xk.var(-1).mean()
-        var_plus = within * (s - 1) / s + (xk.mean(-1).var() if c > 1 else 0.0)
-        if var_plus <= 0:
-            out.append(torch.tensor(float(c * s), dtype=x.dtype))
-            continue
-        rho = 1 - (within - acov.mean(0)) / var_plus
-        rho[0] = 1.0
-        pairs = rho[: 2 * (s // 2)].reshape(-1, 2).sum(-1)
-        positive = pairs > 0
-        first_negative = int(torch.argmin(positive.int())) if not positive.all() else len(pairs)
-        pairs = pairs[:first_negative]
-        pairs = torch.cummin(pairs, 0).values  # monotone
-        tau = -1.0 + 2.0 * pairs.sum()
-        tau = max(float(tau), 1.0 / math.log10(max(c * s, 10)))
-        out.append(torch.tensor(c * s / tau, dtype=x.dtype))
-    result = torch.stack(out)
-    return result if chains.ndim == 3 else result[0]
-
-
-def split_rhat(chains: Tensor) -> Tensor:
-    r"""Split R-hat of chains (C, S, D) (or (C, S)): (D,) (or 0-d).
-
-    Each chain is cut in two halves; with W the mean within-half variance and B/n the
-    variance of the half means, :math:`\hat R = \sqrt{((n-1)/n\, W + B/n) / W}`. Values
-    above 1.01 mean the chains have not mixed.
-
-    Example:
-        >>> split_rhat(torch.randn(4, 1000)).item() < 1.01
-        True
-    """
-    x = chains if chains.ndim == 3 else chains[..., None]
-    s = x.shape[1]
-    if s < 4:
-        raise ValueError(f"`chains` needs at least 4 samples per chain, got {s}.")
-    half = s // 2
-    halves = torch.cat((x[:, :half], x[:, s - half :]), 0).double()  # (2C, n, D)
-    n = halves.shape[1]
-    within = halves.var(1).mean(0)
-    between_over_n = halves.mean(1).var(0)
-    rhat = (((n - 1) / n) * within + between_over_n) / within
-    result = rhat.sqrt()
-    return result if chains.ndim == 3 else result[0]

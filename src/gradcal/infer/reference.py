@@ -20,8 +20,8 @@ from torch import Tensor
 
 from gradcal.distributed import all_gather_objects, rank, shard, world_size
 from gradcal.gradients import BatchedLoss, Batching
-from gradcal.regularisation import prior_log_prob
 from gradcal.priors import distribution_device
+from gradcal.regularisation import prior_log_prob
 from gradcal.rng import seeded
 
 __all__ = ["ImportanceSamples", "RejectionSamples", "importance_sampling", "rejection_abc"]
