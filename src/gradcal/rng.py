@@ -19,8 +19,8 @@ def seeded(seed: int | None, device: torch.device | str | None = None) -> Iterat
     generator and, once CUDA is in use (initialised, or ``device`` is a CUDA device), the
     generator of every CUDA device are saved, seeded with ``seed`` and restored on exit:
     every device, because ``torch.manual_seed`` reseeds them all. An uninitialised CUDA is
-    left untouched. ``device`` only names a CUDA device the block will draw on; the
-    caller's streams are safe without it.
+    left untouched, so name ``device`` when the block may be the first to use CUDA: its
+    CUDA draws are then seeded too. The caller's streams are safe either way.
 
     Example:
         >>> before = torch.get_rng_state()
