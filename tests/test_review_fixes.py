@@ -481,3 +481,21 @@ def test_architecture_modules_table_is_one_table():
     assert table == list(range(table[0], table[-1] + 1)), "a blank line splits the table"
     for module in ("gradients.py", "infer/vi.py", "distributed.py", "checkpoint.py"):
         assert any(f"`{module}`" in lines[i] for i in table), module
+
+
+def test_cpu_launch_keeps_gloo_and_no_gpu(monkeypatch):
+    """Without CUDA: plain gloo, and no CUDA call (a CPU build of torch has none)."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def no_gpu(device):
+        raise AssertionError("set_device called on a machine without CUDA")
+
+    monkeypatch.setattr(torch.cuda, "set_device", no_gpu)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    chosen = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: chosen.update(b=backend))
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    assert gdist.init_distributed().backend == chosen["b"] == "gloo"

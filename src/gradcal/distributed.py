@@ -118,7 +118,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 120.0) -> Co
         return Context(0, 1, 0, None)
     local = int(os.environ.get("LOCAL_RANK", 0))
     backend = choose_backend(backend, torch.cuda.is_available())
-    if "cuda" in backend_devices(backend):
+    if "nccl" in backend:  # NCCL needs each rank on its own GPU
         torch.cuda.set_device(local)
     dist.init_process_group(
         backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s)
