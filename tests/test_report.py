@@ -135,7 +135,7 @@ def test_complete_run(tmp_path, elsewhere, kind, images):
     if kind == "mcmc":
         assert "Traces" in page and "<h2>Loss</h2>" not in page
         assert "the chains of b (R-hat 1.08) have not mixed: run longer" in page
-        assert "smallest effective sample size 37 (b)" in page
+        assert "smallest bulk effective sample size 37 (b)" in page
     else:
         assert "<h2>Loss</h2>" in page and "Traces" not in page
 

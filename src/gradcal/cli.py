@@ -10,9 +10,14 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
-from gradcal.config import BUILTIN_MODELS, ConfigError, check, resolve
+from gradcal.config import (
+    BUILTIN_MODELS,
+    ConfigError,
+    check,
+    loads_toml,
+    read_toml,
+    resolve,
+)
 
 __all__ = ["main"]
 
@@ -79,16 +84,6 @@ EXAMPLES = {
     "report": "gradcal report runs/a",
     "models": "gradcal models",
 }
-
-
-def _load(path: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: no such file"]) from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError([f"{path}: not valid TOML ({error})"]) from None
 
 
 def _configured(raw: dict[str, Any], base: Path, seed: int | None, device: str | None) -> dict:
@@ -179,7 +174,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    config = _configured(tomllib.loads(DEMO_CONFIG), Path.cwd(), args.seed, None)
+    config = _configured(loads_toml(DEMO_CONFIG), Path.cwd(), args.seed, None)
     return _execute(
         config, out, Path.cwd(), args.resume, f"gradcal demo --out {shlex.quote(str(out))}"
     )
@@ -192,7 +187,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _launch(args.nproc, sys.argv[1:])
     path = Path(args.config)
     base = path.parent
-    config = _configured(_load(args.config), base, args.seed, args.device)
+    config = _configured(read_toml(args.config), base, args.seed, args.device)
     out = Path(args.out) if args.out else Path("runs") / path.stem
     command = f"gradcal run {shlex.quote(args.config)} --out {shlex.quote(str(out))}"
     if args.seed is not None:
@@ -202,7 +197,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     path = Path(args.config)
-    problems = check(_load(args.config), path.parent)
+    problems = check(read_toml(args.config), path.parent)
     if problems:
         raise ConfigError(problems)
     print(f"{args.config}: ok")

@@ -25,6 +25,7 @@ from gradcal import models
 from gradcal.kernels import GaussianKernel, LaplaceKernel
 from gradcal.losses import EnergyDistanceLoss, MMDLoss, MSELoss, NegativeLogLikelihood
 from gradcal.priors import PRIOR_KINDS, Product, marginal
+from gradcal.rng import seeded
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -33,6 +34,8 @@ __all__ = [
     "build",
     "check",
     "dumps",
+    "loads_toml",
+    "read_toml",
     "relevant",
     "resolve",
 ]
@@ -177,6 +180,36 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+def loads_toml(text: str, source: str = "<text>") -> dict[str, Any]:
+    """Parse TOML text (tomllib on Python >= 3.11, the ``tomli`` backport before).
+
+    A syntax error raises :class:`ConfigError` with one line naming ``source``.
+
+    Example:
+        >>> loads_toml('[run]\\nseed = 3')
+        {'run': {'seed': 3}}
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # the backport, a declared dependency on Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError([f"{source}: not valid TOML ({error})"]) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file; a missing file or a syntax error raises :class:`ConfigError`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"{path}: not valid TOML (not UTF-8 text: {error})"]) from None
+    return loads_toml(text, str(path))
 
 
 def _unknown(key: str, known: Any, path: str) -> str:
@@ -585,8 +618,7 @@ def build(config: dict[str, Any], base: str | Path = ".") -> Built:
             data_cfg["at"] if data_cfg["at"] is not None else truth,
             dtype=torch.get_default_dtype(),
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config["run"]["seed"] + 1)
+        with seeded(config["run"]["seed"] + 1, torch.device(config["run"]["device"])):
             data = [y.detach() for y in model.run_and_observe(at)]
     else:
         data = _read_data(data_cfg, base)

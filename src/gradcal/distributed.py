@@ -26,7 +26,9 @@ __all__ = [
     "Context",
     "all_gather_objects",
     "all_reduce_sum",
+    "backend_devices",
     "broadcast_module",
+    "choose_backend",
     "exit_process",
     "init_distributed",
     "is_main",
@@ -92,7 +94,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = 120.0) -> Co
     """Join the process group the launcher set up; a no-op for a single process.
 
     Arguments:
-        backend: "gloo" or "nccl"; default NCCL when CUDA is available, else gloo.
+        backend: a torch.distributed backend string; default (and for ``"nccl"``)
+            ``"cpu:gloo,cuda:nccl"`` when CUDA is available, else ``"gloo"``. gradcal
+            reduces some small CPU tensors (loss totals, acceptance rates), which NCCL alone
+            cannot carry; see :func:`choose_backend`.
         timeout_s: how long a collective waits for a rank that has gone silent before
             every rank fails (so nothing hangs for ever).
 
@@ -112,14 +117,47 @@ def init_distributed(backend: str | None = None, timeout_s: float = 120.0) -> Co
     if size <= 1:
         return Context(0, 1, 0, None)
     local = int(os.environ.get("LOCAL_RANK", 0))
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
+    backend = choose_backend(backend, torch.cuda.is_available())
+    if "nccl" in backend:  # NCCL needs each rank on its own GPU
         torch.cuda.set_device(local)
     dist.init_process_group(
         backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s)
     )
     logger.info("rank %d of %d (%s)", dist.get_rank(), size, backend)
     return Context(dist.get_rank(), size, local, backend)
+
+
+def choose_backend(backend: str | None, cuda: bool) -> str:
+    """The process-group backend string: one backend for every device gradcal reduces on.
+
+    Collectives run on CPU tensors (loss totals, acceptance rates, RNG states) and, with a
+    family on a GPU, on CUDA tensors (gradients). NCCL serves CUDA tensors only, so with
+    CUDA the default, and what ``"nccl"`` becomes, is ``"cpu:gloo,cuda:nccl"``.
+
+    Example:
+        >>> choose_backend(None, cuda=True), choose_backend(None, cuda=False)
+        ('cpu:gloo,cuda:nccl', 'gloo')
+    """
+    if backend is None:
+        return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    if backend == "nccl":
+        logger.info("backend 'nccl' serves CUDA tensors only: using 'cpu:gloo,cuda:nccl'.")
+        return "cpu:gloo,cuda:nccl"
+    return backend
+
+
+def backend_devices(backend: str) -> set[str]:
+    """The device types a backend string serves, e.g. {"cpu", "cuda"}.
+
+    Example:
+        >>> sorted(backend_devices("cpu:gloo,cuda:nccl")), sorted(backend_devices("nccl"))
+        (['cpu', 'cuda'], ['cuda'])
+    """
+    if ":" in backend:
+        return {part.split(":")[0].strip() for part in backend.split(",")}
+    return {"nccl": {"cuda"}, "gloo": {"cpu", "cuda"}, "mpi": {"cpu", "cuda"}}.get(
+        backend, {"cpu", "cuda"}
+    )
 
 
 def _active() -> bool:

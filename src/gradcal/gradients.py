@@ -15,8 +15,8 @@ driver (:mod:`gradcal.infer.vi`) adds the KL term and steps the optimiser.
   :math:`\frac1B \sum_i (l_i - b_i) \nabla \log q(\theta_i)` with the leave-one-out
   baseline :math:`b_i = \frac{1}{B-1} \sum_{j \ne i} l_j` (unbiased; no simulator gradient).
 
-Draws whose loss (or, for pathwise estimators, whose gradient) is NaN or infinite are
-dropped from the average and counted.
+Draws whose loss (or, for pathwise estimators, whose gradient; for the score estimator,
+whose log q) is NaN or infinite are dropped from the average and counted.
 """
 
 from __future__ import annotations
@@ -348,7 +348,9 @@ class Score:
             with torch.no_grad():
                 theta, _ = _sample(family, shard(n)[1])
                 losses = loss(theta, data)
-            valid = _finite_rows(losses)
+                # log q(theta) is not finite for a draw on a bound of the support (a
+                # constrained map saturated in floating point): dropped, as a failed draw.
+                valid = _finite_rows(losses) & torch.isfinite(family.log_prob(theta))
         except Exception as caught:
             error = caught
         totals = _totals(losses, valid, error)

@@ -131,6 +131,7 @@ class _SampleLoss(_SimulationLoss):
         if window < 1:
             raise ValueError(f"`window` must be >= 1, got {window}.")
         self.window, self.increments, self.chunk_size = window, use_increments, chunk_size
+        # per output: (the data tensor itself, its version, dtype, device), points, constant
         self._cache: dict[int, tuple[tuple, Tensor, Tensor]] = {}
 
     def _points(self, series: Tensor) -> Tensor:
@@ -142,11 +143,12 @@ class _SampleLoss(_SimulationLoss):
     def _observed_points(self, index: int, y: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """Observed points and their constant term in the dtype and device of ``like``.
 
-        Cached per data tensor (identity and in-place version), dtype and device.
+        Cached per data tensor (identity and in-place version), dtype and device. The key
+        holds the tensor itself, so a freed tensor's id cannot be reused by new data.
         """
-        key = (id(y), y._version, like.dtype, like.device)
+        key = (y, y._version, like.dtype, like.device)
         cached = self._cache.get(index)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0][0] is y and cached[0][1:] == key[1:]:
             return cached[1], cached[2]
         with torch.no_grad():  # constants of the data: no graph, no transform wrappers
             points = self._points(as_points(y, y)[1].to(dtype=like.dtype, device=like.device))

@@ -24,6 +24,8 @@ from torch import Tensor
 from torch.distributions import Distribution, Transform, biject_to, constraints
 from torch.distributions.transforms import AffineTransform, StackTransform
 
+from gradcal.priors import map_tensors
+
 __all__ = [
     "Constrained",
     "DiagonalGaussian",
@@ -448,6 +450,19 @@ def _trainable_leaves(obj: Any, seen: set[int] | None = None) -> Iterator[Tensor
             yield from _trainable_leaves(value, seen)
 
 
+def _convert_in_place(leaf: Tensor, fn: Callable[[Tensor], Tensor]) -> None:
+    """Give ``leaf`` the converted value ``fn(leaf)`` while it stays the same Python object
+    (as :class:`torch.nn.Module` does for its parameters); its gradient follows."""
+    grad, leaf.grad = leaf.grad, None
+    new = fn(leaf.data)
+    if torch._has_compatible_shallow_copy_type(leaf, new):
+        leaf.data = new
+    else:  # e.g. to another kind of device: swap the whole tensor
+        torch.utils.swap_tensors(leaf, new.requires_grad_(leaf.requires_grad))
+    if grad is not None:
+        leaf.grad = fn(grad)
+
+
 class DistributionFamily(Family):
     """A torch distribution as a family, built each call from trainable parameters.
 
@@ -456,8 +471,9 @@ class DistributionFamily(Family):
     the parameters are unconstrained, so map them to the support in the factory, e.g.
     ``lambda log_a, log_b: Beta(log_a.exp(), log_b.exp())``), or
     ``DistributionFamily(distribution)``, an instance whose trainable tensors are leaves it
-    reads at sampling time (e.g. ``Normal(loc, scale)`` with ``loc.requires_grad``). An
-    instance is used as it is: ``.to()`` does not move it; build it where it should live.
+    reads at sampling time (e.g. ``Normal(loc, scale)`` with ``loc.requires_grad``). On
+    ``.to()``/``.double()`` an instance's leaves are converted in place (they stay the
+    tensors an optimiser holds) and its other tensors are replaced by converted copies.
 
     Example:
         >>> q = DistributionFamily(torch.distributions.Normal, loc=torch.zeros(2),
@@ -497,6 +513,18 @@ class DistributionFamily(Family):
             self.dim = q.event_shape[-1]
         if not q.has_rsample:
             raise ValueError(f"{type(q).__name__} has no rsample: pathwise gradients need one.")
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> Any:
+        super()._apply(fn, *args, **kwargs)
+        if self._instance is None:
+            return self
+        keep = {id(leaf) for leaf in self._leaves}
+        with torch.no_grad():
+            for i, leaf in enumerate(self._leaves):
+                _convert_in_place(leaf, fn)  # the optimiser keeps holding the same leaf
+                self._buffers[f"leaf{i}"] = leaf  # not the copy super()._apply made
+        self._instance = map_tensors(self._instance, lambda t: t if id(t) in keep else fn(t))
+        return self
 
     def _raw(self) -> Distribution:
         return self._instance if self._instance is not None else self._factory(**self._params)

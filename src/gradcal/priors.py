@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, constraints
+from torch.distributions import Distribution, Transform, constraints
 
-__all__ = ["PRIOR_KINDS", "Product", "marginal"]
+__all__ = [
+    "PRIOR_KINDS",
+    "Product",
+    "distribution_device",
+    "distribution_to",
+    "map_tensors",
+    "marginal",
+]
 
 # kind -> (torch distribution, its keyword arguments in order)
 PRIOR_KINDS: dict[str, tuple[type[Distribution], tuple[str, ...]]] = {
@@ -114,3 +122,84 @@ class Product(Distribution):
             safe = torch.where(inside, x, m.mean.to(x).expand_as(x))
             parts.append(torch.where(inside, m.log_prob(safe), -torch.inf))
         return torch.stack(parts, -1).sum(-1)
+
+
+def _parts(obj: Any) -> Iterator[tuple[str, Any]]:
+    """The attributes of a distribution or transform that may hold tensors."""
+    for name, value in vars(obj).items():
+        if name != "_inv":  # a transform's (weak) reference to its inverse: not a part
+            yield name, value
+
+
+def _mapped(value: Any, fn: Any, memo: dict[int, Any]) -> Any:
+    if id(value) in memo:
+        return memo[id(value)]
+    if isinstance(value, Tensor):
+        out = fn(value)
+    elif isinstance(value, Distribution | Transform):
+        out = copy.copy(value)
+        memo[id(value)] = out
+        for name, part in _parts(value):
+            setattr(out, name, _mapped(part, fn, memo))
+        if isinstance(out, Transform):
+            out._inv = None  # rebuilt on demand from the moved copy
+    elif isinstance(value, list | tuple):
+        out = type(value)(_mapped(v, fn, memo) for v in value)
+    else:
+        return value
+    memo[id(value)] = out
+    return out
+
+
+def map_tensors(d: Distribution, fn: Callable[[Tensor], Tensor]) -> Distribution:
+    """A copy of ``d`` (and of the distributions and transforms it holds) with ``fn``
+    applied to every tensor; a tensor held twice is mapped once. ``d`` is not changed.
+
+    Example:
+        >>> d = map_tensors(marginal("normal", loc=0, scale=1), lambda t: t + 1)
+        >>> d.loc.item(), d.scale.item()
+        (1.0, 2.0)
+    """
+    return _mapped(d, fn, {})
+
+
+def distribution_to(
+    d: Distribution, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Distribution:
+    """A copy of ``d`` with every tensor it holds (also inside the distributions and
+    transforms it is built from, e.g. a :class:`Product`'s marginals) on ``device`` and, for
+    floating-point tensors, of ``dtype``. ``d`` itself is not changed.
+
+    Example:
+        >>> prior = Product([marginal("uniform", low=0, high=2)])
+        >>> distribution_to(prior, dtype=torch.float64).sample((3,)).dtype
+        torch.float64
+    """
+
+    def fn(t: Tensor) -> Tensor:
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+    return map_tensors(d, fn)
+
+
+def distribution_device(d: Distribution) -> torch.device:
+    """The device of the first tensor ``d`` holds (the CPU when it holds none).
+
+    Example:
+        >>> distribution_device(marginal("normal", loc=0, scale=1))
+        device(type='cpu')
+    """
+    todo: list[Any] = [d]
+    seen: set[int] = set()
+    while todo:
+        obj = todo.pop(0)
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Tensor):
+            return obj.device
+        if isinstance(obj, Distribution | Transform):
+            todo.extend(v for _, v in _parts(obj))
+        elif isinstance(obj, list | tuple):
+            todo.extend(obj)
+    return torch.device("cpu")

@@ -24,6 +24,8 @@ __all__ = [
     "check_prior",
     "compute_regularisation_loss",
     "kl_divergence",
+    "kl_estimate",
+    "monte_carlo_kl",
     "prior_dim",
     "prior_log_prob",
 ]
@@ -129,7 +131,8 @@ def kl_divergence(
             and ``sample`` (then Monte Carlo unless it is a gradcal family).
         method: ``"analytic"`` (a registered closed form, else ``ValueError``),
             ``"monte_carlo"`` (:math:`\frac1n \sum_i \log q(\theta_i) - \log \pi(\theta_i)`,
-            reparameterised), or ``"auto"`` (analytic when registered).
+            reparameterised; draws where a term is not finite are dropped, see
+            :func:`monte_carlo_kl`), or ``"auto"`` (analytic when registered).
         n_samples: draws for the Monte Carlo estimate.
 
     Example:
@@ -138,6 +141,26 @@ def kl_divergence(
         ...     torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
         >>> round(kl_divergence(DiagonalGaussian(torch.ones(2)), prior).item(), 4)  # |mu|^2/2
         1.0
+    """
+    return kl_estimate(q, prior, method, n_samples)[0]
+
+
+def kl_estimate(
+    q: Any,
+    prior: Distribution,
+    method: Literal["auto", "analytic", "monte_carlo"] = "auto",
+    n_samples: int = 10_000,
+) -> tuple[Tensor, int]:
+    """:func:`kl_divergence` and the number of Monte Carlo draws it dropped (0 in closed form).
+
+    Example:
+        >>> prior = torch.distributions.Independent(
+        ...     torch.distributions.Uniform(torch.zeros(1), torch.ones(1)), 1)
+        >>> q = torch.distributions.Independent(
+        ...     torch.distributions.Uniform(torch.zeros(1), torch.ones(1)), 1)
+        >>> kl, dropped = kl_estimate(q, prior, "monte_carlo", 10)
+        >>> kl.item(), dropped
+        (0.0, 0)
     """
     if method not in ("auto", "analytic", "monte_carlo"):
         raise ValueError(f"`method` must be 'auto', 'analytic' or 'monte_carlo', got {method!r}.")
@@ -149,14 +172,42 @@ def kl_divergence(
     if method != "monte_carlo":
         kl = _analytic(q, prior)
         if kl is not None:
-            return kl
+            return kl, 0
         if method == "analytic":
             raise ValueError(
                 f"no closed-form KL is registered between {type(q).__name__} and "
                 f"{type(prior).__name__}: use method='monte_carlo'."
             )
+    return monte_carlo_kl(q, prior, n_samples)
+
+
+def monte_carlo_kl(q: Any, prior: Distribution, n_samples: int = 10_000) -> tuple[Tensor, int]:
+    r"""The Monte Carlo KL(q || prior) over the draws where it is finite, and the number dropped.
+
+    :math:`\frac1m \sum_{i \in K} \log q(\theta_i) - \log \pi(\theta_i)` over the set K
+    (of size m) of the n reparameterised draws whose log q and log prior are finite. A draw
+    can land on a bound of the prior's support when a constrained family's map saturates
+    in floating point (an affine sigmoid beyond |u| of about 17 in float32), where
+    log prior is -inf; such draws are dropped and counted, as failed simulations are. With
+    no finite draw the result is NaN.
+
+    Example:
+        >>> from gradcal.posterior_estimators import DiagonalGaussian
+        >>> prior = torch.distributions.Independent(
+        ...     torch.distributions.Normal(torch.zeros(1), torch.ones(1)), 1)
+        >>> kl, dropped = monte_carlo_kl(DiagonalGaussian(torch.zeros(1)), prior, 100)
+        >>> round(kl.item(), 6), dropped     # q = prior: every term is 0
+        (0.0, 0)
+    """
+    q = as_family(q)
     theta, log_q = q.sample(n_samples)
-    return (log_q - prior_log_prob(prior, theta)).mean()
+    with torch.no_grad():
+        ok = torch.isfinite(log_q) & torch.isfinite(prior_log_prob(prior, theta))
+    # The prior is evaluated again on the kept draws only, so that no gradient of it at a
+    # bound (inf times a zero weight) can turn the gradient into NaN.
+    kept = theta[ok]
+    kl = (log_q[ok] - prior_log_prob(prior, kept)).mean()
+    return kl, int((~ok).sum())
 
 
 def compute_regularisation_loss(posterior_estimator: Any, prior: Any, n_samples: int) -> Tensor:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradcal import plotting
+from gradcal.config import loads_toml
 from gradcal.diagnostics import read_khat
 
 if TYPE_CHECKING:
@@ -123,14 +124,7 @@ class _Run:
 
 def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            return text, {}
-    return text, tomllib.loads(text)
+    return text, loads_toml(text, path.name)
 
 
 def _read_pt(keys: tuple[str, ...]) -> Callable[[Path], dict[str, Any]]:
@@ -344,19 +338,22 @@ def _rhat_reading(rhat: list[Any], names: list[str]) -> str:
     names = names if len(names) == len(values) else [f"theta_{j}" for j in range(len(values))]
     bad = [(n, r) for n, r in zip(names, values, strict=True) if not r < _RHAT_OK]
     if not bad:
-        return f"every R-hat is below {_RHAT_OK} (largest {max(values):.3f}): the chains agree"
+        return (
+            f"every rank-normalised R-hat is below {_RHAT_OK} (largest {max(values):.3f}): "
+            "the chains agree"
+        )
     listed = ", ".join(f"{n} (R-hat {_number(r)})" for n, r in bad)
     return f"the chains of {listed} have not mixed: run longer"
 
 
-def _ess_reading(ess: list[Any], names: list[str]) -> str:
+def _ess_reading(ess: list[Any], names: list[str], kind: str = "bulk") -> str:
     values = [_float(e) for e in ess]
     names = names if len(names) == len(values) else [f"theta_{j}" for j in range(len(values))]
     finite = [(e, n) for e, n in zip(values, names, strict=True) if math.isfinite(e)]
     if not finite:
-        return "effective sample size could not be computed"
+        return f"{kind} effective sample size could not be computed"
     smallest, name = min(finite)
-    return f"smallest effective sample size {round(smallest)} ({name})"
+    return f"smallest {kind} effective sample size {round(smallest)} ({name})"
 
 
 def _ppc_table(ppc: dict[str, Any]) -> str:
@@ -398,6 +395,8 @@ def _diagnostics_section(diagnostics: dict[str, Any] | None, names: list[str], r
         readings.append(_rhat_reading(list(diagnostics["rhat"]), names))
     if diagnostics.get("ess"):
         readings.append(_ess_reading(list(diagnostics["ess"]), names))
+    if diagnostics.get("ess_tail"):
+        readings.append(_ess_reading(list(diagnostics["ess_tail"]), names, "tail"))
     parts = []
     if readings:
         parts.append("<ul>" + "".join(f"<li>{escape(r)}</li>" for r in readings) + "</ul>")

@@ -15,8 +15,12 @@ __all__ = ["get_rng_state", "seeded", "set_rng_state"]
 def seeded(seed: int | None, device: torch.device | str | None = None) -> Iterator[None]:
     """Run the block on a private stream seeded with ``seed``; the caller's is restored.
 
-    With ``seed=None`` the block uses (and advances) the global stream. ``device`` names the
-    CUDA device whose generator is forked too (the CPU one always is).
+    With ``seed=None`` the block uses (and advances) the global stream. Otherwise the CPU
+    generator and, once CUDA is in use (initialised, or ``device`` is a CUDA device), the
+    generator of every CUDA device are saved, seeded with ``seed`` and restored on exit:
+    every device, because ``torch.manual_seed`` reseeds them all. An uninitialised CUDA is
+    left untouched, so name ``device`` when the block may be the first to use CUDA: its
+    CUDA draws are then seeded too. The caller's streams are safe either way.
 
     Example:
         >>> before = torch.get_rng_state()
@@ -31,9 +35,19 @@ def seeded(seed: int | None, device: torch.device | str | None = None) -> Iterat
         yield
         return
     device = torch.device("cpu" if device is None else device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    cuda = torch.cuda.is_available() and (torch.cuda.is_initialized() or device.type == "cuda")
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    cpu_state = torch.get_rng_state()
+    cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+    try:
+        torch.random.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.manual_seed_all(seed)
         yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        for d, state in zip(devices, cuda_states, strict=True):
+            torch.cuda.set_rng_state(state, d)
 
 
 def get_rng_state() -> dict[str, Any]:

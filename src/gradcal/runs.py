@@ -19,6 +19,7 @@ from gradcal.infer.mcmc import HMC, MALA, MCMC
 from gradcal.infer.smd import SMD
 from gradcal.infer.vi import VI
 from gradcal.posterior_estimators import Constrained, DiagonalGaussian, Flow, FullRankGaussian
+from gradcal.priors import distribution_device
 from gradcal.regularisation import prior_log_prob
 from gradcal.rng import seeded
 
@@ -55,6 +56,11 @@ def _has_tensorboard() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard") is not None
+
+
+def _device(config: dict[str, Any]) -> torch.device:
+    """The device of the run (``[run] device``)."""
+    return torch.device(config["run"]["device"])
 
 
 def make_family(method: dict[str, Any], built: Built) -> Any:
@@ -138,7 +144,7 @@ def _run_smd(
     config: dict[str, Any], built: Built, run_dir: Path, progress: bool
 ) -> dict[str, Any]:
     method = config["method"]
-    with seeded(config["run"]["seed"]):
+    with seeded(config["run"]["seed"], _device(config)):
         starts = built.prior.sample((method["starts"],))
     theta = starts.clone().requires_grad_()
     smd = SMD(
@@ -165,7 +171,7 @@ def _run_mcmc(
     kernel_cls = HMC if method["kernel"] == "hmc" else MALA
     options = {"n_leapfrog": method["n_leapfrog"]} if method["kernel"] == "hmc" else {}
     kernel = kernel_cls(built.prior, built.loss, w=method["w"], **options)
-    with seeded(config["run"]["seed"]):
+    with seeded(config["run"]["seed"], _device(config)):
         start = built.prior.sample((method["chains"],))
     mcmc = MCMC(kernel, num_samples=method["samples"], progress_bar=progress)
     try:
@@ -184,8 +190,9 @@ def _run_mcmc(
         )
     return {
         "samples": mcmc.samples.reshape(-1, len(built.names)),
-        "rhat": mcmc.rhat().tolist(),
-        "ess": mcmc.ess().tolist(),
+        "rhat": mcmc.rhat().tolist(),  # rank-normalised split R-hat
+        "ess": mcmc.ess_bulk().tolist(),
+        "ess_tail": mcmc.ess_tail().tolist(),
     }
 
 
@@ -233,7 +240,7 @@ def write_outputs(
     ("output 0", ... when None).
     """
     samples = result["samples"].detach().cpu().float()
-    with seeded(seed):
+    with seeded(seed, distribution_device(built.prior)):
         prior_samples = built.prior.sample((2000,))
     truth = [None if t is None else float(t) for t in built.truth]
     torch.save(
@@ -264,7 +271,9 @@ def write_outputs(
                     _cell(result.get("khat")) if i == 0 else "",
                 ]
             )
-    diagnostics: dict[str, Any] = {k: result[k] for k in ("khat", "rhat", "ess") if k in result}
+    diagnostics: dict[str, Any] = {
+        k: result[k] for k in ("khat", "rhat", "ess", "ess_tail") if k in result
+    }
     notes = diagnostics.setdefault("notes", [])
     if "khat" in result and not getattr(built.loss, "exact", False):
         notes.append(

@@ -7,8 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+__all__ = ["as_pair", "as_samples", "check_int", "check_seed", "device_of", "standardised"]
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
+
+def check_int(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
     if value < minimum:
@@ -16,14 +18,14 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
     return value
 
 
-def _check_seed(seed: Any, optional: bool = True) -> None:
+def check_seed(seed: Any, optional: bool = True) -> None:
     if seed is None and optional:
         return
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"`seed` must be an int{' or None' if optional else ''}, got {seed!r}.")
 
 
-def _samples(x: Any, name: str, min_points: int = 2) -> Tensor:
+def as_samples(x: Any, name: str, min_points: int = 2) -> Tensor:
     """A detached floating sample (n, D) from (n, D) or (n,) (read as D = 1)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"`{name}` must be a tensor of shape (n, D), got {type(x).__name__}.")
@@ -42,8 +44,8 @@ def _samples(x: Any, name: str, min_points: int = 2) -> Tensor:
     return x.detach()
 
 
-def _pair(a: Any, b: Any, min_points: int = 2) -> tuple[Tensor, Tensor]:
-    a, b = _samples(a, "a", min_points), _samples(b, "b", min_points)
+def as_pair(a: Any, b: Any, min_points: int = 2) -> tuple[Tensor, Tensor]:
+    a, b = as_samples(a, "a", min_points), as_samples(b, "b", min_points)
     if a.shape[1] != b.shape[1]:
         raise ValueError(
             f"`a` (n, D) and `b` (m, D) must have the same D, got {tuple(a.shape)} and "
@@ -52,14 +54,14 @@ def _pair(a: Any, b: Any, min_points: int = 2) -> tuple[Tensor, Tensor]:
     return a, b.to(a)
 
 
-def _standardised(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def standardised(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """a and b divided coordinate-wise by the (unbiased) std of b; a zero std counts as 1."""
     scale = b.std(0)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return a / scale, b / scale
 
 
-def _device_of(*objects: Any) -> torch.device:
+def device_of(*objects: Any) -> torch.device:
     """The first CUDA device among the tensors of modules and distributions, else the CPU."""
     for obj in objects:
         if isinstance(obj, torch.nn.Module):

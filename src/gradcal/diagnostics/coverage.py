@@ -11,11 +11,13 @@ import torch
 from torch import Tensor
 
 from gradcal.diagnostics._checks import (
-    _check_int,
-    _check_seed,
-    _device_of,
+    check_int,
+    check_seed,
+    device_of,
 )
 from gradcal.rng import seeded
+
+__all__ = ["Coverage", "coverage"]
 
 logger = logging.getLogger("gradcal")
 
@@ -132,12 +134,12 @@ def coverage(
             "`model_or_simulator` must be a gradcal Model or a callable theta (D,) -> data, "
             f"got {type(model_or_simulator).__name__}."
         )
-    _check_int(n_datasets, "n_datasets", 1)
-    _check_seed(seed)
+    check_int(n_datasets, "n_datasets", 1)
+    check_seed(seed)
     level_t = torch.as_tensor(levels, dtype=torch.float64).reshape(-1)
     if level_t.numel() == 0 or not ((level_t > 0) & (level_t < 1)).all():
         raise ValueError(f"`levels` must be a non-empty sequence in (0, 1), got {levels!r}.")
-    device = _device_of(prior, model_or_simulator) if is_model else _device_of(prior)
+    device = device_of(prior, model_or_simulator) if is_model else device_of(prior)
     with seeded(seed, device), torch.no_grad():
         theta = _prior_draws(prior, n_datasets)
         if is_model:

@@ -11,14 +11,22 @@ import torch
 from torch import Tensor
 
 from gradcal.diagnostics._checks import (
-    _check_int,
-    _check_seed,
-    _pair,
-    _samples,
-    _standardised,
+    as_pair,
+    as_samples,
+    check_int,
+    check_seed,
+    standardised,
 )
 from gradcal.discrepancies import energy_distance, mmd
 from gradcal.kernels import GaussianKernel
+
+__all__ = [
+    "NoiseFloor",
+    "c2st",
+    "energy_distance_samples",
+    "mmd_samples",
+    "split_half_floor",
+]
 
 
 def energy_distance_samples(
@@ -43,9 +51,9 @@ def energy_distance_samples(
         >>> energy_distance_samples(a, b) < 0.05 < energy_distance_samples(a + 1, b)
         True
     """
-    a, b = _pair(a, b)
+    a, b = as_pair(a, b)
     if standardize:
-        a, b = _standardised(a, b)
+        a, b = standardised(a, b)
     with torch.no_grad():
         return float(energy_distance(a, b, chunk_size=chunk_size))
 
@@ -72,9 +80,9 @@ def mmd_samples(
         >>> mmd_samples(torch.randn(500, 2), b) < 0.01 < mmd_samples(b + 1, b)
         True
     """
-    a, b = _pair(a, b)
+    a, b = as_pair(a, b)
     if standardize:
-        a, b = _standardised(a, b)
+        a, b = standardised(a, b)
     with torch.no_grad():
         kernel = GaussianKernel().fitted(torch.cat((a, b)))
         return float(mmd(a, b, kernel, estimator="unbiased", chunk_size=chunk_size))
@@ -106,9 +114,9 @@ def split_half_floor(samples: Tensor, n_splits: int = 20, seed: int = 0) -> Nois
         >>> abs(floor.mean) < 3 * floor.std
         True
     """
-    x = _samples(samples, "samples", min_points=4)
-    _check_int(n_splits, "n_splits", 2)
-    _check_seed(seed, optional=False)
+    x = as_samples(samples, "samples", min_points=4)
+    check_int(n_splits, "n_splits", 2)
+    check_seed(seed, optional=False)
     generator = torch.Generator().manual_seed(seed)
     half = x.shape[0] // 2
     values = []
@@ -216,12 +224,12 @@ def c2st(
         >>> c2st(a, b) > 0.95
         True
     """
-    a, b = _pair(a, b)
-    _check_int(folds, "folds", 2)
-    _check_seed(seed, optional=False)
-    _check_int(hidden, "hidden", 1)
-    _check_int(epochs, "epochs", 1)
-    _check_int(batch_size, "batch_size", 1)
+    a, b = as_pair(a, b)
+    check_int(folds, "folds", 2)
+    check_seed(seed, optional=False)
+    check_int(hidden, "hidden", 1)
+    check_int(epochs, "epochs", 1)
+    check_int(batch_size, "batch_size", 1)
     if not lr > 0:
         raise ValueError(f"`lr` must be > 0, got {lr!r}.")
     n = min(a.shape[0], b.shape[0])

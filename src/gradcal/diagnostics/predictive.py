@@ -11,9 +11,17 @@ import torch
 from torch import Tensor
 
 from gradcal.diagnostics._checks import (
-    _check_seed,
+    check_seed,
 )
 from gradcal.rng import seeded
+
+__all__ = [
+    "DEFAULT_SUMMARIES",
+    "PredictiveCheck",
+    "SummaryCheck",
+    "autocorrelation",
+    "posterior_predictive",
+]
 
 
 def autocorrelation(series: Tensor, lag: int = 1) -> Tensor:
@@ -205,7 +213,7 @@ def posterior_predictive(
         raise TypeError(f"`theta` must be a floating tensor (B, D), got {type(theta).__name__}.")
     if theta.ndim != 2 or theta.shape[0] < 1:
         raise ValueError(f"`theta` must have shape (B, D), got {tuple(theta.shape)}.")
-    _check_seed(seed)
+    check_seed(seed)
     observed = _as_outputs(data)
     summaries = _check_summaries(summaries)
     with seeded(seed, theta.device), torch.no_grad():

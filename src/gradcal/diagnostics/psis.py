@@ -11,11 +11,13 @@ import torch
 from torch import Tensor
 
 from gradcal.diagnostics._checks import (
-    _check_int,
-    _check_seed,
-    _device_of,
+    check_int,
+    check_seed,
+    device_of,
 )
 from gradcal.rng import seeded
+
+__all__ = ["psis_khat", "read_khat", "vi_khat"]
 
 
 def _gpd_fit(x: Tensor) -> tuple[float, float]:
@@ -166,9 +168,9 @@ def vi_khat(
         )
     if not callable(log_target):
         raise TypeError(f"`log_target` must be callable, got {type(log_target).__name__}.")
-    _check_int(n_samples, "n_samples", 21)
-    _check_seed(seed)
-    device = _device_of(family) if isinstance(family, torch.nn.Module) else torch.device("cpu")
+    check_int(n_samples, "n_samples", 21)
+    check_seed(seed)
+    device = device_of(family) if isinstance(family, torch.nn.Module) else torch.device("cpu")
     with seeded(seed, device), torch.no_grad():
         drawn = family.sample(n_samples)
         if not (isinstance(drawn, tuple | list) and len(drawn) == 2):

@@ -1,6 +1,7 @@
 """Inference drivers: GVI, simulated minimum distance, gradient MCMC, reference posteriors."""
 
-from gradcal.infer.mcmc import HMC, MALA, MCMC, effective_sample_size, split_rhat
+from gradcal.infer.convergence import effective_sample_size, ess_bulk, ess_tail, rhat, split_rhat
+from gradcal.infer.mcmc import HMC, MALA, MCMC
 from gradcal.infer.reference import (
     ImportanceSamples,
     RejectionSamples,
@@ -19,7 +20,10 @@ __all__ = [
     "ImportanceSamples",
     "RejectionSamples",
     "effective_sample_size",
+    "ess_bulk",
+    "ess_tail",
     "importance_sampling",
     "rejection_abc",
+    "rhat",
     "split_rhat",
 ]

@@ -1,4 +1,4 @@
-r"""Gradient MCMC: MALA and HMC kernels, a runner with warm-up adaptation, R-hat and ESS.
+r"""Gradient MCMC: MALA and HMC kernels, a runner with warm-up adaptation.
 
 Every kernel targets the generalised posterior of the VI convention,
 
@@ -30,10 +30,27 @@ from gradcal.distributed import (
     world_size,
 )
 from gradcal.gradients import BatchedLoss, Batching, loss_and_gradient
+from gradcal.infer.convergence import (
+    effective_sample_size,
+    ess_bulk,
+    ess_tail,
+    rhat,
+    split_rhat,
+)
 from gradcal.regularisation import check_prior, prior_dim, prior_log_prob
 from gradcal.rng import seeded
 
-__all__ = ["HMC", "MALA", "MCMC", "effective_sample_size", "split_rhat"]
+# R-hat and ESS live in gradcal.infer.convergence; re-exported at their former path.
+__all__ = [
+    "HMC",
+    "MALA",
+    "MCMC",
+    "effective_sample_size",
+    "ess_bulk",
+    "ess_tail",
+    "rhat",
+    "split_rhat",
+]
 
 
 class _Kernel:
@@ -64,7 +81,8 @@ class _Kernel:
         self.diff_mode, self.jacobian_chunk_size = diff_mode, jacobian_chunk_size
         self.gradient_horizon, self.device = gradient_horizon, device  # BlackBIRDS' arguments
         self.dim = prior_dim(prior)
-        self._cache: tuple[Tensor, Tensor, Tensor] | None = None  # state, log target, grad
+        # (state, data key, log target, gradient) of the current chains
+        self._cache: tuple[Tensor, Any, Tensor, Tensor] | None = None
         self.last_accept_prob: Tensor | None = None
 
     def reset(self) -> None:
@@ -74,12 +92,18 @@ class _Kernel:
     def initialise_chain(self, state: Tensor, data: Any) -> None:
         """Evaluate the target at ``state`` (C, D) and remember it (BlackBIRDS' name)."""
         log_density, grad = self.log_density_and_grad(state, data)
-        self._cache = (state.detach(), log_density, grad)
+        self._cache = (state.detach(), _data_key(data), log_density, grad)
 
     def _current(self, state: Tensor, data: Any) -> tuple[Tensor, Tensor]:
-        if self._cache is None or not torch.equal(self._cache[0], state.detach()):
+        """The cached log target and gradient at ``state``, evaluated again unless they
+        were computed at this state for these data (the same objects, unmodified)."""
+        if (
+            self._cache is None
+            or not torch.equal(self._cache[0], state.detach())
+            or not _same_data(self._cache[1], data)
+        ):
             self.initialise_chain(state, data)
-        return self._cache[1], self._cache[2]
+        return self._cache[2], self._cache[3]
 
     def _begin(
         self, current_state: Tensor, data: Any, covariance: Tensor | None
@@ -109,6 +133,7 @@ class _Kernel:
         new_state = torch.where(accept[:, None], proposal, state)
         self._cache = (
             new_state.detach(),
+            self._cache[1] if self._cache is not None else None,
             torch.where(accept, proposed[0], current[0]),
             torch.where(accept[:, None], proposed[1], current[1]),
         )
@@ -139,6 +164,25 @@ class _Kernel:
         ok = torch.isfinite(log_density) & torch.isfinite(grad).all(-1)
         log_density = torch.where(ok, log_density, -math.inf)
         return log_density, torch.where(ok[:, None], grad, 0.0)
+
+
+def _data_key(data: Any) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    """What identifies the data a target was evaluated for: references to the data's parts
+    (held, so their ids cannot be reused) and the version counters of its tensors (so an
+    in-place edit counts as new data). A list of the same tensors is the same data."""
+    parts = tuple(data) if isinstance(data, list | tuple) else (data,)
+    return parts, tuple(t._version for t in parts if isinstance(t, Tensor))
+
+
+def _same_data(key: tuple[tuple[Any, ...], tuple[int, ...]] | None, data: Any) -> bool:
+    if key is None:
+        return False
+    parts, versions = _data_key(data)
+    return (
+        len(parts) == len(key[0])
+        and all(a is b for a, b in zip(parts, key[0], strict=True))
+        and versions == key[1]
+    )
 
 
 def _chol(covariance: Tensor | None, dim: int, like: Tensor) -> Tensor:
@@ -328,7 +372,8 @@ class MCMC:
 
     After :meth:`run`: ``samples`` (num_samples, C, D) (``chains``: (C, S, D)),
     ``acceptance_rate`` (C,),
-    ``step_size`` and ``covariance`` (as adapted), :meth:`rhat` and :meth:`ess`.
+    ``step_size`` and ``covariance`` (as adapted), :meth:`rhat`, :meth:`ess`,
+    :meth:`ess_bulk` and :meth:`ess_tail`.
     """
 
     def __init__(
@@ -475,91 +520,24 @@ class MCMC:
         return self.samples.transpose(0, 1)
 
     def rhat(self) -> Tensor:
-        """Split R-hat of each parameter over the kept draws: (D,)."""
-        return split_rhat(self.chains)
+        """Rank-normalised split R-hat of each parameter over the kept draws: (D,)
+        (:func:`~gradcal.infer.convergence.rhat`; 1.01 or more: not mixed)."""
+        return rhat(self.chains)
 
     def ess(self) -> Tensor:
-        """Effective sample size of each parameter over all chains: (D,)."""
+        """Effective sample size for the mean of each parameter over all chains: (D,)."""
         return effective_sample_size(self.chains)
+
+    def ess_bulk(self) -> Tensor:
+        """Bulk effective sample size of each parameter (rank-normalised split chains): (D,)."""
+        return ess_bulk(self.chains)
+
+    def ess_tail(self) -> Tensor:
+        """Tail effective sample size of each parameter (5 % and 95 % quantiles): (D,)."""
+        return ess_tail(self.chains)
 
 
 def _gather_chains(x: Tensor) -> Tensor:
     """Concatenate every rank's chains along axis 1 (x itself in one process)."""
     parts = all_gather_objects(x.detach().cpu())
     return torch.cat(parts, 1).to(x) if len(parts) > 1 else x
-
-
-def _autocorrelation(x: Tensor) -> Tensor:
-    """Autocorrelation of each chain along its samples: (C, S) -> (C, S), by FFT."""
-    s = x.shape[-1]
-    centred = x - x.mean(-1, keepdim=True)
-    f = torch.fft.rfft(centred, n=2 * s)
-    acov = torch.fft.irfft(f * f.conj(), n=2 * s)[..., :s] / s
-    return acov / acov[..., :1].clamp(min=torch.finfo(x.dtype).tiny)
-
-
-def effective_sample_size(chains: Tensor) -> Tensor:
-    r"""Effective sample size of chains (C, S, D) (or (C, S)): (D,) (or 0-d).
-
-    Stan's estimator: the autocorrelation :math:`\hat\rho_t` combines the within-chain
-    autocovariances with the between-chain variance, and the sum
-    :math:`\hat\tau = -1 + 2 \sum_t \hat P_t` runs over Geyer's initial positive and
-    monotone sequence of pair sums :math:`P_t = \hat\rho_{2t} + \hat\rho_{2t+1}`;
-    :math:`\mathrm{ESS} = C S / \hat\tau`.
-
-    Example:
-        >>> chains = torch.randn(4, 1000)
-        >>> 3000 < effective_sample_size(chains).item() < 5000
-        True
-    """
-    x = chains if chains.ndim == 3 else chains[..., None]
-    x = x.double()
-    c, s, d = x.shape
-    if s < 4:
-        raise ValueError(f"`chains` needs at least 4 samples per chain, got {s}.")
-    out = []
-    for k in range(d):
-        xk = x[..., k]
-        acov = _autocorrelation(xk) * xk.var(-1, unbiased=False, keepdim=True)
-        within = xk.var(-1).mean()
-        var_plus = within * (s - 1) / s + (xk.mean(-1).var() if c > 1 else 0.0)
-        if var_plus <= 0:
-            out.append(torch.tensor(float(c * s), dtype=x.dtype))
-            continue
-        rho = 1 - (within - acov.mean(0)) / var_plus
-        rho[0] = 1.0
-        pairs = rho[: 2 * (s // 2)].reshape(-1, 2).sum(-1)
-        positive = pairs > 0
-        first_negative = int(torch.argmin(positive.int())) if not positive.all() else len(pairs)
-        pairs = pairs[:first_negative]
-        pairs = torch.cummin(pairs, 0).values  # monotone
-        tau = -1.0 + 2.0 * pairs.sum()
-        tau = max(float(tau), 1.0 / math.log10(max(c * s, 10)))
-        out.append(torch.tensor(c * s / tau, dtype=x.dtype))
-    result = torch.stack(out)
-    return result if chains.ndim == 3 else result[0]
-
-
-def split_rhat(chains: Tensor) -> Tensor:
-    r"""Split R-hat of chains (C, S, D) (or (C, S)): (D,) (or 0-d).
-
-    Each chain is cut in two halves; with W the mean within-half variance and B/n the
-    variance of the half means, :math:`\hat R = \sqrt{((n-1)/n\, W + B/n) / W}`. Values
-    above 1.01 mean the chains have not mixed.
-
-    Example:
-        >>> split_rhat(torch.randn(4, 1000)).item() < 1.01
-        True
-    """
-    x = chains if chains.ndim == 3 else chains[..., None]
-    s = x.shape[1]
-    if s < 4:
-        raise ValueError(f"`chains` needs at least 4 samples per chain, got {s}.")
-    half = s // 2
-    halves = torch.cat((x[:, :half], x[:, s - half :]), 0).double()  # (2C, n, D)
-    n = halves.shape[1]
-    within = halves.var(1).mean(0)
-    between_over_n = halves.mean(1).var(0)
-    rhat = (((n - 1) / n) * within + between_over_n) / within
-    result = rhat.sqrt()
-    return result if chains.ndim == 3 else result[0]

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from gradcal.distributed import all_gather_objects, rank, shard, world_size
 from gradcal.gradients import BatchedLoss, Batching
+from gradcal.priors import distribution_device
 from gradcal.regularisation import prior_log_prob
 from gradcal.rng import seeded
 
@@ -102,7 +103,7 @@ def importance_sampling(
         raise ValueError(f"`n_samples` ({n_samples}) must be at least the number of ranks.")
     n_local = shard(n_samples)[1]  # under torchrun: this rank's share of the draws
     stream = None if seed is None else seed + rank()
-    with seeded(stream), torch.no_grad():
+    with seeded(stream, distribution_device(source)), torch.no_grad():
         for start in range(0, n_local, batch_size):
             theta = source.sample((min(batch_size, n_local - start),))
             theta = theta[:, None] if theta.ndim == 1 else theta
@@ -216,7 +217,7 @@ def rejection_abc(
         )
     batched = BatchedLoss(loss, batching)
     thetas, all_losses = [], []
-    with seeded(seed), torch.no_grad():
+    with seeded(seed, distribution_device(prior)), torch.no_grad():
         for start in range(0, n_samples, batch_size):
             theta = prior.sample((min(batch_size, n_samples - start),))
             theta = theta[:, None] if theta.ndim == 1 else theta

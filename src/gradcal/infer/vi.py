@@ -40,10 +40,12 @@ from gradcal.distributed import (
 )
 from gradcal.gradients import BatchedLoss, Batching, EpochEstimate, make_estimator
 from gradcal.posterior_estimators import as_family
+from gradcal.priors import distribution_device, distribution_to
 from gradcal.regularisation import (
     check_prior,
     compute_regularisation_loss,  # BlackBIRDS' path
     kl_divergence,
+    kl_estimate,
     prior_dim,
 )
 from gradcal.rng import get_rng_state, seeded, set_rng_state
@@ -98,7 +100,8 @@ class VI:
         diff_mode: ``"reverse"`` or ``"forward"`` (pathwise estimator only).
         gradient_estimation_method: ``"pathwise"`` or ``"score"``.
         jacobian_chunk_size: forward mode: tangent directions pushed through at once.
-        device: where q lives: a family on the CPU is moved there; data follows q.
+        device: where q lives: a family on the CPU is moved there; data and (a copy of)
+            the prior follow q.
         progress_bar, progress_info: show a tqdm bar, with loss figures.
         log_tensorboard, tensorboard_log_dir: write TensorBoard scalars (``tensorboard``
             extra; torch's default folder ``runs/`` when no folder is given).
@@ -118,7 +121,8 @@ class VI:
         scheduler: an optional learning-rate scheduler, stepped after each epoch.
 
     After :meth:`run`: ``losses_hist`` (keys ``total``, ``loss``, ``regularisation``,
-    ``dropped``; one value per epoch), ``best_loss`` and ``best_estimator_state_dict``.
+    ``dropped`` (draws of the loss dropped), ``dropped_kl`` (Monte Carlo KL draws dropped);
+    one value per epoch), ``best_loss`` and ``best_estimator_state_dict``.
 
     Example:
         >>> from gradcal.losses import NegativeLogLikelihood
@@ -216,6 +220,8 @@ class VI:
         self.diff_mode, self.gradient_estimation_method = diff_mode, gradient_estimation_method
         self.jacobian_chunk_size = jacobian_chunk_size
         self.device = _family_device(self.family)
+        if distribution_device(prior) != self.device:  # the KL needs the prior beside q
+            self.prior = distribution_to(prior, self.device)
         self.progress_bar, self.progress_info = progress_bar, progress_info
         self.log_tensorboard, self.tensorboard_log_dir = log_tensorboard, tensorboard_log_dir
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
@@ -225,10 +231,17 @@ class VI:
     # --- one epoch ------------------------------------------------------------------------
 
     def regularisation(self) -> Tensor:
-        """w * KL(q || prior), differentiable (0 when w = 0)."""
+        """w * KL(q || prior), differentiable (0 when w = 0).
+
+        ``kl_dropped`` keeps how many Monte Carlo draws of the KL were dropped (non-finite
+        log q or log prior, e.g. a draw on a bound of the prior's support).
+        """
+        self.kl_dropped = 0
         if self.w == 0.0:
             return torch.zeros((), device=self.device)
-        kl = kl_divergence(self.family, self.prior, self.kl, self.n_samples_regularisation)
+        kl, self.kl_dropped = kl_estimate(
+            self.family, self.prior, self.kl, self.n_samples_regularisation
+        )
         return self.w * kl
 
     def step(self, data: Any) -> tuple[float, float, float, EpochEstimate]:
@@ -243,7 +256,11 @@ class VI:
         sum_gradients(self.family.parameters())  # the same gradient on every rank
         if math.isfinite(self.gradient_clipping_norm):
             torch.nn.utils.clip_grad_norm_(self.family.parameters(), self.gradient_clipping_norm)
-        reg = float(all_reduce_sum(regularisation.detach().double()))
+        reg_and_dropped = torch.stack(
+            (regularisation.detach().double().cpu(), torch.tensor(float(self.kl_dropped)).double())
+        )
+        reg, kl_dropped = (float(x) for x in all_reduce_sum(reg_and_dropped))
+        self.kl_dropped = int(kl_dropped)  # over every rank's draws
         return estimate.loss + reg, estimate.loss, reg, estimate
 
     def initialize_estimator(
@@ -272,6 +289,7 @@ class VI:
         self.best_loss = math.inf
         self.best_estimator_state_dict: dict[str, Tensor] | None = None
         self._epoch = self._stall = self._failed = 0
+        self.kl_dropped = 0
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -322,6 +340,7 @@ class VI:
             ("loss", loss),
             ("regularisation", reg),
             ("dropped", dropped),
+            ("dropped_kl", self.kl_dropped),
         ):
             self.losses_hist[key].append(value)
         if total < self.best_loss:
