@@ -18,7 +18,7 @@ from gradcal.losses import (
     SingleOutput_SimulateAndMSELoss,
     UnivariateMMDLoss,
 )
-from gradcal.models import SIR, BrockHommes, Normal, RamaCont, RandomWalk
+from gradcal.models import SIR, BrockHommesBeliefs, Normal, RamaCont, RandomWalk
 
 MODELS = {
     "random_walk": (lambda: RandomWalk(15), [0.4]),
@@ -26,7 +26,7 @@ MODELS = {
         lambda: RamaCont(50, 15, s=0.1, sigmoid_k=5.0, log10_params=True),
         [0.0, math.log10(0.5), 0.0, math.log10(0.7)],
     ),
-    "brock_hommes": (lambda: BrockHommes.wavy(20), [0.9, 0.2, 0.9, -0.2]),
+    "brock_hommes": (lambda: BrockHommesBeliefs.wavy(20), [0.9, 0.2, 0.9, -0.2]),
     "sir": (
         lambda: SIR(networkx.watts_strogatz_graph(60, 4, 0.1, seed=0), 12),
         [-1.0, -0.5, -0.8],
@@ -151,7 +151,7 @@ def test_new_data_at_call_time_is_used():
 
 
 def test_negative_log_likelihood_is_minus_the_models_log_likelihood():
-    model = BrockHommes.wavy()
+    model = BrockHommesBeliefs.wavy()
     y = model.run_and_observe(model.true_params)[0]
     theta = torch.tensor([[0.9, 0.2, 0.9, -0.2], [0.5, 0.5, 0.5, -0.5]])
     torch.testing.assert_close(

@@ -12,7 +12,7 @@ from stats import Z_MAX
 from gradcal import VI
 from gradcal.infer.mcmc import HMC, MALA, MCMC, effective_sample_size, split_rhat
 from gradcal.losses import NegativeLogLikelihood
-from gradcal.models import BrockHommes
+from gradcal.models import BrockHommesBeliefs
 from gradcal.posterior_estimators import DiagonalGaussian
 
 DATA = Path(__file__).parent / "data" / "brock_hommes_wavy"
@@ -107,7 +107,7 @@ def test_brock_hommes_wavy_matches_the_reference_posterior():
     reference = torch.tensor(np.loadtxt(DATA / "posterior_samples.txt"))
     low = torch.tensor([0.0, 0, 0, -1], dtype=torch.float64)
     prior = torch.distributions.Independent(torch.distributions.Uniform(low, low + 1), 1)
-    kernel = MALA(prior, NegativeLogLikelihood(BrockHommes.wavy()))
+    kernel = MALA(prior, NegativeLogLikelihood(BrockHommesBeliefs.wavy()))
     mcmc = MCMC(kernel, num_samples=1500, progress_bar=False)
     start = torch.tensor([0.9, 0.2, 0.9, -0.2], dtype=torch.float64).expand(16, -1)
     mcmc.run(start, obs, warmup=1000, seed=0)
