@@ -155,9 +155,13 @@ class RamaCont(Model):
         subclass overrides one of them; otherwise the straight-through sum is formed after
         summing over agents (same value and gradient, fewer operations on (B, N) tensors).
         """
-        cls = type(self)
-        if any(getattr(cls, m) is not getattr(RamaCont, m) for m in _HELPERS):
-            return self.compute_returns(self.compute_order(eps, nu), eta)
+        if self._overrides(*_HELPERS):  # a subclass's helpers see BlackBIRDS' shapes
+            return torch.stack(
+                [
+                    torch.as_tensor(self.compute_returns(self.compute_order(e, n), h)).reshape(1)
+                    for e, n, h in zip(eps[:, 0], nu, eta[:, 0], strict=True)
+                ]
+            ).to(nu)
         # Thresholds are never negative, so at most one of eps > nu, eps < -nu holds.
         hard = torch.sign(eps) * (nu < eps.abs()).sum(-1, keepdim=True)  # float: promoted
         # soft = sum_i sigmoid(k(eps - nu_i)) - sigmoid(-k(eps + nu_i)), up to the constant
@@ -165,6 +169,19 @@ class RamaCont(Model):
         k_eps, k_nu = self.sigmoid_k * eps, self.sigmoid_k * nu
         soft = (torch.sigmoid(k_eps - k_nu) + torch.sigmoid(k_eps + k_nu)).sum(-1, keepdim=True)
         return (hard + (soft - soft.detach())) / (self.n_agents * eta)
+
+    def _overrides(self, *methods: str) -> bool:
+        """Whether this model's class overrides one of RamaCont's ``methods``."""
+        return any(getattr(type(self), m) is not getattr(RamaCont, m) for m in methods)
+
+    def _new_thresholds(self, nu: Tensor, r: Tensor) -> Tensor:
+        """:meth:`compute_new_nu_t` for nu (B, N), r (B, 1); one draw at a time (as
+        BlackBIRDS calls it) when a subclass overrides it."""
+        if not self._overrides("compute_new_nu_t"):
+            return self.compute_new_nu_t(nu, self.s, r)
+        return torch.stack(
+            [self.compute_new_nu_t(n, self.s, q[0]) for n, q in zip(nu, r, strict=True)]
+        ).to(nu)
 
     def _state(self, nu: Tensor, eps: Tensor, r: Tensor) -> Tensor:
         """One step of history (B, 1, 3, N) from nu (B, N), eps and r (B, 1)."""
@@ -190,7 +207,7 @@ class RamaCont(Model):
         nu = x[:, -1, 0]
         eps = sigma * torch.randn_like(sigma)
         r = self._returns(eps, nu, eta)
-        return self._state(self.compute_new_nu_t(nu, self.s, r), eps, r)
+        return self._state(self._new_thresholds(nu, r), eps, r)
 
     @accepts_one_history
     def observe(self, x: Tensor) -> list[Tensor]:
