@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["SIRMessagePassing", "detach_gradient_horizon", "torch_geometric_graph"]
+# SIRMessagePassing is made by the module __getattr__ on first use
+__all__ = ["SIRMessagePassing", "detach_gradient_horizon", "torch_geometric_graph"]  # noqa: F822
 
 
 def detach_gradient_horizon(self: Any, time_series: Tensor, gradient_horizon: int) -> Tensor:

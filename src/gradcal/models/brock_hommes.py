@@ -271,7 +271,8 @@ class BrockHommesBeliefs(Model):
         ):
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
-                f"BrockHommesBeliefs.log_likelihood: `x` must be (T,) or ({p.shape[0]}, T), got {got}."
+                f"BrockHommesBeliefs.log_likelihood: `x` must be (T,) or ({p.shape[0]}, T), "
+                f"got {got}."
             )
         series = x.to(p).expand(p.shape[0], x.shape[-1])
         full = torch.cat((series.new_zeros(series.shape[0], _N_LAGS), series), dim=-1)

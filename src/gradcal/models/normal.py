@@ -13,7 +13,8 @@ __all__ = ["Normal"]
 
 
 class Normal(Model):
-    r"""I.i.d. draws :math:`x_t \sim N(\mu, \sigma^2)`, :math:`t = 1, \dots, T`, after :math:`x_0 = 0`.
+    r"""I.i.d. draws :math:`x_t \sim N(\mu, \sigma^2)`, :math:`t = 1, \dots, T`, after
+    :math:`x_0 = 0`.
 
     Parameters, in order: :math:`(\mu, \sigma)`. A non-positive :math:`\sigma` gives NaN
     outputs for that draw (the inference engine drops such draws).
