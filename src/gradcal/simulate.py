@@ -140,7 +140,7 @@ def simulate_and_observe_model(
         >>> _ = torch.manual_seed(0)
         >>> (x,) = simulate_and_observe_model(RandomWalk(5), torch.zeros(8, 1))
         >>> x.shape
-        torch.Size([8, 6])
+        torch.Size([8, 6, 1])
     """
     return _run(model, params, gradient_horizon, observe=True)
 

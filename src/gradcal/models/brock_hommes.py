@@ -36,7 +36,7 @@ def belief_mean(beta: Tensor, g: Tensor, b: Tensor, R: Tensor | float, lags: Ten
     Example:
         >>> g, b = torch.tensor([[[0.0, 1.0]]]), torch.tensor([[[0.0, 0.5]]])
         >>> belief_mean(1.0, g, b, 1.0, torch.zeros(1, 1, 3))
-        tensor([[0.3112]])
+        tensor([[0.2500]])
     """
     x1, x2, x3 = lags[..., 0:1], lags[..., 1:2], lags[..., 2:3]
     profit = (x1 - R * x2) * (g * x3 + b - R * x2)

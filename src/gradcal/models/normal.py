@@ -63,18 +63,21 @@ class Normal(Model):
     def log_likelihood(self, params: Tensor, x: Tensor) -> Tensor:
         r""":math:`\sum_{t \ge 1} \log N(x_t; \mu, \sigma^2)` of an observed output.
 
-        ``x`` is (T + 1, 1) or (B, T + 1, 1) as :meth:`run_and_observe` returns it; its first
-        entry, the initial state 0, is not a draw and is skipped.
+        ``x`` is either the output as :meth:`run_and_observe` returns it, (T + 1, 1) or
+        (B, T + 1, 1), whose first entry (the initial state 0, not a draw) is skipped; or
+        the draws alone, (T,) or (B, T).
 
-        Returns a 0-d tensor for (2,) parameters and x (T + 1, 1), else (B,).
+        Returns a 0-d tensor for (2,) parameters and one series, else (B,).
         """
         self.check_params(params)
-        if not isinstance(x, Tensor) or x.ndim not in (2, 3) or x.shape[-1] != 1:
+        if not isinstance(x, Tensor) or x.ndim not in (1, 2, 3):
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
-                f"Normal.log_likelihood: `x` must be (T + 1, 1) or (B, T + 1, 1), got {got}."
+                f"Normal.log_likelihood: `x` must be (T + 1, 1), (B, T + 1, 1), (T,) or "
+                f"(B, T), got {got}."
             )
-        x = x[..., 1:, 0]
+        if x.ndim == 3 or (x.ndim == 2 and x.shape[-1] == 1 and params.ndim == 1):
+            x = x[..., 1:, 0]
         mu, sigma = params[..., 0:1], params[..., 1:2]
         z = (x.to(params) - mu) / sigma
         return (-0.5 * z**2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)).sum(-1)
