@@ -113,6 +113,12 @@ def test_shapes_and_dtypes_for_one_draw_and_for_b_draws(name):
     assert x0.shape[1:] == history[1:]
     assert model.step(theta, x0).shape == (1, *history[1:])
 
+    # as in BlackBIRDS: SIR, Normal and Brock-Hommes stay in the default dtype for float64
+    # parameters; the random walk and Rama Cont follow the parameters
+    expected = torch.float64 if name in ("random_walk", "rama_cont") else torch.float32
+    assert model.run(theta.double()).dtype == expected
+    assert all(y.dtype == expected for y in model.run_and_observe(theta.double()))
+
     batch = theta.reshape(-1).expand(4, -1)
     assert model.run(batch).shape == (4, *history)
     assert [tuple(y.shape) for y in model.run_and_observe(batch)] == [(4, *s) for s in outputs]
@@ -239,16 +245,17 @@ def test_rama_cont_helpers_follow_blackbirds_definitions():
     assert batched.shape == (3, 1)
 
 
-def test_rama_cont_new_thresholds_reset_to_the_return_with_probability_s():
-    rc = RamaCont(n_agents=20_000, n_timesteps=1, s=0.1, sigmoid_k=5.0)
-    nu = torch.rand(20_000) + 5.0
+@pytest.mark.parametrize("n", [2_000, 20_000])  # dense draws, then scattered positions
+def test_rama_cont_new_thresholds_reset_to_the_return_with_probability_s(n):
+    rc = RamaCont(n_agents=n, n_timesteps=1, s=0.1, sigmoid_k=5.0)
+    nu = torch.rand(n) + 5.0
     new = rc.compute_new_nu_t(nu, torch.tensor(0.1), torch.tensor(-2.0))
     assert new.shape == nu.shape
     reset = new == 2.0
     assert ((new == nu) | reset).all()
     assert abs(z_proportion(reset, 0.1)) < Z_MAX
     batched = rc.compute_new_nu_t(nu.expand(3, -1), 0.1, torch.tensor([1.0, 2.0, 3.0]))
-    assert batched.shape == (3, 20_000)
+    assert batched.shape == (3, n)
     assert ((batched == nu) | (batched == torch.tensor([[1.0], [2.0], [3.0]]))).all()
 
 

@@ -76,7 +76,7 @@ class Normal(Model):
                 f"Normal.log_likelihood: `x` must be (T + 1, 1), (B, T + 1, 1), (T,) or "
                 f"(B, T), got {got}."
             )
-        if x.ndim == 3 or (x.ndim == 2 and x.shape[-1] == 1 and params.ndim == 1):
+        if x.ndim == 3 or (x.ndim == 2 and x.shape[-1] == 1):
             x = x[..., 1:, 0]
         mu, sigma = params[..., 0:1], params[..., 1:2]
         z = (x.to(params) - mu) / sigma
