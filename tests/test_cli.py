@@ -161,6 +161,8 @@ def test_resume_continues_an_interrupted_run(tmp_path):
         from gradcal.models import Normal
 
         class SlowNormal(Normal):
+            batched = True  # its step passes batches through
+
             def step(self, params, x):
                 time.sleep(0.002)
                 return super().step(params, x)
