@@ -20,7 +20,7 @@ import torch
 
 from gradcal.infer.mcmc import HMC, MALA, MCMC
 from gradcal.losses import NegativeLogLikelihood
-from gradcal.models import BrockHommes
+from gradcal.models import BrockHommesBeliefs
 
 DATA = Path(__file__).parents[1] / "tests" / "data" / "brock_hommes_wavy"
 
@@ -33,7 +33,7 @@ def main() -> None:
     obs = torch.tensor(np.loadtxt(DATA / "obs.txt"))
     low = torch.tensor([0.0, 0.0, 0.0, -1.0], dtype=torch.float64)
     prior = torch.distributions.Independent(torch.distributions.Uniform(low, low + 1), 1)
-    loss = NegativeLogLikelihood(BrockHommes.wavy())
+    loss = NegativeLogLikelihood(BrockHommesBeliefs.wavy())
     start = torch.tensor([0.9, 0.2, 0.9, -0.2], dtype=torch.float64)
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "

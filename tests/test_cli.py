@@ -193,6 +193,8 @@ def test_resume_continues_an_interrupted_run(tmp_path):
         from gradcal.models import Normal
 
         class SlowNormal(Normal):
+            batched = True  # its step passes batches through
+
             def step(self, params, x):
                 time.sleep(0.002)
                 return super().step(params, x)
@@ -274,7 +276,10 @@ def test_data_from_a_csv_file(tmp_path):
         "day,x\n" + "".join(f"{i},{v}\n" for i, v in enumerate(values))
     )
     config = _write(
-        tmp_path, data='file = "obs.csv"\ncolumns = ["x"]', options="{ n_timesteps = 41 }"
+        # Normal observes x_0 = 0 and then n_timesteps draws: 41 values
+        tmp_path,
+        data='file = "obs.csv"\ncolumns = ["x"]',
+        options="{ n_timesteps = 40 }",
     )
     _gradcal("run", config, "--out", tmp_path / "out", cwd=tmp_path, check=True)
     predictive = torch.load(tmp_path / "out" / "predictive.pt", weights_only=True)

@@ -459,11 +459,11 @@ def test_autocorrelation_of_an_ar1_series():
 def test_posterior_predictive_summaries_and_quantiles_are_those_of_the_simulations():
     model = Normal(50)
     theta = torch.tensor([[0.0, 1.0], [1.0, 2.0], [0.5, 0.5]]).repeat(10, 1)
-    y = model.run_and_observe(torch.tensor([0.4, 1.1]))[0]
+    y = model.run_and_observe(torch.tensor([0.4, 1.1]))[0][:, 0]  # (T + 1, 1) -> (T + 1,)
     result = posterior_predictive(model, theta, y, seed=7)
     with torch.random.fork_rng():
         torch.manual_seed(7)
-        (sim,) = model.run_and_observe(theta)
+        sim = model.run_and_observe(theta)[0][..., 0]
     assert torch.equal(result.simulated[0], sim)
     for name, f in {
         "mean": lambda x: x.mean(-1),
@@ -512,25 +512,25 @@ def test_posterior_predictive_with_feature_axes_and_own_summaries():
 
 def test_posterior_predictive_ignores_failed_draws_in_quantiles():
     model = Normal(20)
-    y = model.run_and_observe(torch.tensor([0.0, 1.0]))[0]
+    y = model.run_and_observe(torch.tensor([0.0, 1.0]))[0][:, 0]
     theta = torch.tensor([[0.0, 1.0]] * 9 + [[0.0, -1.0]])  # sigma < 0: a NaN draw
     check = posterior_predictive(model, theta, y)[0]["mean"]
     assert torch.isnan(check.simulated[-1])
     assert float(check.quantile) * 9 == pytest.approx(round(float(check.quantile) * 9))
-    nan_data = posterior_predictive(model, theta, torch.full((20,), math.nan))[0]["mean"]
+    nan_data = posterior_predictive(model, theta, torch.full((21,), math.nan))[0]["mean"]
     assert torch.isnan(nan_data.quantile) and torch.isnan(nan_data.p_value)
 
 
 @pytest.mark.parametrize(
     ("theta", "data", "summaries", "error", "match"),
     [
-        (torch.zeros(3), torch.zeros(20), None, ValueError, r"`theta` must have shape \(B, D\)"),
-        ([[0.0, 1.0]], torch.zeros(20), None, TypeError, "`theta`"),
-        (torch.ones(3, 2), torch.zeros(21), None, ValueError, r"`data\[0\]`"),
-        (torch.ones(3, 2), [torch.zeros(20)] * 2, None, ValueError, "2 output"),
+        (torch.zeros(3), torch.zeros(21), None, ValueError, r"`theta` must have shape \(B, D\)"),
+        ([[0.0, 1.0]], torch.zeros(21), None, TypeError, "`theta`"),
+        (torch.ones(3, 2), torch.zeros(22), None, ValueError, r"`data\[0\]`"),
+        (torch.ones(3, 2), [torch.zeros(21)] * 2, None, ValueError, "2 output"),
         (torch.ones(3, 2), "y", None, TypeError, "`data`"),
-        (torch.ones(3, 2), torch.zeros(20), {"id": lambda x: x}, ValueError, "summary 'id'"),
-        (torch.ones(3, 2), torch.zeros(20), {"f": 3}, TypeError, "`summaries`"),
+        (torch.ones(3, 2), torch.zeros(21), {"id": lambda x: x}, ValueError, "summary 'id'"),
+        (torch.ones(3, 2), torch.zeros(21), {"f": 3}, TypeError, "`summaries`"),
     ],
 )
 def test_posterior_predictive_validates_its_inputs(theta, data, summaries, error, match):

@@ -6,7 +6,7 @@ import torch
 from gradcal import VI
 from gradcal.infer import MALA, MCMC, SMD, importance_sampling
 from gradcal.losses import MMDLoss, NegativeLogLikelihood
-from gradcal.models import BrockHommes, RamaCont
+from gradcal.models import BrockHommesBeliefs, RamaCont
 from gradcal.posterior_estimators import Flow
 
 pytestmark = [
@@ -40,7 +40,7 @@ def test_vi_runs_on_cuda():
 
 
 def test_smd_mcmc_and_importance_sampling_on_cuda():
-    model = BrockHommes.wavy().cuda()
+    model = BrockHommesBeliefs.wavy().cuda()
     y = model.run_and_observe(model.true_params.cuda())[0].detach()
     loss = NegativeLogLikelihood(model)
     theta = (model.true_params.cuda() + 0.05 * torch.randn(3, 4, device="cuda")).requires_grad_()

@@ -17,7 +17,7 @@ from gradcal.gradients import (
     vmap_safe_sampling,
 )
 from gradcal.losses import EnergyDistanceLoss, MMDLoss
-from gradcal.models import SIR, BrockHommes, Normal, RamaCont, RandomWalk
+from gradcal.models import SIR, BrockHommesBeliefs, Normal, RamaCont, RandomWalk
 from gradcal.posterior_estimators import DiagonalGaussian
 
 MODELS = {
@@ -26,7 +26,7 @@ MODELS = {
         lambda: RamaCont(100, 20, s=0.1, sigmoid_k=5.0, log10_params=True),
         [0.0, math.log10(0.5), 0.0, math.log10(0.7)],
     ),
-    "brock_hommes": (lambda: BrockHommes.wavy(30), [0.9, 0.2, 0.9, -0.2]),
+    "brock_hommes": (lambda: BrockHommesBeliefs.wavy(30), [0.9, 0.2, 0.9, -0.2]),
     "sir": (
         lambda: SIR(networkx.watts_strogatz_graph(80, 4, 0.1, seed=0), 12),
         [-1.0, -0.5, -0.8],

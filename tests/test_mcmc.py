@@ -12,7 +12,7 @@ from stats import Z_MAX, batch_means_ess, batch_means_relative_se, posterior_mis
 from gradcal import VI
 from gradcal.infer.mcmc import HMC, MALA, MCMC, effective_sample_size, split_rhat
 from gradcal.losses import NegativeLogLikelihood
-from gradcal.models import BrockHommes
+from gradcal.models import BrockHommesBeliefs
 from gradcal.posterior_estimators import DiagonalGaussian
 
 DATA = Path(__file__).parent / "data" / "brock_hommes_wavy"
@@ -140,7 +140,7 @@ def test_brock_hommes_wavy_matches_the_reference_posterior():
     reference = torch.tensor(np.loadtxt(DATA / "posterior_samples.txt"))
     low = torch.tensor([0.0, 0, 0, -1], dtype=torch.float64)
     prior = torch.distributions.Independent(torch.distributions.Uniform(low, low + 1), 1)
-    kernel = MALA(prior, NegativeLogLikelihood(BrockHommes.wavy()))
+    kernel = MALA(prior, NegativeLogLikelihood(BrockHommesBeliefs.wavy()))
     mcmc = MCMC(kernel, num_samples=1500, progress_bar=False)
     # 48 chains in one batch cost little more than 16 and triple the ESS (to >= 2000, the
     # size at which tests/test_posterior_checks.py shows the checks' power).

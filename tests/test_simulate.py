@@ -63,9 +63,9 @@ def test_blackbirds_style_model_runs_unchanged():
 
 def test_single_draw_and_batched_shapes_of_builtin_model():
     model = RandomWalk(7)
-    assert model.run_and_observe(torch.zeros(1))[0].shape == (8,)
-    assert model.run_and_observe(torch.zeros(5, 1))[0].shape == (5, 8)
-    assert run_model(model, torch.zeros(5, 1)).shape == (5, 8)
+    assert model.run_and_observe(torch.zeros(1))[0].shape == (8, 1)
+    assert model.run_and_observe(torch.zeros(5, 1))[0].shape == (5, 8, 1)
+    assert run_model(model, torch.zeros(5, 1)).shape == (5, 8, 1)
 
 
 @pytest.mark.parametrize("horizon", [None, 0, 1, 3, 4])

@@ -21,7 +21,7 @@ from gradcal.checkpoint import load_checkpoint
 from gradcal.discrepancies import energy_distance
 from gradcal.infer.reference import importance_sampling
 from gradcal.losses import EnergyDistanceLoss, NegativeLogLikelihood
-from gradcal.models import BrockHommes, RandomWalk
+from gradcal.models import BrockHommesBeliefs, RandomWalk
 from gradcal.posterior_estimators import (
     Constrained,
     DiagonalGaussian,
@@ -175,7 +175,7 @@ def test_brock_hommes_flow_recovers_the_reference_posterior():
     q = Constrained(Flow(4, transforms=3, hidden_features=(32, 32)), prior)
     optimizer, scheduler = _decaying_adam(q.parameters(), 0.01, 1500)
     vi = VI(
-        NegativeLogLikelihood(BrockHommes.wavy()),
+        NegativeLogLikelihood(BrockHommesBeliefs.wavy()),
         prior,
         q,
         n_samples_per_epoch=64,

@@ -63,7 +63,7 @@ BUILTIN_MODELS: dict[str, _BuiltinModel] = {
         {"n_agents": 1000, "n_timesteps": 100, "s": 0.1, "sigmoid_k": 5.0, "log10_params": True},
     ),
     "BrockHommes": _BuiltinModel(
-        models.BrockHommes,
+        models.BrockHommesBeliefs,
         ("g2", "b2", "g3", "b3"),
         "Brock & Hommes (1998) heterogeneous beliefs (exact likelihood)",
         {"n_timesteps": 97, "beta": 120.0},

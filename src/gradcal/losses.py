@@ -103,7 +103,10 @@ class _SimulationLoss:
                 f"the model observes {len(simulated)} output(s) but `y` holds {len(observed)}."
             )
         total = 0.0
+        lead = theta.ndim - 1  # draw axes in front of each simulated output
         for i, (x, obs) in enumerate(zip(simulated, observed, strict=True)):
+            if x.ndim == lead + obs.ndim + 1 and x.shape[-1] == 1:
+                x = x[..., 0]  # a (T, 1) output (BlackBIRDS' layout) against (T,) data
             if x.ndim < obs.ndim or x.shape[x.ndim - obs.ndim + 1 :] != obs.shape[1:]:
                 self._term(i, x, obs)  # raises, naming both shapes
             finite = _finite_draws(x, obs.ndim)

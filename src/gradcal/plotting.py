@@ -419,8 +419,8 @@ def predictive_bands(
         >>> import matplotlib.pyplot as plt
         >>> from gradcal.models import RandomWalk
         >>> model = RandomWalk(50)
-        >>> simulated = model.run_and_observe(torch.full((200, 1), 0.3))[0]   # (200, 51)
-        >>> observed = model.run_and_observe(torch.tensor([0.3]))[0]           # (51,)
+        >>> simulated = model.run_and_observe(torch.full((200, 1), 0.3))[0][..., 0]  # (200, 51)
+        >>> observed = model.run_and_observe(torch.tensor([0.3]))[0][:, 0]          # (51,)
         >>> fig = predictive_bands(simulated, observed, names="x")
         >>> len(fig.axes)
         1

@@ -288,6 +288,11 @@ def write_outputs(
     (run_dir / "diagnostics.json").write_text(json.dumps(diagnostics, indent=2))
 
 
+def _series(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``x`` without its last axis when it has ``ndim`` axes and the last is of length one."""
+    return x[..., 0] if x.ndim == ndim and x.shape[-1] == 1 else x
+
+
 def _predictive(
     run_dir: Path,
     built: Built,
@@ -303,8 +308,9 @@ def _predictive(
     names = outputs or [f"output {i}" for i in range(len(built.data))]
     torch.save(
         {
-            "simulated": [s.float() for s in check.simulated],
-            "observed": [y.float() for y in built.data],
+            # series as (B, T) and (T,): a trailing axis of one (BlackBIRDS' layout) dropped
+            "simulated": [_series(s.float(), 3) for s in check.simulated],
+            "observed": [_series(y.float(), 2) for y in built.data],
             "names": names,
         },
         run_dir / "predictive.pt",

@@ -70,7 +70,9 @@ def _time_loop(
     axis = getattr(model, "time_axis", 0)
     trim = getattr(model, "trim_time_series", lambda x: x)
     detach = getattr(model, "detach", lambda x: x.detach() if isinstance(x, Tensor) else x)
-    markov = getattr(model, "history_length", None) == 1
+    # An overridden trim_time_series decides itself what the next step reads.
+    own_trim = getattr(type(model), "trim_time_series", None) is Model.trim_time_series
+    markov = own_trim and getattr(model, "history_length", None) == 1
     state = model.initialize(params)
     records = [record(state)]
     for t in range(model.n_timesteps):
@@ -90,6 +92,8 @@ def _run(model: Model, params: Tensor, horizon: int | None, observe: bool) -> An
     """Dispatch on (D,) / (B, D) and the model's layout; ``observe`` picks the result."""
     _check_model(model)
     _check_horizon(horizon)
+    if isinstance(params, Tensor) and params.ndim == 0 and getattr(model, "n_params", 0) == 1:
+        params = params.reshape(1)  # a 0-d tensor is one draw of a one-parameter model
     Model.check_params(model, params)  # also for duck-typed models
     batched_model = getattr(model, "batched", False)
     record = (lambda x: _as_list(model.observe(x))) if observe else (lambda x: x)
@@ -137,7 +141,7 @@ def simulate_and_observe_model(
         >>> _ = torch.manual_seed(0)
         >>> (x,) = simulate_and_observe_model(RandomWalk(5), torch.zeros(8, 1))
         >>> x.shape
-        torch.Size([8, 6])
+        torch.Size([8, 6, 1])
     """
     return _run(model, params, gradient_horizon, observe=True)
 

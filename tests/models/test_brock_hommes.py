@@ -8,7 +8,7 @@ import pytest
 import torch
 from stats import Z_MAX, z_mean
 
-from gradcal.models import BrockHommes
+from gradcal.models import BrockHommesBeliefs
 
 DATA = Path(__file__).parents[1] / "data" / "brock_hommes_wavy"
 
@@ -41,7 +41,7 @@ def reference():
 
 
 def test_log_likelihood_matches_direct_evaluation(obs):
-    model = BrockHommes.wavy()
+    model = BrockHommesBeliefs.wavy()
     thetas = torch.tensor(
         [[0.9, 0.2, 0.9, -0.2], [0.5, 0.7, 0.1, -0.9], [0.95, 0.19, 0.9, -0.2]],
         dtype=torch.float64,
@@ -54,7 +54,7 @@ def test_log_likelihood_matches_direct_evaluation(obs):
 
 
 def test_likelihood_peaks_near_the_reference_posterior(obs, reference):
-    model = BrockHommes.wavy()
+    model = BrockHommesBeliefs.wavy()
     theta = model.true_params.double().clone().requires_grad_()
     optimizer = torch.optim.LBFGS([theta], max_iter=200, line_search_fn="strong_wolfe")
 
@@ -72,7 +72,7 @@ def test_likelihood_peaks_near_the_reference_posterior(obs, reference):
 
 
 def test_simulations_are_consistent_with_the_likelihood():
-    model = BrockHommes.wavy()
+    model = BrockHommesBeliefs.wavy()
     theta = model.true_params.double()
     (x,) = model.run_and_observe(theta.expand(400, -1))
     ll = model.log_likelihood(theta.expand(400, -1), x)
@@ -84,7 +84,7 @@ def test_simulations_are_consistent_with_the_likelihood():
 
 
 def test_output_is_the_observed_stretch():
-    model = BrockHommes.wavy()
+    model = BrockHommesBeliefs.wavy()
     torch.manual_seed(3)
     (x,) = model.run_and_observe(model.true_params)
     assert x.shape == (97,)
@@ -95,7 +95,7 @@ def test_output_is_the_observed_stretch():
 
 
 def test_free_and_fixed_coefficients_are_configurable():
-    model = BrockHommes(n_timesteps=10, g=(0.0, None), b=(0.0, 0.1), beta=5.0)
+    model = BrockHommesBeliefs(n_timesteps=10, g=(0.0, None), b=(0.0, 0.1), beta=5.0)
     assert model.n_params == 1
     g, b = model.coefficients(torch.tensor([[0.7]]))
     assert g.flatten().tolist() == pytest.approx([0.0, 0.7])
@@ -105,14 +105,14 @@ def test_free_and_fixed_coefficients_are_configurable():
 
 def test_bad_configuration_is_rejected():
     with pytest.raises(ValueError, match="same length"):
-        BrockHommes(g=(0.0, None), b=(0.0,))
+        BrockHommesBeliefs(g=(0.0, None), b=(0.0,))
     with pytest.raises(ValueError, match="sigma"):
-        BrockHommes(sigma=0.0)
+        BrockHommesBeliefs(sigma=0.0)
     with pytest.raises(ValueError, match=r"\(4,\)"):
-        BrockHommes.wavy().log_likelihood(torch.zeros(3), torch.zeros(97))
+        BrockHommesBeliefs.wavy().log_likelihood(torch.zeros(3), torch.zeros(97))
 
 
 def test_module_moves_with_dtype():
-    model = BrockHommes.wavy().float()
+    model = BrockHommesBeliefs.wavy().float()
     assert model.fixed.dtype == torch.float32
     assert model.run_and_observe(model.true_params.double())[0].dtype == torch.float64

@@ -1,5 +1,6 @@
 """Properties every built-in model must have: batching, gradients, NaN, dtype, forward mode."""
 
+import contextlib
 import math
 
 import networkx
@@ -8,7 +9,7 @@ import torch
 from stats import Z_MAX, z_two_sample
 from torch.func import jvp
 
-from gradcal.models import SIR, BrockHommes, Normal, RamaCont, RandomWalk
+from gradcal.models import SIR, BrockHommes, BrockHommesBeliefs, Normal, RamaCont, RandomWalk
 
 CASES = {
     "random_walk": (lambda: RandomWalk(20), [0.4]),
@@ -16,7 +17,11 @@ CASES = {
         lambda: RamaCont(200, 30, s=0.1, sigmoid_k=5.0, log10_params=True),
         [0.0, math.log10(0.5), 0.0, math.log10(0.7)],
     ),
-    "brock_hommes": (lambda: BrockHommes.wavy(40), [0.9, 0.2, 0.9, -0.2]),
+    "brock_hommes": (lambda: BrockHommesBeliefs.wavy(40), [0.9, 0.2, 0.9, -0.2]),
+    "brock_hommes_11": (
+        lambda: BrockHommes(40),
+        [math.log(120), 0.1, 0.9, 0.9, 0.99, 0.05, 0.2, -0.2, 0.1, math.log(0.04), math.log(0.01)],
+    ),
     "sir": (
         lambda: SIR(networkx.watts_strogatz_graph(200, 6, 0.1, seed=0), 20),
         [-1.3, -0.7, -0.8],
@@ -24,6 +29,18 @@ CASES = {
     "normal": (lambda: Normal(20), [1.0, 2.0]),
 }
 TEMPORAL = [k for k in CASES if k != "normal"]  # normal draws have no time dependence
+# As in BlackBIRDS, these keep their states in torch's default dtype, whatever the params'.
+DEFAULT_DTYPE = {"sir", "normal", "brock_hommes_11"}
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def _case(name, dtype=torch.float32):
@@ -35,6 +52,7 @@ def _summaries(outputs):
     """Per-draw summaries (B, S): mean level, mean square and mean |increment|."""
     stats = []
     for y in outputs:
+        y = y.reshape(y.shape[0], -1)  # (B, T) or (B, T, 1) -> (B, T)
         stats += [y.mean(-1), (y**2).mean(-1), y.diff(dim=-1).abs().mean(-1)]
     return torch.stack(stats, -1)
 
@@ -74,6 +92,7 @@ def test_gradients_are_finite_and_nonzero_for_every_parameter(name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@default_dtype(torch.float64)
 def test_forward_mode_equals_reverse_mode_under_the_same_noise(name):
     model, theta = _case(name, torch.float64)
     params = theta.expand(3, -1).clone()
@@ -103,7 +122,8 @@ def test_single_draw_runs_batch_under_vmap(name):
             assert abs(z_two_sample(batched[:, s], vmapped[:, s])) < Z_MAX, s
 
 
-@pytest.mark.parametrize("name", ["brock_hommes", "normal"])
+@pytest.mark.parametrize("name", ["brock_hommes", "brock_hommes_11", "normal"])
+@default_dtype(torch.float64)
 def test_pathwise_gradient_matches_finite_differences(name):
     # Smooth models: with the noise fixed by the seed the loss is differentiable in theta.
     model, theta = _case(name, torch.float64)
@@ -122,6 +142,7 @@ def test_pathwise_gradient_matches_finite_differences(name):
 
 
 @pytest.mark.parametrize("name", TEMPORAL)
+@default_dtype(torch.float64)
 def test_gradient_horizon_zero_keeps_values_and_changes_gradients(name):
     model, theta = _case(name, torch.float64)
     grads, values = [], []
@@ -148,9 +169,13 @@ def test_nan_parameters_give_nan_outputs_for_that_draw_only(name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_dtype_follows_params(name):
+def test_dtype_follows_params_or_the_default_dtype(name):
     model, theta = _case(name, torch.float64)
-    assert all(y.dtype == torch.float64 for y in model.run_and_observe(theta))
+    expected = torch.float32 if name in DEFAULT_DTYPE else torch.float64
+    assert all(y.dtype == expected for y in model.run_and_observe(theta))
+    with default_dtype(torch.float64):
+        model, theta = _case(name, torch.float64)
+        assert all(y.dtype == torch.float64 for y in model.run_and_observe(theta))
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -6,6 +6,7 @@ import torch
 from stats import Z_MAX, z_proportion
 
 from gradcal.models import SIR
+from gradcal.relax import soft_minimum
 
 
 def test_every_node_is_in_exactly_one_compartment_and_recovery_only_grows():
@@ -24,9 +25,15 @@ def test_initial_infections_have_frequency_f():
     model = SIR(networkx.empty_graph(1000), 0)
     f = 0.05
     (infected, _) = model.run_and_observe(torch.tensor([f, 0.5, 0.5]).log10().expand(200, -1))
-    # The soft cap below log10 = 0 moves log10(0.05) by 1e-13: the frequency is f itself.
+    # BlackBIRDS' soft cap below log10 = 0 (hardness 2) moves log10(0.05) by 1e-3.
+    f = 10 ** soft_minimum(torch.tensor(f).log10(), 0.0, 2.0).item()
     hits = infected[:, 0] / 1000
     assert abs(float((hits.mean() - f) / (f * (1 - f) / 200_000) ** 0.5)) < Z_MAX
+    # With hardness 20 the frequency is 0.05 itself (the cap moves it by 1e-13).
+    model = SIR(networkx.empty_graph(1000), 0, cap_hardness=20.0)
+    (infected, _) = model.run_and_observe(torch.tensor([0.05, 0.5, 0.5]).log10().expand(200, -1))
+    hits = infected[:, 0] / 1000
+    assert abs(float((hits.mean() - 0.05) / (0.05 * 0.95 / 200_000) ** 0.5)) < Z_MAX
 
 
 @pytest.mark.parametrize("n_infected", [1, 3])

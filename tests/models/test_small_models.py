@@ -52,19 +52,21 @@ def test_rama_cont_validates_its_configuration():
 
 def test_normal_moments_and_log_likelihood():
     mu, sigma = 1.5, 0.3
-    (x,) = Normal(10_000).run_and_observe(torch.tensor([mu, sigma]))
+    (observed,) = Normal(10_000).run_and_observe(torch.tensor([mu, sigma]))
+    assert observed.shape == (10_001, 1) and observed[0].item() == 0.0  # x_0 = 0 first
+    x = observed[1:, 0]
     assert abs(z_mean(x, mu)) < Z_MAX
     # Var of a sample variance of normal data: 2 sigma^4 / (n - 1).
     assert abs(x.var() - sigma**2) < Z_MAX * (2 * sigma**4 / (x.numel() - 1)) ** 0.5
     expected = torch.distributions.Normal(mu, sigma).log_prob(x).sum()
     torch.testing.assert_close(
-        Normal(10_000).log_likelihood(torch.tensor([mu, sigma]), x), expected
+        Normal(10_000).log_likelihood(torch.tensor([mu, sigma]), observed), expected
     )
 
 
 def test_normal_with_non_positive_scale_gives_nan():
     (x,) = Normal(5).run_and_observe(torch.tensor([[0.0, -1.0], [0.0, 1.0]]))
-    assert torch.isnan(x[0]).all() and torch.isfinite(x[1]).all()
+    assert torch.isnan(x[0, 1:]).all() and torch.isfinite(x[1]).all()
 
 
 class SingleDrawRamaCont(Model):

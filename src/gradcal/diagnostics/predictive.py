@@ -223,6 +223,11 @@ def posterior_predictive(
         raise ValueError(
             f"`data` holds {len(observed)} output(s) but the model returns {len(simulated)}."
         )
+    # a (B, T, 1) output (BlackBIRDS' layout) is compared with (T,) data as (B, T)
+    simulated = [
+        s[..., 0] if s.ndim == o.ndim + 2 and s.shape[-1] == 1 else s
+        for s, o in zip(simulated, observed, strict=True)
+    ]
     checks = []
     for i, (sim, obs) in enumerate(zip(simulated, observed, strict=True)):
         if sim.ndim < 2 or obs.shape != sim.shape[1:]:

@@ -8,14 +8,112 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from gradcal.models.model import Model
+from gradcal.models.model import Model, accepts_one_draw, accepts_one_history
+from gradcal.relax import soft_maximum, soft_minimum
 
-__all__ = ["BrockHommes"]
+__all__ = ["BrockHommes", "BrockHommesBeliefs", "belief_mean"]
 
 _N_LAGS = 3  # x_{t-1}, x_{t-2}, x_{t-3} enter the step
 
 
+def belief_mean(beta: Tensor, g: Tensor, b: Tensor, R: Tensor | float, lags: Tensor) -> Tensor:
+    r"""Conditional mean of Brock & Hommes' price deviation given three lags.
+
+    .. math::
+        \frac{1}{R} \sum_h n_h (g_h x_{t-1} + b_h), \quad
+        n = \mathrm{softmax}_h\big(\beta (x_{t-1} - R x_{t-2})
+        (g_h x_{t-3} + b_h - R x_{t-2})\big).
+
+    Arguments:
+        beta: intensity of choice, a number or (B, 1, 1).
+        g, b: trend coefficients and biases, (B, 1, H).
+        R: gross risk-free rate 1 + r, a number or (B, 1, 1).
+        lags: (B, T, 3) = (x_{t-1}, x_{t-2}, x_{t-3}), most recent first.
+
+    Returns:
+        (B, T).
+
+    Example:
+        >>> g, b = torch.tensor([[[0.0, 1.0]]]), torch.tensor([[[0.0, 0.5]]])
+        >>> belief_mean(1.0, g, b, 1.0, torch.zeros(1, 1, 3))
+        tensor([[0.2500]])
+    """
+    x1, x2, x3 = lags[..., 0:1], lags[..., 1:2], lags[..., 2:3]
+    profit = (x1 - R * x2) * (g * x3 + b - R * x2)
+    fractions = torch.softmax(beta * profit, dim=-1)
+    return (fractions * (g * x1 + b)).sum(-1) / (R if isinstance(R, float) else R[..., 0])
+
+
 class BrockHommes(Model):
+    r"""Brock & Hommes (1998) with four belief types, every coefficient a parameter.
+
+    BlackBIRDS' model (same parameters, clamping and layout):
+
+    .. math::
+        x_t = \frac{1}{R} \Big(\sum_{h=1}^4 n_{h,t} (g_h x_{t-1} + b_h) + \sigma e_t\Big),
+        \quad e_t \sim N(0, 1), \quad R = 1 + r,
+
+    with the fractions :math:`n_{h,t}` of :func:`belief_mean` and :math:`x_0 = x_1 = x_2 = 0`.
+    The trend coefficients are squeezed softly into [1e-3, 1]:
+    :math:`g \leftarrow \mathrm{softmax}_2(\mathrm{softmin}_2(g, 1), 10^{-3})` (hardness 2).
+
+    Parameters, in order (11): :math:`\log\beta, g_1, \dots, g_4, b_1, \dots, b_4,
+    \log\sigma, \log r`. For a model with fixed :math:`\beta, \sigma, r` and some fixed
+    belief coefficients, with an exact likelihood, see :class:`BrockHommesBeliefs`.
+
+    Arguments:
+        n_timesteps: number of simulated steps T.
+        device: where the model's tensors live (tensors of a run follow ``params``).
+
+    As in BlackBIRDS, the series has torch's default dtype whatever the dtype of ``params``.
+
+    Shapes: ``params`` (11,) or (B, 11); history (T + 3, 1) for one draw, (B, T + 3, 1)
+    for B; the single output, the whole series with the three initial zeros, (T + 3,) or
+    (B, T + 3).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> theta = torch.tensor([4.8, 0, 0.9, 0.9, 1.01, 0, 0.2, -0.2, 0, -3.2, -4.6])
+        >>> BrockHommes(100).run_and_observe(theta)[0].shape
+        torch.Size([103])
+    """
+
+    batched = True
+    history_length = _N_LAGS
+    n_params = 11
+    state_ndim = 1
+
+    def __init__(self, n_timesteps: int = 100, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.n_timesteps = n_timesteps
+        self.device = device
+
+    @accepts_one_draw
+    def initialize(self, params: Tensor) -> Tensor:
+        """The three initial zeros: (B, 3, 1)."""
+        return params.new_zeros(params.shape[0], _N_LAGS, 1, dtype=torch.get_default_dtype())
+
+    @accepts_one_draw
+    def step(self, params: Tensor, x: Tensor) -> Tensor:
+        """x_t from the history (B, T, 1), T >= 3: (B, 1, 1)."""
+        beta = torch.exp(params[:, 0:1, None])
+        g = params[:, None, 1:5]
+        b = params[:, None, 5:9]
+        sigma = torch.exp(params[:, 9:10])
+        R = 1.0 + torch.exp(params[:, 10:11, None])
+        g = soft_maximum(soft_minimum(g, 1.0, 2.0), 1e-3, 2.0)
+        lags = x[:, -_N_LAGS:, 0].flip(-1)[:, None, :]  # (B, 1, 3), most recent first
+        mean = belief_mean(beta, g, b, R, lags)
+        x_t = mean + sigma * torch.randn_like(sigma) / R[..., 0]
+        return x_t[:, None].to(x.dtype)
+
+    @accepts_one_history
+    def observe(self, x: Tensor) -> list[Tensor]:
+        """The series, initial zeros included: [(B, T)]."""
+        return [x.flatten(1)]
+
+
+class BrockHommesBeliefs(Model):
     r"""Brock & Hommes (1998) with H belief types (deviations from the fundamental price).
 
     .. math::
@@ -38,8 +136,13 @@ class BrockHommes(Model):
         sigma: noise scale.
         r: risk-free rate.
 
-    Shapes: ``params`` (B, D) with D the number of ``None`` entries; history (B, T + 3);
-    the single output (B, T) (the three initial zeros are not observed).
+    Shapes: ``params`` (D,) or (B, D) with D the number of ``None`` entries; history
+    (T + 3,) or (B, T + 3); the single output (T,) or (B, T): the three initial zeros are
+    not observed (a stretch of history of three or more steps given to :meth:`observe` is
+    taken to start with them, which is what :meth:`run` returns).
+
+    This is gradcal's configurable version (the ``BrockHommes`` model of ``gradcal run``
+    configurations); BlackBIRDS' 11-parameter model is :class:`BrockHommes`.
 
     References:
         W. A. Brock, C. H. Hommes (1998). Heterogeneous beliefs and routes to chaos in a
@@ -47,13 +150,14 @@ class BrockHommes(Model):
 
     Example:
         >>> _ = torch.manual_seed(0)
-        >>> model = BrockHommes.wavy()
+        >>> model = BrockHommesBeliefs.wavy()
         >>> model.n_params, model.run_and_observe(model.true_params)[0].shape
         (4, torch.Size([97]))
     """
 
     batched = True
     history_length = _N_LAGS
+    state_ndim = 0
 
     def __init__(
         self,
@@ -67,11 +171,11 @@ class BrockHommes(Model):
         super().__init__()
         if len(g) != len(b) or len(g) < 1:
             raise ValueError(
-                f"BrockHommes: `g` and `b` must have the same length H >= 1, "
+                f"BrockHommesBeliefs: `g` and `b` must have the same length H >= 1, "
                 f"got {len(g)} and {len(b)}."
             )
         if sigma <= 0:
-            raise ValueError(f"BrockHommes: `sigma` must be > 0, got {sigma}.")
+            raise ValueError(f"BrockHommesBeliefs: `sigma` must be > 0, got {sigma}.")
         self.n_timesteps = n_timesteps
         self.beta, self.sigma, self.R = beta, sigma, 1.0 + r
         fixed, select = self._coefficient_maps(g, b)
@@ -100,7 +204,7 @@ class BrockHommes(Model):
         return fixed, select
 
     @classmethod
-    def wavy(cls, n_timesteps: int = 97) -> BrockHommes:
+    def wavy(cls, n_timesteps: int = 97) -> BrockHommesBeliefs:
         """The ``brock_hommes_wavy`` set-up: beta = 120, theta = (g2, b2, g3, b3).
 
         Its ``true_params`` are (0.9, 0.2, 0.9, -0.2); prior box [0,1]^3 x [-1,0].
@@ -110,7 +214,7 @@ class BrockHommes(Model):
         return model
 
     @classmethod
-    def noisy(cls, n_timesteps: int = 97) -> BrockHommes:
+    def noisy(cls, n_timesteps: int = 97) -> BrockHommesBeliefs:
         """The ``brock_hommes_noisy`` set-up: beta = 10, truth (-0.7, -0.4, 0.5, 0.3)."""
         model = cls(n_timesteps, beta=10.0)
         model.true_params = torch.tensor([-0.7, -0.4, 0.5, 0.3])
@@ -123,23 +227,29 @@ class BrockHommes(Model):
 
     def _mean(self, g: Tensor, b: Tensor, lags: Tensor) -> Tensor:
         """Conditional mean of x_t from lags (B, T, 3) = (x_{t-1}, x_{t-2}, x_{t-3})."""
-        x1, x2, x3 = lags[..., 0:1], lags[..., 1:2], lags[..., 2:3]
-        profit = (x1 - self.R * x2) * (g * x3 + b - self.R * x2)
-        fractions = torch.softmax(self.beta * profit, dim=-1)
-        return (fractions * (g * x1 + b)).sum(-1) / self.R
+        return belief_mean(float(self.beta), g, b, float(self.R), lags)
 
+    @accepts_one_draw
     def initialize(self, params: Tensor) -> Tensor:
+        """The three initial zeros: (B, 3)."""
         return params.new_zeros(params.shape[0], _N_LAGS)
 
+    @accepts_one_draw
     def step(self, params: Tensor, x: Tensor) -> Tensor:
+        """x_t from the history (B, T), T >= 3: (B, 1)."""
         g, b = self.coefficients(params)
         lags = x.flip(-1)[:, None, :_N_LAGS]  # (B, 1, 3), most recent first
         mean = self._mean(g, b, lags)
         return mean + (self.sigma / self.R) * torch.randn_like(mean)
 
+    @accepts_one_history
     def observe(self, x: Tensor) -> list[Tensor]:
-        # The initial history (three zeros) is not observed; steps arrive one at a time.
-        return [x[:, _N_LAGS:] if x.shape[1] == _N_LAGS else x]
+        """The series without the three initial zeros: [(B, T)].
+
+        The time loop passes the initial history (three steps) and then one step at a
+        time; a stretch of three or more steps is taken to start at the initial zeros.
+        """
+        return [x[:, _N_LAGS:] if x.shape[1] >= _N_LAGS else x]
 
     def log_likelihood(self, params: Tensor, x: Tensor) -> Tensor:
         r"""Exact :math:`\log p(x_3, \dots, x_{T+2} \mid \theta)` given :math:`x_0=x_1=x_2=0`.
@@ -161,7 +271,8 @@ class BrockHommes(Model):
         ):
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
-                f"BrockHommes.log_likelihood: `x` must be (T,) or ({p.shape[0]}, T), got {got}."
+                f"BrockHommesBeliefs.log_likelihood: `x` must be (T,) or ({p.shape[0]}, T), "
+                f"got {got}."
             )
         series = x.to(p).expand(p.shape[0], x.shape[-1])
         full = torch.cat((series.new_zeros(series.shape[0], _N_LAGS), series), dim=-1)

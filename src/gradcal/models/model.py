@@ -2,13 +2,60 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Model"]
+from gradcal.compat.models import detach_gradient_horizon
+
+__all__ = ["Model", "accepts_one_draw", "accepts_one_history"]
+
+#: Methods whose override by a subclass defined outside gradcal makes it a single-draw model.
+SINGLE_DRAW_HOOKS = ("initialize", "step", "observe", "trim_time_series")
+
+
+def accepts_one_draw(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Let a batched model's ``initialize``/``step`` also take one draw.
+
+    The method is written for ``params`` (B, D) and histories (B, T, ...). Called with
+    ``params`` of shape (D,) (or 0-d for a one-parameter model) and a single-draw history
+    (T, ...), it runs as a batch of one and returns the result without the batch axis.
+
+    Example:
+        >>> from gradcal.models import RandomWalk
+        >>> RandomWalk(3).initialize(torch.tensor(0.0)).shape
+        torch.Size([1, 1])
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Model, params: Tensor, *args: Any) -> Any:
+        if isinstance(params, Tensor) and params.ndim == 2:
+            return method(self, params, *args)
+        params = torch.as_tensor(params).reshape(1, -1)
+        args = tuple(a[None] if isinstance(a, Tensor) else a for a in args)
+        return method(self, params, *args)[0]
+
+    return wrapper
+
+
+def accepts_one_history(method: Callable[..., list[Tensor]]) -> Callable[..., list[Tensor]]:
+    """Let a batched model's ``observe`` also take one draw's history.
+
+    A history with ``state_ndim + 1`` axes (time, then one step's state) is one draw's;
+    with one more axis it is a batch. Outputs lose the batch axis for one draw.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Model, x: Tensor) -> list[Tensor]:
+        if isinstance(x, Tensor) and x.ndim == self.state_ndim + 1:
+            return [o[0] for o in method(self, x[None])]
+        return method(self, x)
+
+    return wrapper
 
 
 class Model(torch.nn.Module, ABC):
@@ -35,6 +82,15 @@ class Model(torch.nn.Module, ABC):
     - ``batched = True`` (all built-in models): ``initialize``, ``step`` receive ``params``
       of shape (B, D) and the history carries the draws on axis 0 and time on axis 1;
       B draws cost one vectorised simulation. The public entry points still accept (D,).
+      Built-in models decorate their methods with :func:`accepts_one_draw` and
+      :func:`accepts_one_history`, so each of them also takes one draw in BlackBIRDS'
+      single-draw layout (``state_ndim`` is the number of axes of one step of one draw).
+
+    A subclass defined outside gradcal that overrides one of ``initialize``, ``step``,
+    ``observe``, ``trim_time_series`` (or a model's own ``single_draw_hooks``) without
+    declaring ``batched`` itself is a single-draw model (``batched = False``, and
+    ``n_params = None`` unless it declares it): its methods receive one draw, whatever its
+    parent does, as a subclass written for BlackBIRDS expects.
 
     NaN parameters are not an error: the draw's outputs come out NaN (the inference
     engine drops such draws) and other draws in the batch are unaffected.
@@ -64,7 +120,21 @@ class Model(torch.nn.Module, ABC):
     batched: bool = False
     n_params: int | None = None
     history_length: int | None = None
+    state_ndim: int = 1
+    single_draw_hooks: tuple[str, ...] = SINGLE_DRAW_HOOKS
     n_timesteps: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__module__.split(".")[0] == "gradcal" or "batched" in cls.__dict__:
+            return
+        if cls.batched and any(hook in cls.__dict__ for hook in cls.single_draw_hooks):
+            cls.batched = False
+            if "n_params" not in cls.__dict__:
+                cls.n_params = None
+
+    #: BlackBIRDS' ``Model.detach_gradient_horizon(time_series, gradient_horizon)``.
+    detach_gradient_horizon = detach_gradient_horizon
 
     @abstractmethod
     def initialize(self, params: Tensor) -> Any:

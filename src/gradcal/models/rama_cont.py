@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradcal.models.model import Model
+from gradcal.models.model import SINGLE_DRAW_HOOKS, Model, accepts_one_draw, accepts_one_history
 from gradcal.relax import bernoulli_mask, bernoulli_positions
+
+_HELPERS = ("compute_order_soft", "compute_order_hard", "compute_order", "compute_returns")
 
 __all__ = ["RamaCont"]
 
@@ -22,9 +24,14 @@ class RamaCont(Model):
     :math:`|r_t|` with probability ``s``
     (an exact Bernoulli draw: ``s`` is fixed, so a relaxation would add nothing).
 
-    BlackBIRDS' built-in version draws a separate signal for every agent; here, as in
-    Cont (2005), all agents see the same :math:`\epsilon_t`, which is what makes their
-    orders herd and volatility cluster.
+    As in Cont (2005) and in BlackBIRDS 1.3's built-in model, all agents see the same
+    :math:`\epsilon_t`, which is what makes their orders herd and volatility cluster.
+
+    The pieces of a step are BlackBIRDS' methods :meth:`compute_order` (with
+    :meth:`compute_order_soft`, :meth:`compute_order_hard`), :meth:`compute_returns` and
+    :meth:`compute_new_nu_t`; they broadcast over leading draw axes. Unless a subclass
+    overrides them, the step sums the straight-through orders over agents in one pass
+    (same value and gradient, fewer operations).
 
     Parameters, in order: :math:`(\gamma_0, \gamma_1, \sigma, \eta)`, or their base-10
     logarithms when ``log10_params=True`` (the BlackBIRDS tutorial's convention).
@@ -36,8 +43,10 @@ class RamaCont(Model):
         sigmoid_k: steepness of the sigmoids behind the straight-through orders.
         log10_params: read parameters as :math:`\log_{10}` values.
 
-    Shapes: ``params`` (B, 4); history (B, T + 1, N + 1) holding the thresholds and the
-    return; the single output, the returns :math:`r_0 = 0, r_1, \dots, r_T`, (B, T + 1).
+    Shapes (BlackBIRDS' layout): ``params`` (4,) or (B, 4); history (T + 1, 3, N) for one
+    draw, (B, T + 1, 3, N) for B, holding per step the thresholds :math:`\nu`, the signal
+    and the return (the last two repeated over agents); the single output, the returns
+    :math:`r_0 = 0, r_1, \dots, r_T`, (T + 1,) or (B, T + 1).
 
     References:
         R. Cont (2005). Volatility clustering in financial markets: empirical facts and
@@ -55,6 +64,8 @@ class RamaCont(Model):
     batched = True
     history_length = 1
     n_params = 4
+    state_ndim = 2
+    single_draw_hooks = (*SINGLE_DRAW_HOOKS, *_HELPERS, "compute_new_nu_t")
 
     def __init__(
         self,
@@ -81,12 +92,76 @@ class RamaCont(Model):
         p = 10.0**params if self.log10_params else params
         return p[:, 0:1], p[:, 1:2], p[:, 2:3], p[:, 3:4]
 
+    def compute_order_soft(self, epsilon_t: Tensor, nu_t: Tensor) -> Tensor:
+        r"""Soft orders :math:`\sigma(k(\epsilon - \nu)) - \sigma(k(-\nu - \epsilon))`,
+        broadcast over ``epsilon_t`` and ``nu_t``."""
+        k = self.sigmoid_k
+        return torch.sigmoid(k * (epsilon_t - nu_t)) - torch.sigmoid(k * (-nu_t - epsilon_t))
+
+    def compute_order_hard(self, epsilon_t: Tensor, nu_t: Tensor) -> Tensor:
+        r"""Orders :math:`1[\epsilon > \nu] - 1[\epsilon < -\nu]` as floats (float32
+        unless an input is float64)."""
+        dtype = torch.promote_types(torch.result_type(epsilon_t, nu_t), torch.float32)
+        return (epsilon_t > nu_t).to(dtype) - (epsilon_t < -nu_t).to(dtype)
+
+    def compute_order(self, epsilon_t: Tensor, nu_t: Tensor) -> Tensor:
+        """Straight-through orders: the hard value with the soft orders' gradient.
+
+        Example:
+            >>> model = RamaCont(n_agents=3, n_timesteps=1, s=0.1, sigmoid_k=5.0)
+            >>> model.compute_order(torch.tensor(1.0), torch.tensor([0.5, 2.0, 0.1]))
+            tensor([1., 0., 1.])
+        """
+        soft = self.compute_order_soft(epsilon_t, nu_t)
+        return self.compute_order_hard(epsilon_t, nu_t) + (soft - soft.detach())
+
+    def compute_returns(self, order: Tensor, eta: Tensor | float) -> Tensor:
+        r"""Return :math:`\sum_i \rho_i / (N \eta)` of the orders (..., N).
+
+        A 0-d tensor for orders (N,); (B, 1) for orders (B, N) and ``eta`` (B, 1).
+        """
+        return order.sum(-1, keepdim=order.ndim > 1) / (self.n_agents * eta)
+
+    def compute_new_nu_t(self, nu_t: Tensor, s: Tensor | float, returns: Tensor) -> Tensor:
+        r"""Thresholds after each agent resets to :math:`|r_t|` with probability ``s``.
+
+        :math:`\nu' = |r| q + (1 - q) \nu` with exact Bernoulli(s) draws q. ``nu_t`` is (N,)
+        or (B, N); ``returns`` is a number, 0-d, (B,) or (B, 1).
+        """
+        r = torch.as_tensor(returns)
+        if r.ndim == nu_t.ndim - 1 and r.ndim > 0:
+            r = r[..., None]
+        dtype = torch.promote_types(r.dtype, nu_t.dtype)
+        dtype = dtype if dtype.is_floating_point else torch.get_default_dtype()
+        p = float(s)
+        nu = nu_t.reshape(-1, nu_t.shape[-1]).to(dtype)
+        r = r.to(dtype).abs().reshape(-1, 1).expand(nu.shape[0], 1)
+        b, n = nu.shape
+        if p in (0.0, 1.0) or p > 0.25 or b * n < 4096:  # dense draws are cheaper
+            reset = bernoulli_mask((b, n), p, dtype=dtype, device=nu.device)
+            new = r * reset + (1 - reset) * nu
+        else:
+            # Write |r| straight at the resetting agents; column n (dropped afterwards)
+            # absorbs the unused tail of the positions.
+            idx = bernoulli_positions(b, n, p, device=nu.device)
+            padded = torch.cat((nu, r), dim=-1)
+            new = padded.scatter(1, idx, r.expand(-1, idx.shape[1]))[:, :-1]
+        return new.reshape(nu_t.shape)
+
     def _returns(self, eps: Tensor, nu: Tensor, eta: Tensor) -> Tensor:
         r"""Return :math:`r = \sum_i \rho_i / (N \eta)`: (B, 1), from eps (B, 1), nu (B, N).
 
-        The straight-through sum is formed after summing over agents (same value and
-        gradient as summing straight-through orders, fewer operations on (B, N) tensors).
+        Uses the model's own :meth:`compute_order` and :meth:`compute_returns` when a
+        subclass overrides one of them; otherwise the straight-through sum is formed after
+        summing over agents (same value and gradient, fewer operations on (B, N) tensors).
         """
+        if self._overrides(*_HELPERS):  # a subclass's helpers see BlackBIRDS' shapes
+            return torch.stack(
+                [
+                    torch.as_tensor(self.compute_returns(self.compute_order(e, n), h)).reshape(1)
+                    for e, n, h in zip(eps[:, 0], nu, eta[:, 0], strict=True)
+                ]
+            ).to(nu)
         # Thresholds are never negative, so at most one of eps > nu, eps < -nu holds.
         hard = torch.sign(eps) * (nu < eps.abs()).sum(-1, keepdim=True)  # float: promoted
         # soft = sum_i sigmoid(k(eps - nu_i)) - sigmoid(-k(eps + nu_i)), up to the constant
@@ -95,37 +170,46 @@ class RamaCont(Model):
         soft = (torch.sigmoid(k_eps - k_nu) + torch.sigmoid(k_eps + k_nu)).sum(-1, keepdim=True)
         return (hard + (soft - soft.detach())) / (self.n_agents * eta)
 
+    def _overrides(self, *methods: str) -> bool:
+        """Whether this model's class overrides one of RamaCont's ``methods``."""
+        return any(getattr(type(self), m) is not getattr(RamaCont, m) for m in methods)
+
+    def _new_thresholds(self, nu: Tensor, r: Tensor) -> Tensor:
+        """:meth:`compute_new_nu_t` for nu (B, N), r (B, 1); one draw at a time (as
+        BlackBIRDS calls it) when a subclass overrides it."""
+        if not self._overrides("compute_new_nu_t"):
+            return self.compute_new_nu_t(nu, self.s, r)
+        return torch.stack(
+            [self.compute_new_nu_t(n, self.s, q[0]) for n, q in zip(nu, r, strict=True)]
+        ).to(nu)
+
+    def _state(self, nu: Tensor, eps: Tensor, r: Tensor) -> Tensor:
+        """One step of history (B, 1, 3, N) from nu (B, N), eps and r (B, 1)."""
+        n = self.n_agents
+        return torch.stack((nu, eps.expand(-1, n), r.expand(-1, n)), dim=1)[:, None]
+
+    @accepts_one_draw
     def initialize(self, params: Tensor) -> Tensor:
+        """Thresholds from the log-normal, no signal, zero return: (B, 1, 3, N)."""
         gamma_0, gamma_1, _, eta = self._natural(params)
         z = torch.randn(params.shape[0], self.n_agents, dtype=params.dtype, device=params.device)
         # exp(50) ~ 5e21 is an infinite threshold for any return; the cap keeps overflowing
         # draws (large gamma_1) finite, so their gradients are zero instead of NaN.
         nu = torch.exp((gamma_0 + gamma_1 * z).clamp(max=50.0))
-        r = self._returns(torch.zeros_like(eta), nu, eta)
-        return torch.cat((nu, r), dim=-1)[:, None, :]
+        eps = torch.zeros_like(eta)
+        return self._state(nu, eps, self._returns(eps, nu, eta))
 
+    @accepts_one_draw
     def step(self, params: Tensor, x: Tensor) -> Tensor:
+        """The next step from the history (B, T, 3, N): (B, 1, 3, N)."""
         scales = 10.0 ** params[:, 2:] if self.log10_params else params[:, 2:]
-        sigma, eta = scales.unbind(-1)
-        sigma, eta = sigma[:, None], eta[:, None]
-        # (B, N + 1): thresholds, then the last return. A reshape (free in the backward pass)
-        # where the history is the one step the model needs.
-        state = x.reshape(x.shape[0], -1) if x.shape[1] == 1 else x[:, -1]
-        nu = state[:, :-1]
+        sigma, eta = scales[:, 0:1], scales[:, 1:2]
+        nu = x[:, -1, 0]
         eps = sigma * torch.randn_like(sigma)
         r = self._returns(eps, nu, eta)
-        return torch.cat((self._reset(state, r), r), dim=-1)[:, None, :]
+        return self._state(self._new_thresholds(nu, r), eps, r)
 
-    def _reset(self, state: Tensor, r: Tensor) -> Tensor:
-        """Thresholds (B, N) after each agent resets to |r| with probability s."""
-        b, n = state.shape[0], self.n_agents
-        if self.s in (0.0, 1.0) or self.s > 0.25 or b * n < 4096:  # dense draws are cheaper
-            reset = bernoulli_mask((b, n), self.s, dtype=r.dtype, device=r.device)
-            return torch.lerp(state[:, :-1], r.abs().expand(-1, n), reset)
-        # Write |r| straight at the resetting agents; index n (the return's column, dropped
-        # afterwards) absorbs the unused tail of the positions.
-        idx = bernoulli_positions(b, n, self.s, device=r.device)
-        return state.scatter(1, idx, r.abs().expand(-1, idx.shape[1]))[:, :-1]
-
+    @accepts_one_history
     def observe(self, x: Tensor) -> list[Tensor]:
-        return [x[..., -1]]
+        """The returns: [(B, T)]."""
+        return [x[:, :, 2, 0]]
