@@ -16,8 +16,10 @@ Reference: importance sampling from the prior (10,000 draws, w = 1, target prior
 exp(-loss), one loss evaluation per draw as in the tutorial), resampled to 10,000 draws.
 Metric: energy distance (``gradcal.discrepancies.energy_distance``, unstandardised) between
 10,000 draws of the fitted q and the reference draws. For each rule of gradcal's ``VI``
-(``stopping=``), and for BlackBIRDS when ``blackbirds`` is importable, one row per seed and
-the median and quartiles of the distance and of the epoch at which the run stopped.
+(``stopping=``), and for BlackBIRDS when ``blackbirds`` is importable in the same
+environment (``pip install blackbirds==1.3``; it writes its estimator files into a temporary
+folder), one row per seed and the median and quartiles of the distance and of the epoch at
+which the run stopped.
 
 The walk draws all its steps in one Gumbel-softmax call (the loss sees only increments):
 the same law of values and straight-through gradients as a step-by-step loop, and cheap
