@@ -324,6 +324,13 @@ class VI:
         moving average m_t / (1 - beta^t), m_t = beta m_(t-1) + (1 - beta) total_t,
         beta = 1 - 2 / (smoothing_window + 1); a non-finite total leaves it unchanged and
         counts as no improvement (NaN). Call once per epoch: it updates the average.
+
+        Example:
+            >>> q = torch.distributions.Normal(torch.zeros(1, requires_grad=True), 1.0)
+            >>> prior = torch.distributions.Normal(torch.zeros(1), 1.0)
+            >>> vi = VI(lambda t, y: t.sum(), prior, q, stopping="smoothed", smoothing_window=3)
+            >>> [round(vi.criterion(total), 3) for total in (4.0, 2.0, 2.0)]  # beta = 1/2
+            [4.0, 2.667, 2.286]
         """
         if self.stopping == "blackbirds":
             return total
