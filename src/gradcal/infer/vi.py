@@ -61,6 +61,7 @@ __all__ = [
 logger = logging.getLogger("gradcal")
 
 _KL_METHODS = ("auto", "analytic", "monte_carlo")
+_STOPPING_RULES = ("blackbirds", "smoothed")
 
 
 def _check_data(data: Any, device: torch.device) -> Any:
@@ -119,10 +120,17 @@ class VI:
         max_failed_epochs: stop with an error after this many consecutive epochs in which
             every draw failed (NaN or infinite loss).
         scheduler: an optional learning-rate scheduler, stepped after each epoch.
+        stopping: the early-stopping and best-state rule (see :meth:`run`):
+            ``"blackbirds"`` (BlackBIRDS' rule, the default) compares each epoch's total;
+            ``"smoothed"`` compares an exponential moving average of the totals.
+        smoothing_window: span N of that average (weight 2 / (N + 1) on the newest
+            epoch; noise sd shrinks about sqrt(N)-fold, the average lags about N / 2
+            epochs): keep it well below the patience. Used by ``"smoothed"`` only.
 
     After :meth:`run`: ``losses_hist`` (keys ``total``, ``loss``, ``regularisation``,
-    ``dropped`` (draws of the loss dropped), ``dropped_kl`` (Monte Carlo KL draws dropped);
-    one value per epoch), ``best_loss`` and ``best_estimator_state_dict``.
+    ``dropped`` (draws of the loss dropped), ``dropped_kl`` (Monte Carlo KL draws dropped),
+    and ``smoothed`` under the smoothed rule; one value per epoch), ``best_loss`` and
+    ``best_estimator_state_dict``. q itself holds the last state.
 
     Example:
         >>> from gradcal.losses import NegativeLogLikelihood
@@ -173,6 +181,8 @@ class VI:
         resume: bool = False,
         max_failed_epochs: int = 10,
         scheduler: Any = None,
+        stopping: Literal["blackbirds", "smoothed"] = "blackbirds",
+        smoothing_window: int = 20,
     ):
         check_prior(prior)
         if not isinstance(w, int | float) or not w >= 0:
@@ -181,11 +191,14 @@ class VI:
             ("n_samples_per_epoch", n_samples_per_epoch),
             ("n_samples_regularisation", n_samples_regularisation),
             ("max_failed_epochs", max_failed_epochs),
+            ("smoothing_window", smoothing_window),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
         if kl not in _KL_METHODS:
             raise ValueError(f"`kl` must be one of {_KL_METHODS}, got {kl!r}.")
+        if stopping not in _STOPPING_RULES:
+            raise ValueError(f"`stopping` must be one of {_STOPPING_RULES}, got {stopping!r}.")
         if resume and checkpoint_dir is None:
             raise ValueError("`resume=True` needs a `checkpoint_dir` to resume from.")
         self.estimator = make_estimator(
@@ -226,6 +239,7 @@ class VI:
         self.log_tensorboard, self.tensorboard_log_dir = log_tensorboard, tensorboard_log_dir
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.resume, self.max_failed_epochs = resume, max_failed_epochs
+        self.stopping, self.smoothing_window = stopping, smoothing_window
         self._reset_history()
 
     # --- one epoch ------------------------------------------------------------------------
@@ -290,6 +304,7 @@ class VI:
         self.best_estimator_state_dict: dict[str, Tensor] | None = None
         self._epoch = self._stall = self._failed = 0
         self.kl_dropped = 0
+        self._ema, self._ema_count = 0.0, 0  # the smoothed rule's running average
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -303,6 +318,7 @@ class VI:
             "best_state": self.best_estimator_state_dict,
             "stall": self._stall,
             "failed": self._failed,
+            "ema": [self._ema, self._ema_count],
             "batching": self.batched_loss.mode,
         }
 
@@ -319,6 +335,7 @@ class VI:
         self.losses_hist = defaultdict(list, state["history"])
         self.best_loss, self.best_estimator_state_dict = state["best_loss"], state["best_state"]
         self._epoch, self._stall, self._failed = state["epoch"], state["stall"], state["failed"]
+        self._ema, self._ema_count = state.get("ema", (0.0, 0))
         self.batched_loss.mode = state["batching"]
 
     def _tensorboard(self) -> Any:
@@ -333,8 +350,36 @@ class VI:
             ) from error
         return SummaryWriter(log_dir=self.tensorboard_log_dir)
 
+    def criterion(self, total: float) -> float:
+        """The figure compared with ``best_loss`` for an epoch whose total is ``total``.
+
+        ``"blackbirds"``: the total itself. ``"smoothed"``: the bias-corrected exponential
+        moving average m_t / (1 - beta^t), m_t = beta m_(t-1) + (1 - beta) total_t,
+        beta = 1 - 2 / (smoothing_window + 1); a non-finite total leaves it unchanged and
+        counts as no improvement (NaN). Call once per epoch: it updates the average.
+
+        Example:
+            >>> q = torch.distributions.Normal(torch.zeros(1, requires_grad=True), 1.0)
+            >>> prior = torch.distributions.Normal(torch.zeros(1), 1.0)
+            >>> vi = VI(lambda t, y: t.sum(), prior, q, stopping="smoothed", smoothing_window=3)
+            >>> [round(vi.criterion(total), 3) for total in (4.0, 2.0, 2.0)]  # beta = 1/2
+            [4.0, 2.667, 2.286]
+        """
+        if self.stopping == "blackbirds":
+            return total
+        if not math.isfinite(total):
+            return math.nan
+        beta = 1.0 - 2.0 / (self.smoothing_window + 1)
+        self._ema = beta * self._ema + (1.0 - beta) * total
+        self._ema_count += 1
+        return self._ema / (1.0 - beta**self._ema_count)
+
     def _record(self, total: float, loss: float, reg: float, dropped: int) -> bool:
-        """Append to the history and track the best state; True when the total improved."""
+        """Append to the history and track the best state; True when the criterion improved.
+
+        Called after the epoch's optimiser step: the state kept as the best is q after the
+        step taken from the epoch that set the record (BlackBIRDS' convention).
+        """
         for key, value in (
             ("total", total),
             ("loss", loss),
@@ -343,8 +388,11 @@ class VI:
             ("dropped_kl", self.kl_dropped),
         ):
             self.losses_hist[key].append(value)
-        if total < self.best_loss:
-            self.best_loss, self._stall = total, 0
+        value = self.criterion(total)
+        if self.stopping != "blackbirds":
+            self.losses_hist[self.stopping].append(value)
+        if value < self.best_loss:
+            self.best_loss, self._stall = value, 0
             self.best_estimator_state_dict = copy.deepcopy(self._module.state_dict())
             return True
         self._stall += 1
@@ -352,7 +400,15 @@ class VI:
 
     def run(self, data: Any, n_epochs: int, max_epochs_without_improvement: int = 20) -> None:
         """Train for up to ``n_epochs`` epochs, stopping after ``max_epochs_without_improvement``
-        epochs without a lower total loss.
+        epochs in a row without a new lowest criterion.
+
+        Every epoch (BlackBIRDS' order): estimate the total at the current q, take the
+        optimiser step, then compare the criterion (the total, or its moving average under
+        ``stopping="smoothed"``) with ``best_loss``. On a new lowest value q *after* that step
+        is copied into ``best_estimator_state_dict``. The stopping epoch takes its step too,
+        so a run of E epochs takes E optimiser steps, and q is left in its last state (load
+        ``best_estimator_state_dict`` for the best one). A resumed run that had already
+        stopped takes no further epoch.
 
         Arguments:
             data: the observed data handed to ``loss(theta, data)``: a tensor or a list of
@@ -397,8 +453,13 @@ class VI:
             disable=not (self.progress_bar and is_main()),
             desc="VI",
         )
-        for epoch in bar:
+        stopped = self._epoch > 0 and self._stall >= patience  # resumed, had stopped already
+        for epoch in [] if stopped else bar:
             total, loss, reg, estimate = self.step(data)
+            if estimate.n_valid:
+                self.optimizer.step()
+                if self.scheduler is not None:
+                    self.scheduler.step()
             improved = self._record(total, loss, reg, estimate.n_dropped)
             self._check_failures(estimate)
             if writer is not None:
@@ -413,15 +474,11 @@ class VI:
                     stall=self._stall,
                     dropped=estimate.n_dropped,
                 )
+            self._epoch = epoch + 1
+            self._save(improved)
             if self._stall >= patience:
                 logger.info("stopping early: no improvement for %d epochs", patience)
                 break
-            if estimate.n_valid:
-                self.optimizer.step()
-                if self.scheduler is not None:
-                    self.scheduler.step()
-            self._epoch = epoch + 1
-            self._save(improved)
         bar.close()
 
     def _check_failures(self, estimate: EpochEstimate) -> None:
