@@ -137,6 +137,10 @@ class BrockHommes(Model):
         mean = self._mean(g, b, lags)
         return mean + (self.sigma / self.R) * torch.randn_like(mean)
 
+    def observed_lengths(self) -> list[int]:
+        """T prices, x_3 to x_{T+2} (the three zero lags are not observed)."""
+        return [self.n_timesteps]
+
     def observe(self, x: Tensor) -> list[Tensor]:
         # The initial history (three zeros) is not observed; steps arrive one at a time.
         return [x[:, _N_LAGS:] if x.shape[1] == _N_LAGS else x]

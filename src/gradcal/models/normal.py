@@ -46,6 +46,10 @@ class Normal(Model):
         sigma = torch.where(sigma > 0, sigma, torch.nan)
         return mu + sigma * torch.randn_like(mu)
 
+    def observed_lengths(self) -> list[int]:
+        """T draws (no initial value is observed)."""
+        return [self.n_timesteps]
+
     def observe(self, x: Tensor) -> list[Tensor]:
         return [x]
 

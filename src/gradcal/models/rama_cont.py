@@ -127,5 +127,9 @@ class RamaCont(Model):
         idx = bernoulli_positions(b, n, self.s, device=r.device)
         return state.scatter(1, idx, r.abs().expand(-1, idx.shape[1]))[:, :-1]
 
+    def observed_lengths(self) -> list[int]:
+        """T + 1 returns, r_0 (the initial one) to r_T."""
+        return [self.n_timesteps + 1]
+
     def observe(self, x: Tensor) -> list[Tensor]:
         return [x[..., -1]]

@@ -47,6 +47,10 @@ class RandomWalk(Model):
         up = relaxed_bernoulli(params, tau=self.tau_softmax, hard=True)
         return x[:, -1:] + 2.0 * up - 1.0
 
+    def observed_lengths(self) -> list[int]:
+        """T + 1 positions, x_0 (the start) to x_T."""
+        return [self.n_timesteps + 1]
+
     def observe(self, x: Tensor) -> list[Tensor]:
         return [x]
 

@@ -105,5 +105,9 @@ class SIR(Model):
         )
         return state[:, None]
 
+    def observed_lengths(self) -> list[int]:
+        """T + 1 infected and T + 1 recovered counts, at t = 0, ..., T."""
+        return [self.n_timesteps + 1, self.n_timesteps + 1]
+
     def observe(self, x: Tensor) -> list[Tensor]:
         return [x[:, :, 0].sum(-1), x[:, :, 2].sum(-1)]
