@@ -181,7 +181,9 @@ def _type_name(types: Any) -> str:
 
 def _check_table(table: Any, schema: dict[str, Any], path: str, problems: list[str]) -> None:
     if not isinstance(table, dict):
-        problems.append(f"{path.rstrip('.')}: must be a table")
+        name = path.rstrip(".")
+        how = "" if "[" in name else f" ([{name}] or {name} = {{ ... }})"
+        problems.append(f"{name}: must be a table{how}, got {_describe(table)}")
         return
     for key, value in table.items():
         if key not in schema:
@@ -290,14 +292,25 @@ def _support_problems(value: float, kind: str, arguments: dict[str, Any], key: s
         return [f"{key}: must be a finite number, got {value!r}"]
     prior = marginal(kind, **arguments)
     if not bool(prior.support.check(torch.tensor(float(value)))):
-        return [f"{key}: {value!r} lies outside the {kind} prior's support ({prior.support})"]
+        where = _support_text(prior)
+        return [f"{key}: {value!r} lies outside the {kind} prior's support ({where})"]
     return []
+
+
+def _support_text(prior: Any) -> str:
+    """A one-dimensional support in words: ``> 0.0``, ``between 0.0 and 1.0``."""
+    low = getattr(prior.support, "lower_bound", None)
+    high = getattr(prior.support, "upper_bound", None)
+    if low is not None and high is not None:
+        return f"between {float(low)} and {float(high)}"
+    return f"> {float(low)}" if low is not None else str(prior.support)
 
 
 def _check_data(config: dict[str, Any], problems: list[str], base: Path) -> None:
     data = config.get("data")
-    if not isinstance(data, dict):
+    if data is None:
         problems.append("data: missing: give a file or simulate = true")
+    if not isinstance(data, dict):
         return
     if data.get("simulate") and data.get("file"):
         problems.append("data: give either file or simulate = true, not both")
@@ -343,7 +356,7 @@ def _check_ranges(config: dict[str, Any], problems: list[str]) -> None:
             problems.append(f"method.{key}: must be >= 1, got {value}")
     for key in ("w", "learning_rate"):
         value = method.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+        if isinstance(value, int | float) and not isinstance(value, bool) and not value > 0:
             problems.append(f"method.{key}: must be > 0, got {value}")
     device = config.get("run", {}).get("device") if isinstance(config.get("run"), dict) else None
     if isinstance(device, str):
@@ -424,7 +437,7 @@ def check(config: dict[str, Any], base: str | Path = ".") -> list[str]:
             return [*problems, f"model.options: {type(error).__name__}: {error}"]
         lengths = model.observed_lengths() if hasattr(model, "observed_lengths") else None
         if data is not None and lengths is not None:
-            problems += length_problems(model, lengths, data)
+            problems += length_problems(model, lengths, data, Path(config["data"]["file"]).name)
         shortest = min(len(d) for d in data) if data is not None else min(lengths or [0]) or None
         window = loss.get("window", 1)
         if shortest is not None and isinstance(window, int) and not 1 <= window <= shortest:
@@ -596,8 +609,10 @@ def _read_npy(file: Path, columns: list[int] | None) -> tuple[list[str], list[An
     array = np.load(file, allow_pickle=False)
     if array.ndim not in (1, 2):
         raise ConfigError(
-            [f"data.file: {file.name} holds an array of shape {array.shape}; expected (T,) "
-             "or (T, columns)"]
+            [
+                f"data.file: {file.name} holds an array of shape {array.shape}; expected (T,) "
+                "or (T, columns)"
+            ]
         )
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise ConfigError([f"data.file: {file.name} holds {array.dtype} values, not numbers"])
@@ -659,11 +674,22 @@ def read_data(data: dict[str, Any], base: str | Path = ".") -> list[torch.Tensor
     return [torch.tensor(s, dtype=torch.get_default_dtype()) for s in series]
 
 
-def length_problems(model: Any, lengths: list[int], data: list[torch.Tensor]) -> list[str]:
-    """Lines saying where the data's columns disagree with the model's outputs.
+def length_problems(
+    model: Any, lengths: list[int], data: list[torch.Tensor], source: str = "the data"
+) -> list[str]:
+    r"""Lines saying where the data's columns disagree with the model's outputs.
 
     ``lengths`` holds the number of time steps of each output of a run of ``model`` (see
-    :meth:`gradcal.models.model.Model.observed_lengths`).
+    :meth:`gradcal.models.model.Model.observed_lengths`); ``source`` names the data.
+    The rule: every column has exactly as many rows as its output has time steps.
+
+    Example:
+        >>> from gradcal.models import RandomWalk
+        >>> for line in length_problems(RandomWalk(200), [201], [torch.zeros(200)], "w.csv"):
+        ...     print(line.replace(" but", "\nbut").replace("; ", ";\n"))
+        data.file: w.csv has 200 rows
+        but RandomWalk with n_timesteps = 200 outputs 201 (n_timesteps + 1);
+        set model.options.n_timesteps = 199
     """
     name, n = type(model).__name__, getattr(model, "n_timesteps", None)
     if len(data) != len(lengths):
@@ -675,7 +701,7 @@ def length_problems(model: Any, lengths: list[int], data: list[torch.Tensor]) ->
     for i, (have, want) in enumerate(zip((len(d) for d in data), lengths, strict=True)):
         if have == want:
             continue
-        which = f"column {i + 1} has" if len(data) > 1 else "has"
+        which = f"{source}, column {i + 1}," if len(data) > 1 else source
         rule, fix = "", ""
         if isinstance(n, int):
             offset = want - n
@@ -683,7 +709,7 @@ def length_problems(model: Any, lengths: list[int], data: list[torch.Tensor]) ->
             if have - offset >= 0:
                 fix = f"; set model.options.n_timesteps = {have - offset}"
         problems.append(
-            f"data.file: {which} {have} values but {name} with n_timesteps = {n} outputs "
+            f"data.file: {which} has {have} rows but {name} with n_timesteps = {n} outputs "
             f"{want}{rule}{fix}"
         )
     return problems

@@ -53,9 +53,8 @@ def marginal_problems(kind: str, arguments: dict[str, Any]) -> list[tuple[str, s
         elif key in _POSITIVE and value <= 0:
             problems.append((key, f"must be > 0 (the {key} of a {kind} prior), got {value!r}"))
     if kind == "uniform" and not problems and not arguments["low"] < arguments["high"]:
-        problems.append(
-            ("", f"a uniform prior needs low < high, got {arguments['low']} and {arguments['high']}")
-        )
+        low, high = arguments["low"], arguments["high"]
+        problems.append(("", f"a uniform prior needs low < high, got {low} and {high}"))
     return problems
 
 
