@@ -68,7 +68,7 @@ def _check_regularisation(reg: float, epoch: int) -> None:
         >>> try:
         ...     _check_regularisation(float("nan"), 3)
         ... except RuntimeError as error:
-        ...     print(str(error)[:45])
+        ...     print(str(error)[:46])
         epoch 3: the KL term w * KL(q || prior) is NaN
     """
     if math.isnan(reg):
