@@ -202,9 +202,49 @@ def test_epochs_where_every_draw_fails_stop_the_run():
         progress_bar=False,
         max_failed_epochs=3,
     )
-    with pytest.raises(RuntimeError, match=r"every draw failed .* in 3 consecutive epochs"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"every draw failed .* in 3 consecutive epoch\(s\), up to epoch 2, from the first",
+    ):
         vi.run(torch.zeros(1), 10)
     assert vi.losses_hist["dropped"] == [10, 10, 10]
+
+
+def test_a_nan_kl_stops_the_first_epoch_naming_the_prior():
+    # a prior with a negative scale (accepted without validation) has a NaN log-density
+    bad = torch.distributions.Normal(torch.zeros(1), -torch.ones(1), validate_args=False)
+    vi = VI(
+        gaussian_nll(1.0),
+        torch.distributions.Independent(bad, 1),
+        DiagonalGaussian(torch.zeros(1)),
+        progress_bar=False,
+        kl="monte_carlo",
+        n_samples_regularisation=16,
+        seed=0,
+    )
+    with pytest.raises(RuntimeError, match=r"epoch 0: the KL term .* is NaN: the prior's"):
+        vi.run(torch.zeros(5), 10)
+    assert len(vi.losses_hist["total"]) == 1
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"},
+        {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4"},
+    ],
+)
+def test_vi_under_a_launcher_without_a_process_group_stops(monkeypatch, env):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    vi = VI(gaussian_nll(1.0), normal_prior(0.0, 1.0), DiagonalGaussian(torch.zeros(1)),
+            progress_bar=False, seed=0)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"call gradcal.distributed.init_distributed\(\)"):
+        vi.run(torch.zeros(5), 2)
+    assert not vi.losses_hist["total"]  # nothing ran
+    monkeypatch.setenv(next(k for k in env if "SIZE" in k), "1")  # one process: fine
+    vi.run(torch.zeros(5), 2)
+    assert len(vi.losses_hist["total"]) == 2
 
 
 def test_history_best_state_and_early_stopping():
