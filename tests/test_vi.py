@@ -421,3 +421,27 @@ def test_resume_after_a_hard_kill_of_the_process(tmp_path):
     b = torch.load(killed / "final.pt", weights_only=True)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_resumed_run_repeats_no_tensorboard_step(tmp_path):
+    pytest.importorskip("tensorboard")
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def vi(resume):
+        q = DiagonalGaussian(torch.zeros(1))
+        return VI(gaussian_nll(1.0), normal_prior(0.0, 1.0), q, progress_bar=False, seed=0,
+                  optimizer=torch.optim.Adam(q.parameters(), lr=0.01),
+                  checkpoint_dir=tmp_path / "checkpoints", resume=resume,
+                  log_tensorboard=True, tensorboard_log_dir=str(tmp_path / "tb"))  # fmt: skip
+
+    y = torch.zeros(5)
+    vi(False).run(y, 2, 100)
+    shutil.copy(tmp_path / "checkpoints" / "last.pt", tmp_path / "epoch2.pt")
+    vi(True).run(y, 3, 100)  # step 2 written, then as if killed before its checkpoint:
+    shutil.copy(tmp_path / "epoch2.pt", tmp_path / "checkpoints" / "last.pt")
+    vi(True).run(y, 4, 100)  # redoes step 2
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("Loss/total")] == [0, 1, 2, 3]
