@@ -20,7 +20,7 @@ $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 demo: $(VENV)/.installed-plot
-	$(VENV)/bin/gradcal demo
+	$(VENV)/bin/gradcal demo --overwrite
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -n 2 --dist loadgroup -q

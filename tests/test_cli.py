@@ -334,3 +334,218 @@ def test_the_demo_contains_the_truth_and_says_the_fit_can_be_used(tmp_path, seed
     assert "verdict-trust" in top or "verdict-caution" in top
     assert "Do not trust" not in top
     assert "<td>returns</td>" in page  # the output carries its name
+
+
+# --- bad input stops check and run before anything is trained or written ------------------
+
+
+def _main(capsys, *args):
+    """The command in this process (cheap: no interpreter start); (exit code, stderr)."""
+    from gradcal.cli import main
+
+    capsys.readouterr()
+    code = main(["-q", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+def _csv_data(folder: Path, values, name="obs.csv") -> str:
+    (folder / name).write_text("day,x\n" + "".join(f"{i},{v}\n" for i, v in enumerate(values)))
+    return f'file = "{name}"\ncolumns = ["x"]'
+
+
+BAD_INPUTS = {
+    "text cell": (
+        lambda d: _write(d, data=_csv_data(d, [1.0] * 10 + ["abc"] + [1.0] * 29)),
+        "config error: data.file: obs.csv, row 12, column 'x': 'abc' is not a number",
+    ),
+    "blank cell": (
+        lambda d: _write(d, data=_csv_data(d, [1.0] * 39 + [""])),
+        "config error: data.file: obs.csv, row 41, column 'x': blank",
+    ),
+    "NaN cell": (
+        lambda d: _write(d, data=_csv_data(d, ["nan"] + [1.0] * 39)),
+        "config error: data.file: obs.csv, row 2, column 'x': 'nan' is not a finite number",
+    ),
+    "header only": (
+        lambda d: _write(d, data=_csv_data(d, [])),
+        "config error: data.file: obs.csv has no data rows (only a header?)",
+    ),
+    "too short": (
+        lambda d: _write(d, data=_csv_data(d, [1.0])),
+        "config error: data.file: obs.csv has 1 row; at least 2 are needed",
+    ),
+    "length": (  # 40 rows for Normal(n_timesteps = 40), which outputs x_0 = 0 and 40 draws
+        lambda d: _write(d, data=_csv_data(d, [1.0] * 40)),
+        "config error: data.file: obs.csv has 40 rows but Normal with n_timesteps = 40 "
+        "outputs 41 (n_timesteps + 1); set model.options.n_timesteps = 39",
+    ),
+    "negative scale": (
+        lambda d: (
+            _write(d, options="{ n_timesteps = 40 }")
+            .read_text()
+            .replace("scale = 2.0", "scale = -2.0")
+        ),
+        "config error: parameters[0].prior.scale: must be > 0 (the scale of a normal prior), "
+        "got -2.0",
+    ),
+    "zero scale": (
+        lambda d: _write(d).read_text().replace("scale = 0.5", "scale = 0.0"),
+        "config error: parameters[1].prior.scale: must be > 0 (the scale of a lognormal "
+        "prior), got 0.0",
+    ),
+    "model is a string": (
+        lambda d: (
+            'model = "Normal"\n'
+            + _write(d)
+            .read_text()
+            .replace('[model]\nname = "Normal"\noptions = { n_timesteps = 40 }', "")
+        ),
+        "config error: model: must be a table ([model] or model = { ... }), got 'Normal'",
+    ),
+    "list of the wrong type": (
+        lambda d: _write(d).read_text().replace("[method]", '[method]\nhidden_features = ["a"]'),
+        "config error: method.hidden_features: must be a list of integers, got ['a']",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_stops_check_and_run_with_one_line_and_exit_code_2(tmp_path, capsys, case):
+    make, line = BAD_INPUTS[case]
+    made = make(tmp_path)
+    config = tmp_path / "config.toml"
+    if isinstance(made, str):
+        config.write_text(made)
+    for command in ("check", "run"):
+        out = tmp_path / "out"
+        code, err = _main(capsys, command, config, *(["--out", out] if command == "run" else []))
+        assert code == 2, err
+        assert line in err.splitlines(), err
+        assert not out.exists()  # run never started training, wrote nothing
+
+
+SILENT = """
+import torch
+from gradcal.models import Model
+
+class {name}(Model):  # declares no observed_lengths: outputs n_timesteps + 1 values
+    batched = True
+    n_params = 2
+    history_length = 1
+
+    def __init__(self, n_timesteps):
+        super().__init__()
+        self.n_timesteps = n_timesteps
+
+    def initialize(self, params):
+        return params[:, :1] * 0
+
+    def step(self, params, x):
+        return params[:, :1] + {noise} * torch.randn_like(params[:, :1])
+
+    def observe(self, x):
+        return [x]
+"""
+
+
+def test_run_checks_a_user_models_length_with_one_simulation(tmp_path, capsys):
+    (tmp_path / "silent_model.py").write_text(SILENT.format(name="Silent", noise="params[:, 1:]"))
+    config = _write(tmp_path, model="silent_model:Silent", data=_csv_data(tmp_path, [1.0] * 40))
+    code, err = _main(capsys, "check", config)  # check does not simulate
+    assert code == 0, err
+    code, err = _main(capsys, "run", config, "--out", tmp_path / "out")
+    assert code == 2, err
+    assert (
+        "config error: data.file: obs.csv has 40 rows but Silent with n_timesteps = 40 outputs "
+        "41 (n_timesteps + 1); set model.options.n_timesteps = 39"
+    ) in err.splitlines()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_whose_every_draw_fails_stops_at_the_first_epoch(tmp_path, capsys):
+    (tmp_path / "nan_model.py").write_text(SILENT.format(name="Broken", noise="torch.nan"))
+    config = _write(tmp_path, model="nan_model:Broken", epochs=50)
+    code, err = _main(capsys, "run", config, "--out", tmp_path / "out")
+    assert code == 1
+    err = " ".join(err.split())
+    assert "every draw failed (NaN or infinite loss) in 1 consecutive epoch(s), up to" in err
+    assert "from the first epoch on: the simulator returns NaN" in err
+    with open(tmp_path / "out" / "history.csv") as f:
+        assert len(list(csv.DictReader(f))) == 1
+
+
+# --- run folders never lose work -----------------------------------------------------------
+
+
+def _events(out: Path) -> list[Path]:
+    return sorted((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_folder_holding_a_run_is_refused_unless_overwrite(tmp_path, capsys):
+    config, out = _write(tmp_path, epochs=2), tmp_path / "out"
+    assert _main(capsys, "run", config, "--out", out)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert len(_events(out)) == 1
+    code, err = _main(capsys, "run", config, "--out", out)
+    assert code == 2
+    assert f"config error: {out} already holds a run (config.toml, checkpoints" in err
+    assert "--resume" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # the same from the launcher's side, before any process starts
+    assert _main(capsys, "run", config, "--out", out, "--nproc", 2)[0] == 2
+    (out / "notes.txt").write_text("mine")  # not the run's: kept
+    assert _main(capsys, "run", config, "--out", out, "--overwrite")[0] == 0
+    assert len(_events(out)) == 1  # the first run's TensorBoard events are gone
+    assert (out / "notes.txt").read_text() == "mine"
+    with open(out / "history.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+
+def test_resume_needs_a_checkpoint_and_a_vi_run(tmp_path, capsys):
+    config, out = _write(tmp_path, epochs=2), tmp_path / "out"
+    code, err = _main(capsys, "run", config, "--out", out, "--resume")
+    assert code == 2
+    assert f"config error: --resume: {out} holds no checkpoint (checkpoints/last.pt)" in err
+    assert not out.exists()  # no silent fresh start
+    smd = _write(tmp_path, "smd.toml", method="smd", epochs=2)
+    code, err = _main(capsys, "run", smd, "--out", out, "--resume")
+    assert code == 2 and "--resume: only VI runs continue from a checkpoint" in err
+    code, err = _main(capsys, "run", config, "--out", out, "--resume", "--overwrite")
+    assert code == 2 and "give one of them, not both" in err
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "report.html").write_text("an earlier demo")
+    code, err = _main(capsys, "demo", "--out", demo)
+    assert code == 2 and "already holds a run (report.html)" in err
+
+
+def test_overwrite_never_removes_the_configuration_being_run(tmp_path, capsys):
+    config = _write(tmp_path, epochs=2)  # tmp_path/config.toml
+    text = config.read_text()
+    code, err = _main(capsys, "run", config, "--out", tmp_path)
+    assert code == 2 and "already holds a run (config.toml)" in err
+    code, err = _main(capsys, "run", config, "--out", tmp_path, "--overwrite")
+    assert code == 2 and "is the configuration being run; choose another --out" in err
+    assert config.read_text() == text
+
+
+def test_ctrl_c_while_writing_the_outputs_is_resumed_by_writing_them(
+    tmp_path, capsys, monkeypatch
+):
+    import gradcal.runs
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    config, out = _write(tmp_path, epochs=3), tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(gradcal.runs, "write_outputs", interrupted)
+        code, err = _main(capsys, "run", config, "--out", out)
+    assert code == 130
+    assert "interrupted while writing the outputs" in err
+    assert f"gradcal run {config} --out {out} --resume" in err
+    assert not (out / "summary.csv").exists()
+    assert _main(capsys, "run", config, "--out", out, "--resume")[0] == 0
+    assert (out / "summary.csv").exists() and (out / "report.html").exists()
+    with open(out / "history.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]

@@ -253,9 +253,49 @@ def test_epochs_where_every_draw_fails_stop_the_run():
         progress_bar=False,
         max_failed_epochs=3,
     )
-    with pytest.raises(RuntimeError, match=r"every draw failed .* in 3 consecutive epochs"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"every draw failed .* in 3 consecutive epoch\(s\), up to epoch 2, from the first",
+    ):
         vi.run(torch.zeros(1), 10)
     assert vi.losses_hist["dropped"] == [10, 10, 10]
+
+
+def test_a_nan_kl_stops_the_first_epoch_naming_the_prior():
+    # a prior with a negative scale (accepted without validation) has a NaN log-density
+    bad = torch.distributions.Normal(torch.zeros(1), -torch.ones(1), validate_args=False)
+    vi = VI(
+        gaussian_nll(1.0),
+        torch.distributions.Independent(bad, 1),
+        DiagonalGaussian(torch.zeros(1)),
+        progress_bar=False,
+        kl="monte_carlo",
+        n_samples_regularisation=16,
+        seed=0,
+    )
+    with pytest.raises(RuntimeError, match=r"epoch 0: the KL term .* is NaN: the prior's"):
+        vi.run(torch.zeros(5), 10)
+    assert len(vi.losses_hist["total"]) == 1
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"},
+        {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4"},
+    ],
+)
+def test_vi_under_a_launcher_without_a_process_group_stops(monkeypatch, env):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    vi = VI(gaussian_nll(1.0), normal_prior(0.0, 1.0), DiagonalGaussian(torch.zeros(1)),
+            progress_bar=False, seed=0)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"call gradcal.distributed.init_distributed\(\)"):
+        vi.run(torch.zeros(5), 2)
+    assert not vi.losses_hist["total"]  # nothing ran
+    monkeypatch.setenv(next(k for k in env if "SIZE" in k), "1")  # one process: fine
+    vi.run(torch.zeros(5), 2)
+    assert len(vi.losses_hist["total"]) == 2
 
 
 def test_history_best_state_and_early_stopping():
@@ -460,3 +500,27 @@ def test_resume_after_a_hard_kill_of_the_process(tmp_path):
     b = torch.load(killed / "final.pt", weights_only=True)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_resumed_run_repeats_no_tensorboard_step(tmp_path):
+    pytest.importorskip("tensorboard")
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def vi(resume):
+        q = DiagonalGaussian(torch.zeros(1))
+        return VI(gaussian_nll(1.0), normal_prior(0.0, 1.0), q, progress_bar=False, seed=0,
+                  optimizer=torch.optim.Adam(q.parameters(), lr=0.01),
+                  checkpoint_dir=tmp_path / "checkpoints", resume=resume,
+                  log_tensorboard=True, tensorboard_log_dir=str(tmp_path / "tb"))  # fmt: skip
+
+    y = torch.zeros(5)
+    vi(False).run(y, 2, 100)
+    shutil.copy(tmp_path / "checkpoints" / "last.pt", tmp_path / "epoch2.pt")
+    vi(True).run(y, 3, 100)  # step 2 written, then as if killed before its checkpoint:
+    shutil.copy(tmp_path / "epoch2.pt", tmp_path / "checkpoints" / "last.pt")
+    vi(True).run(y, 4, 100)  # redoes step 2
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("Loss/total")] == [0, 1, 2, 3]

@@ -79,6 +79,7 @@ EXAMPLES = {
     "demo": "gradcal demo\n  gradcal demo --out my-demo",
     "run": "gradcal run examples/sp500/config.toml\n  gradcal run config.toml --out runs/a "
     "--seed 3\n  gradcal run config.toml --out runs/a --resume\n  "
+    "gradcal run config.toml --out runs/a --overwrite\n  "
     "gradcal run config.toml --nproc 2",
     "check": "gradcal check config.toml",
     "report": "gradcal report runs/a",
@@ -98,7 +99,44 @@ def _configured(raw: dict[str, Any], base: Path, seed: int | None, device: str |
     return config
 
 
-def _run_here(config: dict[str, Any], out: Path, base: Path, resume: bool, command: str) -> int:
+def _prepare(config: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
+    """Rank 0 readies the run folder (refusing to lose a run); every rank gets its verdict."""
+    from gradcal.distributed import all_gather_objects, is_main
+    from gradcal.runs import prepare_run_dir
+
+    problems = None
+    if is_main():
+        try:
+            prepare_run_dir(
+                out,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                method=config["method"]["kind"],
+                config_file=getattr(args, "config", None),
+            )
+        except ConfigError as error:
+            problems = error.problems
+    problems = all_gather_objects(problems)[0]  # also: other ranks wait for rank 0
+    if problems:
+        raise ConfigError(problems)
+
+
+def _interrupted(config: dict[str, Any], out: Path, during: str, command: str) -> str:
+    """What to tell the user after Ctrl-C: where the state is and the command to go on."""
+    if config["method"]["kind"] != "vi":  # SMD and MCMC keep no checkpoint
+        return f"\ninterrupted: start again with:\n  {command} --overwrite"
+    if during == "outputs":
+        return (
+            f"\ninterrupted while writing the outputs (they may be incomplete); the "
+            f"calibration is saved in {out / 'checkpoints'}. Write them again with:\n"
+            f"  {command} --resume"
+        )
+    return f"\ninterrupted: the last state is saved in {out}. Continue with:\n  {command} --resume"
+
+
+def _run_here(
+    config: dict[str, Any], out: Path, base: Path, args: argparse.Namespace, command: str
+) -> int:
     import torch
 
     from gradcal.distributed import init_distributed, shutdown
@@ -106,24 +144,26 @@ def _run_here(config: dict[str, Any], out: Path, base: Path, resume: bool, comma
 
     context = init_distributed()
     main_rank = context.rank == 0
+    try:
+        _prepare(config, out, args)
+    except ConfigError:
+        shutdown()
+        raise
     device = config["run"]["device"]
     if device == "cuda" and context.world_size > 1:
         device = f"cuda:{context.local_rank}"  # one device per local rank
     torch.set_default_device(device)
     try:
-        report = run_calibration(config, out, base, resume=resume, progress=_PROGRESS[0])
-    except RunInterrupted:
+        report = run_calibration(config, out, base, resume=args.resume, progress=_PROGRESS[0])
+    except RunInterrupted as interrupted:
         shutdown()
         if not main_rank:
             return EXIT_INTERRUPTED
         from gradcal.report import write_report
 
-        write_report(out)
-        print(
-            f"\ninterrupted: the last state is saved in {out}. Continue with:\n"
-            f"  {command} --resume",
-            file=sys.stderr,
-        )
+        if (out / "config.toml").exists():
+            write_report(out)
+        print(_interrupted(config, out, interrupted.during, command), file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         shutdown()
@@ -132,12 +172,14 @@ def _run_here(config: dict[str, Any], out: Path, base: Path, resume: bool, comma
     return EXIT_OK
 
 
-def _execute(config: dict[str, Any], out: Path, base: Path, resume: bool, command: str) -> int:
+def _execute(
+    config: dict[str, Any], out: Path, base: Path, args: argparse.Namespace, command: str
+) -> int:
     """Run the calibration; a rank under torchrun ends its process right after (see
     :func:`gradcal.distributed.exit_process`)."""
     import os
 
-    code = _run_here(config, out, base, resume, command)
+    code = _run_here(config, out, base, args, command)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         from gradcal.distributed import exit_process
 
@@ -175,24 +217,32 @@ def _launch(nproc: int, argv: list[str]) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     config = _configured(loads_toml(DEMO_CONFIG), Path.cwd(), args.seed, None)
-    return _execute(
-        config, out, Path.cwd(), args.resume, f"gradcal demo --out {shlex.quote(str(out))}"
-    )
+    return _execute(config, out, Path.cwd(), args, f"gradcal demo --out {shlex.quote(str(out))}")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import os
 
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch(args.nproc, sys.argv[1:])
     path = Path(args.config)
     base = path.parent
     config = _configured(read_toml(args.config), base, args.seed, args.device)
     out = Path(args.out) if args.out else Path("runs") / path.stem
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # refuse a bad configuration or run folder here, once, before starting processes
+        from gradcal.runs import prepare_run_dir
+
+        prepare_run_dir(
+            out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            method=config["method"]["kind"],
+            config_file=args.config,
+        )
+        return _launch(args.nproc, sys.argv[1:])
     command = f"gradcal run {shlex.quote(args.config)} --out {shlex.quote(str(out))}"
     if args.seed is not None:
         command += f" --seed {args.seed}"
-    return _execute(config, out, base, args.resume, command)
+    return _execute(config, out, base, args, command)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -252,12 +302,24 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="gradcal-demo", help="run folder (default gradcal-demo)")
     demo.add_argument("--seed", type=int, default=None)
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo")
+    demo.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier demo in the folder"
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     run = command("run", "Run the calibration a TOML file describes.")
     run.add_argument("config", help="the TOML configuration")
     run.add_argument("--out", help="run folder (default runs/<config name>)")
-    run.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted (VI) run in the folder; an error without a checkpoint",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in the folder (without it, such a folder is refused)",
+    )
     run.add_argument("--seed", type=int, help="override [run] seed")
     run.add_argument("--device", help="override [run] device, e.g. cuda")
     run.add_argument(
@@ -303,10 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a failed run: one paragraph, the traceback on request
         if args.debug:
             raise
+        advice = (
+            ""
+            if args.command in ("check", "report", "models")
+            else "; check the configuration with `gradcal check`, and the simulator at the "
+            "prior's draws"
+        )
         message = textwrap.fill(
             f"gradcal {args.command} failed: {type(error).__name__}: {error}. Run again with "
-            "--debug for the full traceback; check the configuration with `gradcal check`, "
-            "and the simulator at the prior's draws.",
+            f"--debug for the full traceback{advice}.",
             width=88,
         )
         print(message, file=sys.stderr)

@@ -24,7 +24,7 @@ import torch
 from gradcal import models
 from gradcal.kernels import GaussianKernel, LaplaceKernel
 from gradcal.losses import EnergyDistanceLoss, MMDLoss, MSELoss, NegativeLogLikelihood
-from gradcal.priors import PRIOR_KINDS, Product, marginal
+from gradcal.priors import PRIOR_KINDS, Product, marginal, marginal_problems
 from gradcal.rng import seeded
 
 __all__ = [
@@ -34,7 +34,9 @@ __all__ = [
     "build",
     "check",
     "dumps",
+    "length_problems",
     "loads_toml",
+    "read_data",
     "read_toml",
     "relevant",
     "resolve",
@@ -163,6 +165,12 @@ _PARAMETER_KEYS = {
     "prior": (dict, _REQUIRED),
     "truth": ((int, float), None),
 }
+# lists whose items have a type: (table, key) -> (item type(s), what to say)
+_LIST_ITEMS = {
+    ("data", "at"): ((int, float), "numbers"),
+    ("loss", "scales"): ((int, float), "numbers"),
+    ("method", "hidden_features"): (int, "integers"),
+}
 _CHOICES = {
     ("loss", "kind"): ("mmd", "energy", "mse", "nll", "custom"),
     ("loss", "kernel"): ("gaussian", "laplace"),
@@ -235,7 +243,9 @@ def _type_name(types: Any) -> str:
 
 def _check_table(table: Any, schema: dict[str, Any], path: str, problems: list[str]) -> None:
     if not isinstance(table, dict):
-        problems.append(f"{path.rstrip('.')}: must be a table")
+        name = path.rstrip(".")
+        how = "" if "[" in name else f" ([{name}] or {name} = {{ ... }})"
+        problems.append(f"{name}: must be a table{how}, got {_describe(table)}")
         return
     for key, value in table.items():
         if key not in schema:
@@ -247,6 +257,10 @@ def _check_table(table: Any, schema: dict[str, Any], path: str, problems: list[s
             and bool not in (types if isinstance(types, tuple) else (types,))
         ) or not isinstance(value, types):
             problems.append(f"{path}{key}: must be {_type_name(types)}, got {value!r}")
+        elif isinstance(value, list) and (path.rstrip("."), key) in _LIST_ITEMS:
+            item, what = _LIST_ITEMS[(path.rstrip("."), key)]
+            if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                problems.append(f"{path}{key}: must be a list of {what}, got {value!r}")
     for key, (_, default) in schema.items():
         if default is _REQUIRED and key not in table:
             problems.append(f"{path}{key}: missing (required)")
@@ -268,7 +282,8 @@ def _import(target: str, path: str, problems: list[str], base: Path) -> Any:
 
 
 def _model_class(config: dict[str, Any], problems: list[str], base: Path) -> Any:
-    name = config.get("model", {}).get("name")
+    model = config.get("model")
+    name = model.get("name") if isinstance(model, dict) else None
     if not isinstance(name, str):
         return None
     if name in BUILTIN_MODELS:
@@ -286,8 +301,14 @@ def _model_class(config: dict[str, Any], problems: list[str], base: Path) -> Any
 
 def _check_parameters(config: dict[str, Any], problems: list[str]) -> None:
     parameters = config.get("parameters")
-    if not isinstance(parameters, list) or not parameters:
+    if parameters is None or parameters == []:
         problems.append("parameters: missing: give one [[parameters]] table per parameter")
+        return
+    if not isinstance(parameters, list):
+        problems.append(
+            f"parameters: must be an array of tables, one [[parameters]] per parameter, "
+            f"got {_describe(parameters)}"
+        )
         return
     for i, p in enumerate(parameters):
         path = f"parameters[{i}]."
@@ -304,29 +325,54 @@ def _check_parameters(config: dict[str, Any], problems: list[str]) -> None:
             )
             continue
         expected = PRIOR_KINDS[kind][1]
-        for key, value in prior.items():
-            if key == "kind":
-                continue
-            if key not in expected:
+        for key in prior:
+            if key != "kind" and key not in expected:
                 problems.append(_unknown(key, expected, f"{path}prior."))
-            elif isinstance(value, bool) or not isinstance(value, int | float):
-                problems.append(f"{path}prior.{key}: must be a number, got {value!r}")
         for key in expected:
             if key not in prior:
                 problems.append(
                     f"{path}prior.{key}: missing (a {kind} prior needs {', '.join(expected)})"
                 )
-        if not any(q.startswith(path + "prior") for q in problems):
-            try:
-                marginal(kind, **{k: v for k, v in prior.items() if k != "kind"})
-            except ValueError as error:
-                problems.append(f"{path}prior: {error}")
+        if any(q.startswith(path + "prior") for q in problems):
+            continue
+        arguments = {k: v for k, v in prior.items() if k != "kind"}
+        found = marginal_problems(kind, arguments)
+        problems += [f"{path}prior{'.' + key if key else ''}: {what}" for key, what in found]
+        truth = p.get("truth")
+        if not found and isinstance(truth, int | float) and not isinstance(truth, bool):
+            problems += _support_problems(truth, kind, arguments, f"{path}truth")
+
+
+def _describe(value: Any) -> str:
+    """A value as the TOML reader gave it, for messages: ``a table``, ``'x'``, ..."""
+    return "a table" if isinstance(value, dict) else repr(value)
+
+
+def _support_problems(value: float, kind: str, arguments: dict[str, Any], key: str) -> list[str]:
+    """One line when ``value`` is not finite or lies outside the prior's support."""
+    if not math.isfinite(value):
+        return [f"{key}: must be a finite number, got {value!r}"]
+    prior = marginal(kind, **arguments)
+    if not bool(prior.support.check(torch.tensor(float(value)))):
+        where = _support_text(prior)
+        return [f"{key}: {value!r} lies outside the {kind} prior's support ({where})"]
+    return []
+
+
+def _support_text(prior: Any) -> str:
+    """A one-dimensional support in words: ``> 0.0``, ``between 0.0 and 1.0``."""
+    low = getattr(prior.support, "lower_bound", None)
+    high = getattr(prior.support, "upper_bound", None)
+    if low is not None and high is not None:
+        return f"between {float(low)} and {float(high)}"
+    return f"> {float(low)}" if low is not None else str(prior.support)
 
 
 def _check_data(config: dict[str, Any], problems: list[str], base: Path) -> None:
     data = config.get("data")
-    if not isinstance(data, dict):
+    if data is None:
         problems.append("data: missing: give a file or simulate = true")
+    if not isinstance(data, dict):
         return
     if data.get("simulate") and data.get("file"):
         problems.append("data: give either file or simulate = true, not both")
@@ -342,7 +388,9 @@ def _check_data(config: dict[str, Any], problems: list[str], base: Path) -> None
             )
     if data.get("simulate"):
         at = data.get("at")
-        truths = [p.get("truth") for p in config.get("parameters", []) if isinstance(p, dict)]
+        parameters = config.get("parameters")
+        parameters = parameters if isinstance(parameters, list) else []
+        truths = [p.get("truth") for p in parameters if isinstance(p, dict)]
         if at is None and any(t is None for t in truths):
             problems.append(
                 "data.at: missing: simulate = true needs data.at or a truth for every parameter"
@@ -370,7 +418,7 @@ def _check_ranges(config: dict[str, Any], problems: list[str]) -> None:
             problems.append(f"method.{key}: must be >= 1, got {value}")
     for key in ("w", "learning_rate"):
         value = method.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+        if isinstance(value, int | float) and not isinstance(value, bool) and not value > 0:
             problems.append(f"method.{key}: must be > 0, got {value}")
     device = config.get("run", {}).get("device") if isinstance(config.get("run"), dict) else None
     if isinstance(device, str):
@@ -396,9 +444,13 @@ def _check_ranges(config: dict[str, Any], problems: list[str]) -> None:
 def check(config: dict[str, Any], base: str | Path = ".") -> list[str]:
     """Every problem of a configuration, one line each with the key's path; [] when fine.
 
-    Checks unknown keys (suggesting the closest known one), types, choices, required keys,
-    files, importable user code, and that the number of parameters matches the model. Builds
-    the model (cheap) but never simulates.
+    Checks unknown keys (suggesting the closest known one), types (a table where a value
+    belongs and the reverse, lists of the wrong type), choices, required keys, the priors'
+    parameters (positive scales, finite values, truths inside the support), importable user
+    code, that the number of parameters matches the model, and the data file: every cell a
+    finite number, at least two rows, one column per model output, as many rows as the model
+    outputs (``Model.observed_lengths``). Builds the model and reads the data (cheap) but
+    never simulates.
     """
     base = Path(base)
     problems: list[str] = []
@@ -431,11 +483,30 @@ def check(config: dict[str, Any], base: str | Path = ".") -> list[str]:
     cls = _model_class(config, problems, base)
     if problems:
         return problems
+    _check_at(config, problems)
+    data = None
+    if not config["data"].get("simulate"):
+        try:
+            data = read_data(config["data"], base)
+        except ConfigError as error:
+            problems += error.problems
     if cls is not None:
         try:
             model = _make_model(cls, _model_options(config["model"]), config["model"]["name"])
         except (TypeError, ValueError) as error:
-            return [f"model.options: {error}"]
+            return [*problems, f"model.options: {error}"]
+        except Exception as error:  # the user's constructor: any error is the options'
+            return [*problems, f"model.options: {type(error).__name__}: {error}"]
+        lengths = model.observed_lengths() if hasattr(model, "observed_lengths") else None
+        if data is not None and lengths is not None:
+            problems += length_problems(model, lengths, data, Path(config["data"]["file"]).name)
+        shortest = min(len(d) for d in data) if data is not None else min(lengths or [0]) or None
+        window = loss.get("window", 1)
+        if shortest is not None and isinstance(window, int) and not 1 <= window <= shortest:
+            problems.append(
+                f"loss.window: must lie in [1, {shortest}] (the length of the "
+                f"{'data' if data is not None else 'simulated series'}), got {window}"
+            )
         n = getattr(model, "n_params", None)
         if n is not None and n != len(config["parameters"]):
             problems.append(
@@ -448,6 +519,16 @@ def check(config: dict[str, Any], base: str | Path = ".") -> list[str]:
                 f"{type(model).__name__} has none"
             )
     return problems
+
+
+def _check_at(config: dict[str, Any], problems: list[str]) -> None:
+    """Each value of ``data.at`` is finite and inside its parameter's prior."""
+    at = config["data"].get("at")
+    if not isinstance(at, list) or len(at) != len(config["parameters"]):
+        return
+    for i, (value, p) in enumerate(zip(at, config["parameters"], strict=True)):
+        arguments = {k: v for k, v in p["prior"].items() if k != "kind"}
+        problems += _support_problems(value, p["prior"]["kind"], arguments, f"data.at[{i}]")
 
 
 def resolve(config: dict[str, Any]) -> dict[str, Any]:
@@ -566,33 +647,165 @@ class Built:
         return self.data[0] if len(self.data) == 1 else self.data
 
 
-def _read_data(data: dict[str, Any], base: Path) -> list[torch.Tensor]:
-    file = base / data["file"]
-    columns = data.get("columns")
-    if file.suffix.lower() == ".npy":
-        array = np.load(file)
-        array = array[:, None] if array.ndim == 1 else array
-        series = [array[:, i] for i in range(array.shape[1])]
-    elif file.suffix.lower() == ".parquet":
-        import pandas
+def _cell_problem(cell: Any) -> str | None:
+    """Why a data cell is not a finite number, or None when it is one."""
+    if cell is None or (isinstance(cell, str) and not cell.strip()):
+        return "blank"
+    try:
+        value = float(cell.strip() if isinstance(cell, str) else cell)
+    except (TypeError, ValueError):
+        return f"{cell!r} is not a number"
+    return None if math.isfinite(value) else f"{cell!r} is not a finite number"
 
-        frame = pandas.read_parquet(file)
-        series = [frame[c].to_numpy() for c in (columns or frame.columns)]
-        columns = None
-    else:
-        with open(file, newline="") as f:
-            reader = csv.DictReader(f)
-            names = reader.fieldnames or []
-            use = columns or list(names)
-            missing = [c for c in use if c not in names]
-            if missing:
-                raise ConfigError([f"data.columns: {missing} not in {file.name} (has {names})"])
-            rows = list(reader)
-        series = [np.array([float(r[c]) for r in rows]) for c in use]
-        columns = None
-    if columns is not None and file.suffix.lower() == ".npy":
-        series = [series[i] for i in columns]
+
+def _column(
+    cells: list[Any], where: Any, file: str, column: str, out: list[np.ndarray]
+) -> str | None:
+    """Append one column's cells as floats to ``out``; else a line naming its first bad cell.
+
+    ``where(i)`` names the i-th cell's row.
+    """
+    bad = [i for i, cell in enumerate(cells) if _cell_problem(cell) is not None]
+    if not bad:
+        out.append(np.array([float(c) for c in cells], dtype=np.float64))
+        return None
+    more = f" ({len(bad) - 1} more bad cell(s) in this column)" if len(bad) > 1 else ""
+    return (
+        f"data.file: {file}, {where(bad[0])}, column {column}: "
+        f"{_cell_problem(cells[bad[0]])}{more}"
+    )
+
+
+def _read_csv(file: Path, columns: list[str] | None) -> tuple[list[str], list[list[Any]], Any]:
+    """Column names, their cells, and how to name the i-th cell's row (spreadsheet rows)."""
+    with open(file, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ConfigError([f"data.file: {file.name} is empty (expected a header row)"])
+        rows, lines = [], []
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue  # blank lines
+            rows.append(row)
+            lines.append(reader.line_num)
+    use = columns or list(header)
+    missing = [c for c in use if c not in header]
+    if missing:
+        raise ConfigError([f"data.columns: {missing} not in {file.name} (has {header})"])
+    index = [header.index(c) for c in use]
+    cells = [[row[i] if i < len(row) else None for row in rows] for i in index]
+    return use, cells, lambda i: f"row {lines[i]}"
+
+
+def _read_npy(file: Path, columns: list[int] | None) -> tuple[list[str], list[Any], Any]:
+    array = np.load(file, allow_pickle=False)
+    if array.ndim not in (1, 2):
+        raise ConfigError(
+            [
+                f"data.file: {file.name} holds an array of shape {array.shape}; expected (T,) "
+                "or (T, columns)"
+            ]
+        )
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ConfigError([f"data.file: {file.name} holds {array.dtype} values, not numbers"])
+    array = array[:, None] if array.ndim == 1 else array
+    use = list(range(array.shape[1])) if columns is None else list(columns)
+    outside = [c for c in use if not -array.shape[1] <= c < array.shape[1]]
+    if outside:
+        raise ConfigError(
+            [f"data.columns: {outside} out of range for {file.name} ({array.shape[1]} column(s))"]
+        )
+    return [str(c) for c in use], [array[:, c].tolist() for c in use], lambda i: f"row {i}"
+
+
+def _read_parquet(file: Path, columns: list[str] | None) -> tuple[list[str], list[Any], Any]:
+    import pandas
+
+    frame = pandas.read_parquet(file)
+    use = list(columns or frame.columns)
+    missing = [c for c in use if c not in frame.columns]
+    if missing:
+        raise ConfigError(
+            [f"data.columns: {missing} not in {file.name} (has {list(frame.columns)})"]
+        )
+    return [str(c) for c in use], [frame[c].tolist() for c in use], lambda i: f"row {i}"
+
+
+def read_data(data: dict[str, Any], base: str | Path = ".") -> list[torch.Tensor]:
+    """The observed series of a ``[data]`` table with a file: one (T,) tensor per column.
+
+    Raises :class:`ConfigError` with one line per problem: an empty or header-only file, a
+    blank, text, NaN or infinite cell (naming the file, its row and its column: spreadsheet
+    rows for CSV, where the header is row 1; 0-based rows for NPY and Parquet), fewer than
+    two values, or columns that are not there.
+    """
+    file = Path(base) / data["file"]
+    columns = data.get("columns")
+    suffix = file.suffix.lower()
+    reader = {".npy": _read_npy, ".parquet": _read_parquet}.get(suffix, _read_csv)
+    try:
+        names, cells, where = reader(file, columns)
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as error:
+        raise ConfigError([f"data.file: cannot read {file.name} ({error})"]) from None
+    length = len(cells[0]) if cells else 0
+    if length == 0:
+        raise ConfigError([f"data.file: {file.name} has no data rows (only a header?)"])
+    if length < 2:
+        raise ConfigError([f"data.file: {file.name} has {length} row; at least 2 are needed"])
+    series: list[np.ndarray] = []
+    quote = suffix not in (".npy",)
+    problems = [
+        line
+        for name, column in zip(names, cells, strict=True)
+        if (line := _column(column, where, file.name, repr(name) if quote else name, series))
+    ]
+    if problems:
+        raise ConfigError(problems)
     return [torch.tensor(s, dtype=torch.get_default_dtype()) for s in series]
+
+
+def length_problems(
+    model: Any, lengths: list[int], data: list[torch.Tensor], source: str = "the data"
+) -> list[str]:
+    r"""Lines saying where the data's columns disagree with the model's outputs.
+
+    ``lengths`` holds the number of time steps of each output of a run of ``model`` (see
+    :meth:`gradcal.models.model.Model.observed_lengths`); ``source`` names the data.
+    The rule: every column has exactly as many rows as its output has time steps.
+
+    Example:
+        >>> from gradcal.models import RandomWalk
+        >>> for line in length_problems(RandomWalk(200), [201], [torch.zeros(200)], "w.csv"):
+        ...     print(line.replace(" but", "\nbut").replace("; ", ";\n"))
+        data.file: w.csv has 200 rows
+        but RandomWalk with n_timesteps = 200 outputs 201 (n_timesteps + 1);
+        set model.options.n_timesteps = 199
+    """
+    name, n = type(model).__name__, getattr(model, "n_timesteps", None)
+    if len(data) != len(lengths):
+        return [
+            f"data.columns: {len(data)} column(s) for {name}'s {len(lengths)} output(s); "
+            "give one column per output"
+        ]
+    problems = []
+    for i, (have, want) in enumerate(zip((len(d) for d in data), lengths, strict=True)):
+        if have == want:
+            continue
+        which = f"{source}, column {i + 1}," if len(data) > 1 else source
+        rule, fix = "", ""
+        if isinstance(n, int):
+            offset = want - n
+            rule = " (n_timesteps" + (f" {'+-'[offset < 0]} {abs(offset)})" if offset else ")")
+            if have - offset >= 0:
+                fix = f"; set model.options.n_timesteps = {have - offset}"
+        problems.append(
+            f"data.file: {which} has {have} rows but {name} with n_timesteps = {n} outputs "
+            f"{want}{rule}{fix}"
+        )
+    return problems
 
 
 def build(config: dict[str, Any], base: str | Path = ".") -> Built:
@@ -621,7 +834,7 @@ def build(config: dict[str, Any], base: str | Path = ".") -> Built:
         with seeded(config["run"]["seed"] + 1, torch.device(config["run"]["device"])):
             data = [y.detach() for y in model.run_and_observe(at)]
     else:
-        data = _read_data(data_cfg, base)
+        data = read_data(data_cfg, base)
     return Built(model, prior, names, truth, data, _make_loss(config["loss"], model, data, base))
 
 

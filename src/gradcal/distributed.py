@@ -32,6 +32,7 @@ __all__ = [
     "exit_process",
     "init_distributed",
     "is_main",
+    "launched_without_process_group",
     "rank",
     "shard",
     "shutdown",
@@ -157,6 +158,34 @@ def backend_devices(backend: str) -> set[str]:
         return {part.split(":")[0].strip() for part in backend.split(",")}
     return {"nccl": {"cuda"}, "gloo": {"cpu", "cuda"}, "mpi": {"cpu", "cuda"}}.get(
         backend, {"cpu", "cuda"}
+    )
+
+
+def launched_without_process_group() -> str | None:
+    """Why this process must not run alone, or None: a launcher started several processes
+    (torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` with ``WORLD_SIZE > 1``, or Open
+    MPI's ``OMPI_COMM_WORLD_SIZE > 1``) but no process group is initialised, so each process
+    would run its own full calibration.
+
+    SLURM's variables alone are not taken as a launch: a batch script's single process sees
+    them too.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return None
+    env = os.environ
+    if all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        size, where = env["WORLD_SIZE"], f"RANK={env['RANK']}, WORLD_SIZE={env['WORLD_SIZE']}"
+    elif "OMPI_COMM_WORLD_SIZE" in env:
+        size = env["OMPI_COMM_WORLD_SIZE"]
+        where = f"OMPI_COMM_WORLD_RANK={env.get('OMPI_COMM_WORLD_RANK')}, size {size}"
+    else:
+        return None
+    if not size.isdigit() or int(size) <= 1:
+        return None
+    return (
+        f"this process is one of {size} started by a launcher ({where}) but torch.distributed "
+        "is not initialised: call gradcal.distributed.init_distributed() at the start of "
+        f"your script, or each of the {size} processes runs its own full calibration"
     )
 
 

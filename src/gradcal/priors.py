@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ __all__ = [
     "distribution_to",
     "map_tensors",
     "marginal",
+    "marginal_problems",
 ]
 
 # kind -> (torch distribution, its keyword arguments in order)
@@ -31,22 +33,54 @@ PRIOR_KINDS: dict[str, tuple[type[Distribution], tuple[str, ...]]] = {
 }
 
 
+# arguments that must be > 0 (every other argument must be finite)
+_POSITIVE = ("scale", "rate", "concentration", "concentration1", "concentration0")
+
+
+def marginal_problems(kind: str, arguments: dict[str, Any]) -> list[tuple[str, str]]:
+    """What is wrong with the arguments of a named prior: ``[(key, problem), ...]``.
+
+    A key of ``""`` is about the prior as a whole. Checks the names, that every value is a
+    finite number, that scales, rates and concentrations are > 0, and low < high.
+
+    Example:
+        >>> marginal_problems("normal", {"loc": 0.0, "scale": -1.0})
+        [('scale', 'must be > 0 (the scale of a normal prior), got -1.0')]
+    """
+    if kind not in PRIOR_KINDS:
+        return [("kind", f"unknown prior kind {kind!r}; known: {', '.join(PRIOR_KINDS)}")]
+    names = PRIOR_KINDS[kind][1]
+    if set(arguments) != set(names):
+        return [("", f"a {kind} prior takes {', '.join(names)}, got {', '.join(arguments)}")]
+    problems = []
+    for key in names:
+        value = arguments[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append((key, f"must be a number, got {value!r}"))
+        elif not math.isfinite(value):
+            problems.append((key, f"must be a finite number, got {value!r}"))
+        elif key in _POSITIVE and value <= 0:
+            problems.append((key, f"must be > 0 (the {key} of a {kind} prior), got {value!r}"))
+    if kind == "uniform" and not problems and not arguments["low"] < arguments["high"]:
+        low, high = arguments["low"], arguments["high"]
+        problems.append(("", f"a uniform prior needs low < high, got {low} and {high}"))
+    return problems
+
+
 def marginal(kind: str, **arguments: float) -> Distribution:
     """A one-dimensional prior of a named kind, e.g. ``marginal("uniform", low=0, high=1)``.
+
+    Raises ``ValueError`` naming the argument when :func:`marginal_problems` finds one.
 
     Example:
         >>> marginal("lognormal", loc=0.0, scale=0.5).support
         GreaterThan(lower_bound=0.0)
     """
-    if kind not in PRIOR_KINDS:
-        raise ValueError(f"unknown prior kind {kind!r}; known: {', '.join(PRIOR_KINDS)}.")
+    problems = marginal_problems(kind, arguments)
+    if problems:
+        key, problem = problems[0]
+        raise ValueError(f"{key + ': ' if key else ''}{problem}.")
     cls, names = PRIOR_KINDS[kind]
-    if set(arguments) != set(names):
-        raise ValueError(f"a {kind} prior takes {', '.join(names)}, got {', '.join(arguments)}.")
-    if kind == "uniform" and not arguments["low"] < arguments["high"]:
-        raise ValueError(
-            f"a uniform prior needs low < high, got {arguments['low']} and {arguments['high']}."
-        )
     return cls(**{k: torch.tensor(float(arguments[k])) for k in names})
 
 

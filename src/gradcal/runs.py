@@ -6,13 +6,14 @@ import csv
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gradcal.config import Built, build, dumps
+from gradcal.config import Built, ConfigError, build, dumps, length_problems
 from gradcal.diagnostics import posterior_predictive, vi_khat
 from gradcal.distributed import is_main
 from gradcal.infer.mcmc import HMC, MALA, MCMC
@@ -25,10 +26,13 @@ from gradcal.rng import seeded
 
 __all__ = [
     "KHAT_SIMULATIONS",
+    "RUN_FILES",
     "RUN_INFO",
     "RunInterrupted",
+    "check_simulated_lengths",
     "make_family",
     "output_names",
+    "prepare_run_dir",
     "run_calibration",
     "write_outputs",
 ]
@@ -48,8 +52,106 @@ Averaging R simulations divides that noise by sqrt(R)."""
 KHAT_CHUNK = 250  # draws simulated at once for k-hat: bounds the memory of long series
 
 
+# what a run writes into its folder (and all that --overwrite removes)
+RUN_FILES = (
+    "config.toml",
+    "checkpoints",
+    "tensorboard",
+    "history.csv",
+    "posterior_samples.csv",
+    "posterior_samples.pt",
+    "summary.csv",
+    "chains.pt",
+    "predictive.pt",
+    "diagnostics.json",
+    "report.html",
+)
+
+
 class RunInterrupted(Exception):
-    """The run was stopped (Ctrl-C); its last state is in the run folder."""
+    """The run was stopped (Ctrl-C); its last state is in the run folder.
+
+    ``during`` is ``"calibration"`` or ``"outputs"`` (Ctrl-C after the calibration, while
+    its outputs were being written: they may be incomplete; the checkpoint is not).
+    """
+
+    def __init__(self, during: str = "calibration"):
+        self.during = during
+        super().__init__(f"interrupted during the {during}")
+
+
+def prepare_run_dir(
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    method: str = "vi",
+    config_file: str | Path | None = None,
+) -> None:
+    """Make ``run_dir`` ready for a run without losing an earlier one; raise ConfigError.
+
+    A folder that holds any of :data:`RUN_FILES` holds a run: it is refused unless
+    ``overwrite`` (those files and folders are removed first, nothing else) or ``resume``
+    (which needs ``checkpoints/last.pt`` and a VI run). ``config_file`` is the configuration
+    being run: a folder that holds it as its ``config.toml`` is never overwritten.
+    """
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise ConfigError(["--resume and --overwrite: give one of them, not both"])
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if resume:
+        if method != "vi":
+            raise ConfigError(
+                [
+                    f"--resume: only VI runs continue from a checkpoint (method.kind = "
+                    f"{method!r}); run again with --overwrite"
+                ]
+            )
+        if not (run_dir / "checkpoints" / "last.pt").exists():
+            raise ConfigError(
+                [
+                    f"--resume: {run_dir} holds no checkpoint (checkpoints/last.pt) to continue "
+                    "from; run without --resume to start a new run"
+                ]
+            )
+        return
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(
+            [
+                f"{run_dir} already holds a run ({', '.join(found)}); continue it with --resume, "
+                "replace it with --overwrite, or choose another folder with --out"
+            ]
+        )
+    saved = run_dir / "config.toml"
+    if config_file is not None and saved.exists() and saved.samefile(config_file):
+        raise ConfigError(
+            [f"--overwrite: {saved} is the configuration being run; choose another --out"]
+        )
+    for name in found:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    logger.info("removed the earlier run in %s: %s", run_dir, ", ".join(found))
+
+
+def check_simulated_lengths(built: Built, config: dict[str, Any]) -> None:
+    """For a model that does not declare ``observed_lengths``, simulate one prior draw and
+    compare its outputs' lengths with the data's (raises ConfigError)."""
+    model = built.model
+    declared = getattr(model, "observed_lengths", None)
+    if config["data"]["simulate"] or (declared is not None and declared() is not None):
+        return  # simulated data fits by construction; declared lengths were checked
+    with seeded(config["run"]["seed"]), torch.no_grad():
+        outputs = model.run_and_observe(built.prior.sample())
+    lengths = [o.shape[0] for o in outputs]  # one draw: (T_out, ...) in either layout
+    source = Path(config["data"]["file"]).name
+    problems = length_problems(model, lengths, built.data, source)
+    if problems:
+        raise ConfigError(problems)
 
 
 def _has_tensorboard() -> bool:
@@ -104,6 +206,7 @@ def _run_vi(
         seed=config["run"]["seed"],
         checkpoint_dir=run_dir / "checkpoints",
         resume=resume,
+        max_failed_epochs=1,  # a run stops at the first epoch in which every draw fails
         log_tensorboard=_has_tensorboard(),
         tensorboard_log_dir=str(run_dir / "tensorboard"),
     )
@@ -341,13 +444,14 @@ def run_calibration(
     from gradcal.report import write_report
 
     run_dir = Path(run_dir)
+    started = time.perf_counter()
+    built = build(config, base)
+    check_simulated_lengths(built, config)  # before anything is written
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(dumps(config))
         info = {"base": str(Path(base).resolve())}
         (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    started = time.perf_counter()
-    built = build(config, base)
     method = config["method"]["kind"]
     if method == "vi":
         result = _run_vi(config, built, run_dir, resume, progress)
@@ -358,6 +462,9 @@ def run_calibration(
     logger.info("calibration finished in %.1f s", time.perf_counter() - started)
     if not is_main():  # under torchrun only rank 0 writes files
         return run_dir / "report.html"
-    outputs = output_names(config, len(built.data))
-    write_outputs(run_dir, built, result, config["run"]["seed"], outputs)
-    return write_report(run_dir) if report else run_dir
+    try:
+        outputs = output_names(config, len(built.data))
+        write_outputs(run_dir, built, result, config["run"]["seed"], outputs)
+        return write_report(run_dir) if report else run_dir
+    except KeyboardInterrupt as error:
+        raise RunInterrupted("outputs") from error

@@ -34,6 +34,7 @@ from gradcal.distributed import (
     all_reduce_sum,
     broadcast_module,
     is_main,
+    launched_without_process_group,
     rank,
     sum_gradients,
     world_size,
@@ -77,6 +78,25 @@ def _check_data(data: Any, device: torch.device) -> Any:
 def _family_device(family: Any) -> torch.device:
     params = list(family.parameters()) if hasattr(family, "parameters") else []
     return params[0].device if params else torch.device("cpu")
+
+
+def _check_regularisation(reg: float, epoch: int) -> None:
+    """Stop at the first epoch whose w * KL(q || prior) is NaN: its gradient would make q NaN.
+
+    Example:
+        >>> try:
+        ...     _check_regularisation(float("nan"), 3)
+        ... except RuntimeError as error:
+        ...     print(str(error)[:46])
+        epoch 3: the KL term w * KL(q || prior) is NaN
+    """
+    if math.isnan(reg):
+        raise RuntimeError(
+            f"epoch {epoch}: the KL term w * KL(q || prior) is NaN: the prior's "
+            "log-density is NaN at q's draws (a prior parameter that is zero, negative or NaN, "
+            "or a prior whose support q leaves) or q's parameters became NaN (lower the "
+            "learning rate or set gradient_clipping_norm)."
+        )
 
 
 class VI:
@@ -348,7 +368,8 @@ class VI:
                 "log_tensorboard=True needs the tensorboard package: "
                 "pip install 'gradcal[tensorboard]'."
             ) from error
-        return SummaryWriter(log_dir=self.tensorboard_log_dir)
+        # a resumed run drops the events written after its checkpoint, so none repeat
+        return SummaryWriter(log_dir=self.tensorboard_log_dir, purge_step=self._epoch or None)
 
     def criterion(self, total: float) -> float:
         """The figure compared with ``best_loss`` for an epoch whose total is ``total``.
@@ -416,6 +437,9 @@ class VI:
             n_epochs: total epochs, counting those of a resumed run.
             max_epochs_without_improvement: patience of the early stopping.
         """
+        alone = launched_without_process_group()
+        if alone is not None:
+            raise RuntimeError(f"VI.run: {alone}.")
         data = _check_data(data, self.device)
         if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 0:
             raise ValueError(f"`n_epochs` must be an int >= 0, got {n_epochs!r}.")
@@ -461,7 +485,8 @@ class VI:
                 if self.scheduler is not None:
                     self.scheduler.step()
             improved = self._record(total, loss, reg, estimate.n_dropped)
-            self._check_failures(estimate)
+            _check_regularisation(reg, epoch)
+            self._check_failures(estimate, epoch)
             if writer is not None:
                 for key in ("total", "loss", "regularisation", "dropped"):
                     writer.add_scalar(f"Loss/{key}", self.losses_hist[key][-1], epoch)
@@ -481,13 +506,20 @@ class VI:
                 break
         bar.close()
 
-    def _check_failures(self, estimate: EpochEstimate) -> None:
+    def _check_failures(self, estimate: EpochEstimate, epoch: int) -> None:
         self._failed = 0 if estimate.n_valid else self._failed + 1
         if self._failed >= self.max_failed_epochs:
+            cause = (
+                "from the first epoch on: the simulator returns NaN or infinite values at the "
+                "family's first draws (near the prior), or the loss cannot compare them with "
+                "the data (NaN in the data, a series too short for its window)"
+                if self._failed > epoch
+                else "after training went well: q moved to parameters where the simulator "
+                "fails; lower the learning rate or gradient_clipping_norm, or narrow the prior"
+            )
             raise RuntimeError(
                 f"every draw failed (NaN or infinite loss) in {self._failed} consecutive "
-                "epochs: check the simulator at draws from the posterior estimator, or the "
-                "loss for values it cannot compare."
+                f"epoch(s), up to epoch {epoch}, {cause}."
             )
 
     def _save(self, improved: bool) -> None:

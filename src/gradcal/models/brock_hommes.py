@@ -107,6 +107,10 @@ class BrockHommes(Model):
         x_t = mean + sigma * torch.randn_like(sigma) / R[..., 0]
         return x_t[:, None].to(x.dtype)
 
+    def observed_lengths(self) -> list[int]:
+        """T + 3 prices: the three initial zeros, then x_3 to x_{T+2}."""
+        return [self.n_timesteps + 3]
+
     @accepts_one_history
     def observe(self, x: Tensor) -> list[Tensor]:
         """The series, initial zeros included: [(B, T)]."""
@@ -241,6 +245,10 @@ class BrockHommesBeliefs(Model):
         lags = x.flip(-1)[:, None, :_N_LAGS]  # (B, 1, 3), most recent first
         mean = self._mean(g, b, lags)
         return mean + (self.sigma / self.R) * torch.randn_like(mean)
+
+    def observed_lengths(self) -> list[int]:
+        """T prices, x_3 to x_{T+2} (the three zero lags are not observed)."""
+        return [self.n_timesteps]
 
     @accepts_one_history
     def observe(self, x: Tensor) -> list[Tensor]:

@@ -148,6 +148,18 @@ class Model(torch.nn.Module, ABC):
     def observe(self, x: Any) -> list[Tensor]:
         """Observed outputs of the stretch of history ``x``."""
 
+    def observed_lengths(self) -> list[int] | None:
+        """How many time steps each output of a run has (one entry per output of ``observe``),
+        or None when the model does not say.
+
+        The time loop concatenates ``observe(initialize(params))`` and ``observe`` of each of
+        the ``n_timesteps`` new steps, so a model whose initial history is one step long and
+        whose ``observe`` returns it unchanged outputs ``n_timesteps + 1`` values. Declaring
+        this lets ``gradcal check`` compare a data file's length with the model's without
+        simulating; otherwise ``gradcal run`` finds it out with one simulation.
+        """
+        return None
+
     def trim_time_series(self, x: Any) -> Any:
         """The last ``history_length`` steps of the history (all when it is None)."""
         if self.history_length is None or not isinstance(x, Tensor):

@@ -55,6 +55,10 @@ class Normal(Model):
         sigma = torch.where(sigma > 0, sigma, torch.nan)
         return (mu + sigma * torch.randn_like(mu))[:, None].to(x.dtype)
 
+    def observed_lengths(self) -> list[int]:
+        """T + 1 values, x_0 = 0 (the start) to x_T."""
+        return [self.n_timesteps + 1]
+
     @accepts_one_history
     def observe(self, x: Tensor) -> list[Tensor]:
         """The values themselves: [(B, T, 1)]."""

@@ -209,6 +209,10 @@ class RamaCont(Model):
         r = self._returns(eps, nu, eta)
         return self._state(self._new_thresholds(nu, r), eps, r)
 
+    def observed_lengths(self) -> list[int]:
+        """T + 1 returns, r_0 (the initial one) to r_T."""
+        return [self.n_timesteps + 1]
+
     @accepts_one_history
     def observe(self, x: Tensor) -> list[Tensor]:
         """The returns: [(B, T)]."""

@@ -53,6 +53,10 @@ class RandomWalk(Model):
         up = relaxed_bernoulli(params, tau=self.tau_softmax, hard=True)
         return (x[:, -1] + 2.0 * up - 1.0)[:, None]
 
+    def observed_lengths(self) -> list[int]:
+        """T + 1 positions, x_0 (the start) to x_T."""
+        return [self.n_timesteps + 1]
+
     @accepts_one_history
     def observe(self, x: Tensor) -> list[Tensor]:
         """The positions themselves: [(B, T, 1)]."""

@@ -171,6 +171,10 @@ class SIR(Model):
         )
         return state[:, None].to(x.dtype)
 
+    def observed_lengths(self) -> list[int]:
+        """T + 1 infected and T + 1 recovered counts, at t = 0, ..., T."""
+        return [self.n_timesteps + 1, self.n_timesteps + 1]
+
     @accepts_one_history
     def observe(self, x: Tensor) -> list[Tensor]:
         """Infected and recovered counts: [(B, T), (B, T)]."""
