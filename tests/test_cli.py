@@ -374,10 +374,10 @@ BAD_INPUTS = {
         lambda d: _write(d, data=_csv_data(d, [1.0])),
         "config error: data.file: obs.csv has 1 row; at least 2 are needed",
     ),
-    "length": (  # 40 rows for Normal(n_timesteps = 40), which outputs x_0 = 0 and 40 draws
-        lambda d: _write(d, data=_csv_data(d, [1.0] * 40)),
-        "config error: data.file: obs.csv has 40 rows but Normal with n_timesteps = 40 "
-        "outputs 41 (n_timesteps + 1); set model.options.n_timesteps = 39",
+    "length": (  # 41 rows for Normal(n_timesteps = 40) (NormalDraws), which outputs 40
+        lambda d: _write(d, data=_csv_data(d, [1.0] * 41)),
+        "config error: data.file: obs.csv has 41 rows but NormalDraws with n_timesteps = 40 "
+        "outputs 40 (n_timesteps); set model.options.n_timesteps = 41",
     ),
     "negative scale": (
         lambda d: (

@@ -131,7 +131,8 @@ def test_data_length_must_match_what_the_model_outputs(tmp_path, name, options, 
     _csv(tmp_path, ["0.5"] * (n + offset + 1))  # e.g. 201 rows with n_timesteps = 200
     rule = {0: "(n_timesteps)", 1: "(n_timesteps + 1)"}[offset]
     assert check(config, tmp_path) == [
-        f"data.file: obs.csv has {n + offset + 1} rows but {name} with n_timesteps = {n} "
+        f"data.file: obs.csv has {n + offset + 1} rows but {BUILTIN_MODELS[name].cls.__name__} "
+        f"with n_timesteps = {n} "
         f"outputs {n + offset} {rule}; set model.options.n_timesteps = {n + 1}"
     ]
 

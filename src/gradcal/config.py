@@ -80,7 +80,7 @@ BUILTIN_MODELS: dict[str, _BuiltinModel] = {
         },
     ),
     "Normal": _BuiltinModel(
-        models.Normal, ("mu", "sigma"), "i.i.d. Gaussian draws", {"n_timesteps": 100}
+        models.NormalDraws, ("mu", "sigma"), "i.i.d. Gaussian draws", {"n_timesteps": 100}
     ),
 }
 

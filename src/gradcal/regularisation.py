@@ -12,6 +12,7 @@ Support checks and closed forms need a torch distribution (or a family's
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Literal
 
 import torch
@@ -205,6 +206,8 @@ def monte_carlo_kl(q: Any, prior: Distribution, n_samples: int = 10_000) -> tupl
         ok = torch.isfinite(log_q) & torch.isfinite(prior_log_prob(prior, theta))
     # The prior is evaluated again on the kept draws only, so that no gradient of it at a
     # bound (inf times a zero weight) can turn the gradient into NaN.
+    if not bool(ok.any()):  # nothing to average: NaN, without a gradient to apply
+        return torch.full((), math.nan, dtype=log_q.dtype, device=log_q.device), len(ok)
     kept = theta[ok]
     kl = (log_q[ok] - prior_log_prob(prior, kept)).mean()
     return kl, int((~ok).sum())

@@ -318,9 +318,19 @@ class VI:
 
     # --- the loop -------------------------------------------------------------------------
 
+    @property
+    def best_loss(self) -> Tensor:
+        """The lowest total (or smoothed total) so far, as a 0-d float64 tensor, as in
+        BlackBIRDS (``vi.best_loss.item()``); ``inf`` before the first epoch."""
+        return torch.tensor(self._best_value, dtype=torch.float64)
+
+    @best_loss.setter
+    def best_loss(self, value: float | Tensor) -> None:
+        self._best_value = float(value)
+
     def _reset_history(self) -> None:
         self.losses_hist: dict[str, list[float]] = defaultdict(list)
-        self.best_loss = math.inf
+        self.best_loss = math.inf  # a float inside; read back as a 0-d tensor (BlackBIRDS)
         self.best_estimator_state_dict: dict[str, Tensor] | None = None
         self._epoch = self._stall = self._failed = 0
         self.kl_dropped = 0
@@ -334,7 +344,7 @@ class VI:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "rng": all_gather_objects(get_rng_state()),  # one state per rank
             "history": dict(self.losses_hist),
-            "best_loss": self.best_loss,
+            "best_loss": self._best_value,
             "best_state": self.best_estimator_state_dict,
             "stall": self._stall,
             "failed": self._failed,
@@ -412,7 +422,7 @@ class VI:
         value = self.criterion(total)
         if self.stopping != "blackbirds":
             self.losses_hist[self.stopping].append(value)
-        if value < self.best_loss:
+        if value < self._best_value:
             self.best_loss, self._stall = value, 0
             self.best_estimator_state_dict = copy.deepcopy(self._module.state_dict())
             return True
@@ -495,7 +505,7 @@ class VI:
                     loss=f"{loss:.4g}",
                     reg=f"{reg:.4g}",
                     total=f"{total:.4g}",
-                    best=f"{self.best_loss:.4g}",
+                    best=f"{self._best_value:.4g}",
                     stall=self._stall,
                     dropped=estimate.n_dropped,
                 )

@@ -2,9 +2,18 @@
 
 from gradcal.models.brock_hommes import BrockHommes, BrockHommesBeliefs
 from gradcal.models.model import Model
-from gradcal.models.normal import Normal
+from gradcal.models.normal import Normal, NormalDraws
 from gradcal.models.rama_cont import RamaCont
 from gradcal.models.random_walk import RandomWalk
 from gradcal.models.sir import SIR
 
-__all__ = ["SIR", "BrockHommes", "BrockHommesBeliefs", "Model", "Normal", "RamaCont", "RandomWalk"]
+__all__ = [
+    "SIR",
+    "BrockHommes",
+    "BrockHommesBeliefs",
+    "Model",
+    "Normal",
+    "NormalDraws",
+    "RamaCont",
+    "RandomWalk",
+]

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from gradcal.models.model import Model, accepts_one_draw, accepts_one_history
 
-__all__ = ["Normal"]
+__all__ = ["Normal", "NormalDraws"]
 
 
 class Normal(Model):
@@ -85,3 +85,33 @@ class Normal(Model):
         mu, sigma = params[..., 0:1], params[..., 1:2]
         z = (x.to(params) - mu) / sigma
         return (-0.5 * z**2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+class NormalDraws(Normal):
+    r"""The T draws :math:`x_1, \dots, x_T \sim N(\mu, \sigma^2)` alone: :class:`Normal`
+    without BlackBIRDS' initial :math:`x_0 = 0` and trailing axis (gradcal's configuration
+    name ``"Normal"``, whose data are T numbers).
+
+    Shapes: the output (T,) for one draw, (B, T) for B draws; the history (T, 1) or
+    (B, T, 1) (the initial history is empty).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> (x,) = NormalDraws(1000).run_and_observe(torch.tensor([2.0, 0.5]))
+        >>> x.shape, abs(x.mean().item() - 2.0) < 0.1
+        (torch.Size([1000]), True)
+    """
+
+    @accepts_one_draw
+    def initialize(self, params: Tensor) -> Tensor:
+        """An empty history: (B, 0, 1)."""
+        return params.new_zeros(params.shape[0], 0, 1, dtype=torch.get_default_dtype())
+
+    def observed_lengths(self) -> list[int]:
+        """T draws (no initial value)."""
+        return [self.n_timesteps]
+
+    @accepts_one_history
+    def observe(self, x: Tensor) -> list[Tensor]:
+        """The draws without the trailing axis: [(B, T)]."""
+        return [x[..., 0]]
