@@ -166,6 +166,7 @@ def test_random_walk_generalised_posterior_matches_importance_sampling(method, b
     assert energy_distance(draws, reference.resample(4000)) < bound
 
 
+@pytest.mark.slow  # about 4 minutes on one core; MALA checks the same reference by default
 def test_brock_hommes_flow_recovers_the_reference_posterior():
     obs = torch.tensor(np.loadtxt(DATA / "obs.txt"), dtype=torch.float32)
     reference = torch.tensor(np.loadtxt(DATA / "posterior_samples.txt"), dtype=torch.float32)
