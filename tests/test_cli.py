@@ -271,12 +271,12 @@ def test_user_model_and_loss_by_import_path(tmp_path):
 
 def test_data_from_a_csv_file(tmp_path):
     torch.manual_seed(0)
-    values = (torch.randn(41) * 0.8 + 1.0).tolist()
+    values = (torch.randn(40) * 0.8 + 1.0).tolist()
     (tmp_path / "obs.csv").write_text(
         "day,x\n" + "".join(f"{i},{v}\n" for i, v in enumerate(values))
     )
     config = _write(
-        # Normal observes x_0 = 0 and then n_timesteps draws: 41 values
+        # the configuration's Normal (NormalDraws) observes its n_timesteps draws: 40 values
         tmp_path,
         data='file = "obs.csv"\ncolumns = ["x"]',
         options="{ n_timesteps = 40 }",

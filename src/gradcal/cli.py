@@ -14,9 +14,9 @@ from gradcal.config import (
     BUILTIN_MODELS,
     ConfigError,
     check,
+    checked,
     loads_toml,
     read_toml,
-    resolve,
 )
 
 __all__ = ["main"]
@@ -88,15 +88,7 @@ EXAMPLES = {
 
 
 def _configured(raw: dict[str, Any], base: Path, seed: int | None, device: str | None) -> dict:
-    problems = check(raw, base)
-    if problems:
-        raise ConfigError(problems)
-    config = resolve(raw)
-    if seed is not None:
-        config["run"]["seed"] = seed
-    if device is not None:
-        config["run"]["device"] = device
-    return config
+    return checked(raw, base, seed, device)
 
 
 def _prepare(config: dict[str, Any], out: Path, args: argparse.Namespace) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "ConfigError",
     "build",
     "check",
+    "checked",
     "dumps",
     "length_problems",
     "loads_toml",
@@ -866,3 +867,21 @@ def _make_loss(cfg: dict[str, Any], model: Any, data: list[torch.Tensor], base: 
     return MMDLoss(
         model, data, kernel, cfg["gradient_horizon"], estimator=cfg["estimator"], **options
     )
+
+
+def checked(
+    raw: dict[str, Any], base: Path, seed: int | None = None, device: str | None = None
+) -> dict[str, Any]:
+    """``raw`` checked (:class:`ConfigError` listing every problem) and resolved, with the
+    seed and device overridden where given: what ``gradcal run`` and
+    :func:`gradcal.results.calibrate` run.
+    """
+    problems = check(raw, base)
+    if problems:
+        raise ConfigError(problems)
+    config = resolve(raw)
+    if seed is not None:
+        config["run"]["seed"] = seed
+    if device is not None:
+        config["run"]["device"] = device
+    return config

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from gradcal.checkpoint import load_checkpoint
-from gradcal.config import Built, ConfigError, build, check, resolve
+from gradcal.config import Built, ConfigError, build, checked, resolve
 from gradcal.rng import seeded
 from gradcal.runs import RUN_INFO, make_family, run_calibration
 
@@ -538,12 +538,7 @@ def calibrate(
         ('smd', torch.Size([3, 2]), True)
     """
     raw, base_dir = _configuration(config, base)
-    problems = check(raw, base_dir)
-    if problems:
-        raise ConfigError(problems)
-    resolved = resolve(raw)
-    if seed is not None:
-        resolved["run"]["seed"] = seed
+    resolved = checked(raw, base_dir, seed)
     with torch.device(resolved["run"]["device"]):
         if out is None:
             with tempfile.TemporaryDirectory(prefix="gradcal-") as tmp:
