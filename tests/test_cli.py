@@ -230,32 +230,12 @@ def test_resume_continues_an_interrupted_run(tmp_path):
 
 def test_user_model_and_loss_by_import_path(tmp_path):
     (tmp_path / "mine.py").write_text(
-        textwrap.dedent(
+        SILENT.format(name="Shifted", noise="params[:, 1:]")
+        + textwrap.dedent(
             """
-        import torch
-        from gradcal.models import Model
-
-        class Shifted(Model):
-            batched = True
-            n_params = 2
-            history_length = 1
-
-            def __init__(self, n_timesteps):
-                super().__init__()
-                self.n_timesteps = n_timesteps
-
-            def initialize(self, params):
-                return params[:, :1] * 0
-
-            def step(self, params, x):
-                return params[:, :1] + params[:, 1:] * torch.randn_like(params[:, :1])
-
-            def observe(self, x):
-                return [x]
-
-        def squared_mean_gap(theta, y):
-            return (theta[0] - y.mean()) ** 2 + (theta[1] - 1.0) ** 2
-        """
+            def squared_mean_gap(theta, y):
+                return (theta[0] - y.mean()) ** 2 + (theta[1] - 1.0) ** 2
+            """
         )
     )
     config = _write(tmp_path, model="mine:Shifted", options="{ n_timesteps = 30 }")
