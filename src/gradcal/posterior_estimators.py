@@ -35,6 +35,7 @@ __all__ = [
     "FullRankGaussian",
     "TrainableGaussian",
     "as_family",
+    "log_prob_stopped",
 ]
 
 
@@ -650,3 +651,36 @@ def as_family(obj: Any) -> Family:
         f"cannot use {type(obj).__name__} as a variational family: it needs "
         "sample(n) -> (theta, log_q) (and log_prob(theta) for the score estimator)."
     )
+
+
+class _LogProb(torch.nn.Module):
+    """``family.log_prob`` as a module's forward, for :func:`torch.func.functional_call`."""
+
+    def __init__(self, family: Any):
+        super().__init__()
+        self.family = family
+
+    def forward(self, theta: Tensor) -> Tensor:
+        return self.family.log_prob(theta)
+
+
+def log_prob_stopped(family: Any, theta: Tensor) -> Tensor:
+    r"""log q(theta) (n,) with the family's parameters held fixed: gradients reach theta only.
+
+    :math:`\log q_{\bar\phi}(\theta)` with :math:`\bar\phi` = stop-gradient(phi), the
+    piece that sticking-the-landing and doubly-reparameterised gradients use: the score
+    :math:`\nabla_\phi \log q_\phi(\theta)` at fixed theta (mean zero) is left out, while
+    theta = theta(phi, eps) still carries its path to phi. The parameters are swapped for
+    detached copies with :func:`torch.func.functional_call`; a family whose tensors are not
+    module parameters (a :class:`DistributionFamily` built from an instance) keeps them, so
+    its score term stays in (still unbiased, without the variance reduction).
+
+    Example:
+        >>> q = DiagonalGaussian(torch.zeros(1))
+        >>> lp = log_prob_stopped(q, torch.ones(3, 1))
+        >>> lp.requires_grad, round(lp[0].item(), 4)       # no path to q's parameters
+        (False, -1.4189)
+    """
+    family = as_family(family)
+    params = {f"family.{k}": v.detach() for k, v in family.named_parameters()}
+    return torch.func.functional_call(_LogProb(family), params, (theta,), strict=False)

@@ -40,6 +40,7 @@ from gradcal.distributed import (
     world_size,
 )
 from gradcal.gradients import BatchedLoss, Batching, EpochEstimate, make_estimator
+from gradcal.infer.objectives import Objective, make_objective
 from gradcal.posterior_estimators import as_family
 from gradcal.priors import distribution_device, distribution_to
 from gradcal.regularisation import (
@@ -146,6 +147,13 @@ class VI:
         smoothing_window: span N of that average (weight 2 / (N + 1) on the newest
             epoch; noise sd shrinks about sqrt(N)-fold, the average lags about N / 2
             epochs): keep it well below the patience. Used by ``"smoothed"`` only.
+        objective: the divergence minimised (:mod:`gradcal.infer.objectives`):
+            ``"reverse_kl"`` (the default, BlackBIRDS' objective), ``"importance_weighted"``,
+            ``"renyi"``, ``"forward_kl"``, or an objective instance with its options
+            (``Renyi(alpha=0.2, k=8)``). The last three need w > 0, fold the KL term into
+            the objective (``regularisation`` in the history is then the total minus the
+            mean loss) and add ``ess`` (importance-sampling effective sample size) to the
+            history.
 
     After :meth:`run`: ``losses_hist`` (keys ``total``, ``loss``, ``regularisation``,
     ``dropped`` (draws of the loss dropped), ``dropped_kl`` (Monte Carlo KL draws dropped),
@@ -203,6 +211,7 @@ class VI:
         scheduler: Any = None,
         stopping: Literal["blackbirds", "smoothed"] = "blackbirds",
         smoothing_window: int = 20,
+        objective: str | Objective = "reverse_kl",
     ):
         check_prior(prior)
         if not isinstance(w, int | float) or not w >= 0:
@@ -224,6 +233,10 @@ class VI:
         self.estimator = make_estimator(
             gradient_estimation_method, diff_mode, jacobian_chunk_size, score_baseline
         )
+        self.objective = make_objective(objective)
+        self.objective.check(gradient_estimation_method, diff_mode)
+        if not self.objective.uses_kl_term and not w > 0:
+            raise ValueError(f"objective {self.objective.name!r} needs `w` > 0, got {w!r}.")
         self.batched_loss = BatchedLoss(loss, batching)
         self.loss, self.prior, self.posterior_estimator = loss, prior, posterior_estimator
         self.family = as_family(posterior_estimator)
@@ -274,13 +287,19 @@ class VI:
         if self.w == 0.0:
             return torch.zeros((), device=self.device)
         kl, self.kl_dropped = kl_estimate(
-            self.family, self.prior, self.kl, self.n_samples_regularisation
+            self.family,
+            self.prior,
+            self.kl,
+            self.n_samples_regularisation,
+            getattr(self.objective, "sticking_the_landing", False),
         )
         return self.w * kl
 
     def step(self, data: Any) -> tuple[float, float, float, EpochEstimate]:
         """Gradients of one epoch into q (not yet applied): (total, loss, regularisation, info)."""
         self.optimizer.zero_grad()
+        if not self.objective.uses_kl_term:
+            return self._weighted_step(data)
         estimate = self.estimator(self.family, self.batched_loss, data, self.n_samples_per_epoch)
         # Every rank estimates w * KL on its own draws; the mean over ranks is the estimate.
         ranks = world_size()
@@ -296,6 +315,23 @@ class VI:
         reg, kl_dropped = (float(x) for x in all_reduce_sum(reg_and_dropped))
         self.kl_dropped = int(kl_dropped)  # over every rank's draws
         return estimate.loss + reg, estimate.loss, reg, estimate
+
+    def _weighted_step(self, data: Any) -> tuple[float, float, float, EpochEstimate]:
+        """An epoch of an objective that holds its own prior term (not reverse KL)."""
+        self.kl_dropped = 0
+        estimate = self.objective(
+            self.family,
+            self.batched_loss,
+            data,
+            self.n_samples_per_epoch,
+            self.prior,
+            self.w,
+            self.estimator,
+        )
+        sum_gradients(self.family.parameters())
+        if math.isfinite(self.gradient_clipping_norm):
+            torch.nn.utils.clip_grad_norm_(self.family.parameters(), self.gradient_clipping_norm)
+        return estimate.total, estimate.loss, estimate.total - estimate.loss, estimate
 
     def initialize_estimator(
         self,
@@ -495,7 +531,10 @@ class VI:
                 if self.scheduler is not None:
                     self.scheduler.step()
             improved = self._record(total, loss, reg, estimate.n_dropped)
-            _check_regularisation(reg, epoch)
+            if not self.objective.uses_kl_term:
+                self.losses_hist["ess"].append(getattr(estimate, "ess", math.nan))
+            if self.objective.uses_kl_term:  # the others hold no separate KL term
+                _check_regularisation(reg, epoch)
             self._check_failures(estimate, epoch)
             if writer is not None:
                 for key in ("total", "loss", "regularisation", "dropped"):
