@@ -287,3 +287,57 @@ def test_sticking_the_landing_is_unbiased_and_vanishes_at_the_optimum():
             draws.append(_grads(at_prior))
         spreads.append(torch.stack(draws).std(0))
     assert spreads[0].max() < 1e-6 < spreads[1].min()
+
+
+# --- the TOML configuration ----------------------------------------------------------
+
+
+def _vi_config(tmp_path, **method):
+    (tmp_path / "obs.csv").write_text("x\n" + "\n".join(["1.0"] * 5) + "\n")
+    return {
+        "run": {"seed": 0},
+        "model": {"name": "Normal", "options": {"n_timesteps": 5}},
+        "data": {"file": "obs.csv", "columns": ["x"]},
+        "loss": {"kind": "mmd"},
+        "method": {"kind": "vi", **method},
+        "parameters": [
+            {"name": "mu", "prior": {"kind": "normal", "loc": 0.0, "scale": 2.0}},
+            {"name": "sigma", "prior": {"kind": "lognormal", "loc": 0.0, "scale": 0.5}},
+        ],
+    }
+
+
+def test_config_objective_problems_are_one_line_each(tmp_path):
+    from gradcal.config import check
+
+    assert (
+        check(
+            _vi_config(tmp_path, objective="renyi", alpha=0.2, k=5, samples_per_epoch=20), tmp_path
+        )
+        == []
+    )
+    problems = check(
+        _vi_config(tmp_path, objective="renyi", alpha=1.5, estimator="score", k=8), tmp_path
+    )
+    assert any(p.startswith("method.alpha: must lie in (0, 1)") for p in problems), problems
+    assert any(p.startswith("method.estimator: objective 'renyi' needs") for p in problems)
+    assert any(p.startswith("method.samples_per_epoch: must be a multiple") for p in problems)
+    problems = check(_vi_config(tmp_path, objective="forward"), tmp_path)
+    assert problems == [
+        "method.objective: 'forward' is not one of reverse_kl, importance_weighted, renyi, "
+        "forward_kl (did you mean 'forward_kl'?)"
+    ]
+
+
+def test_config_builds_the_objective_and_keeps_only_its_options(tmp_path):
+    from gradcal.config import relevant, resolve
+    from gradcal.runs import make_objective_from
+
+    config = resolve(_vi_config(tmp_path, objective="renyi", alpha=0.25, k=4))
+    assert repr(make_objective_from(config["method"])) == repr(Renyi(0.25, k=4))
+    kept = relevant(config)["method"]
+    assert {"alpha", "k", "doubly_reparameterised"} <= set(kept)
+    assert "sticking_the_landing" not in kept
+    default = resolve(_vi_config(tmp_path))
+    assert repr(make_objective_from(default["method"])) == repr(ReverseKL())
+    assert "alpha" not in relevant(default)["method"]

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from gradcal.config import Built, ConfigError, build, dumps, length_problems
+from gradcal.config import OBJECTIVE_OPTIONS, Built, ConfigError, build, dumps, length_problems
 from gradcal.diagnostics import posterior_predictive, vi_khat
 from gradcal.distributed import is_main
 from gradcal.infer.mcmc import HMC, MALA, MCMC
+from gradcal.infer.objectives import Objective, make_objective
 from gradcal.infer.smd import SMD
 from gradcal.infer.vi import VI
 from gradcal.posterior_estimators import Constrained, DiagonalGaussian, Flow, FullRankGaussian
@@ -31,6 +32,7 @@ __all__ = [
     "RunInterrupted",
     "check_simulated_lengths",
     "make_family",
+    "make_objective_from",
     "output_names",
     "prepare_run_dir",
     "run_calibration",
@@ -185,6 +187,12 @@ def make_family(method: dict[str, Any], built: Built) -> Any:
     return Constrained(base, built.prior.supports)
 
 
+def make_objective_from(method: dict[str, Any]) -> Objective:
+    """VI's objective as ``[method]`` names it, with the options that objective reads."""
+    name = method["objective"]
+    return make_objective(name, **{k: method[k] for k in OBJECTIVE_OPTIONS[name]})
+
+
 def _run_vi(
     config: dict[str, Any], built: Built, run_dir: Path, resume: bool, progress: bool
 ) -> dict[str, Any]:
@@ -202,6 +210,7 @@ def _run_vi(
         n_samples_regularisation=method["n_samples_regularisation"],
         diff_mode="forward" if estimator == "forward" else "reverse",
         gradient_estimation_method="score" if estimator == "score" else "pathwise",
+        objective=make_objective_from(method),
         progress_bar=progress,
         seed=config["run"]["seed"],
         checkpoint_dir=run_dir / "checkpoints",
