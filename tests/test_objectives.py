@@ -341,3 +341,70 @@ def test_config_builds_the_objective_and_keeps_only_its_options(tmp_path):
     default = resolve(_vi_config(tmp_path))
     assert repr(make_objective_from(default["method"])) == repr(ReverseKL())
     assert "alpha" not in relevant(default)["method"]
+
+
+# --- annealing of w, and the warning when q misses mass ------------------------------
+
+
+def test_annealing_schedule_and_its_epochs_in_vi():
+    from gradcal.infer.annealing import GeometricAnnealing
+
+    schedule = GeometricAnnealing(start=8.0, epochs=3)
+    assert [schedule.w_at(t, 1.0) for t in range(5)] == pytest.approx([8.0, 4.0, 2.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="`start` must be a number > 0"):
+        GeometricAnnealing(0.0, 3)
+    with pytest.raises(ValueError, match="`epochs` must be an int >= 1"):
+        GeometricAnnealing(2.0, 0)
+    q = DiagonalGaussian(torch.ones(1), 0.5)
+    with pytest.raises(TypeError, match="`anneal` must be a GeometricAnnealing"):
+        VI(LOSS, PRIOR, q, anneal=3)
+    seen = []
+
+    class Recording(Renyi):
+        def __call__(self, family, loss, data, n, prior, w, estimator=None):
+            seen.append(w)  # the w each epoch's objective is given
+            return super().__call__(family, loss, data, n, prior, w, estimator)
+
+    vi = VI(
+        LOSS,
+        PRIOR,
+        q,
+        w=2.0,
+        n_samples_per_epoch=8,
+        progress_bar=False,
+        seed=0,
+        objective=Recording(0.5, k=4),
+        anneal=GeometricAnnealing(start=16.0, epochs=3),
+    )
+    vi.run(Y, n_epochs=5, max_epochs_without_improvement=1)
+    assert seen == pytest.approx([16.0, 8.0, 4.0, 2.0, 2.0])
+    assert vi.losses_hist["w"] == pytest.approx(seen)
+    # annealing epochs neither set a best state nor count against the patience (1 here)
+    assert len(vi.losses_hist["total"]) == 5
+    assert vi.best_loss.item() == min(vi.losses_hist["total"][3:])
+
+
+def test_vi_warns_in_words_when_the_ess_shows_missed_mass():
+    # q sits 4.5 posterior sds away: its 64 draws see only the posterior's far tail, where
+    # the weights vary by many nats (measured: IS ESS about 2 %, k-hat > 1)
+    q = DiagonalGaussian(torch.tensor([POST_MEAN + 1.0]), 0.3)
+    vi = VI(
+        LOSS,
+        PRIOR,
+        q,
+        n_samples_per_epoch=64,
+        optimizer=torch.optim.SGD(q.parameters(), lr=0.0),
+        progress_bar=False,
+        seed=0,
+        objective="forward_kl",
+    )
+    with pytest.warns(UserWarning, match="q misses part of the posterior .*ESS"):
+        vi.run(Y, n_epochs=2)
+    with pytest.warns(UserWarning, match="k-hat .* >= 0.7.*smaller alpha"):
+        VI(LOSS, PRIOR, q, objective="renyi").mass_check(Y, 200)
+    with pytest.warns(UserWarning, match="reverse KL is mode-seeking"):
+        check = VI(LOSS, PRIOR, q).mass_check(Y, 200)
+    assert check["khat"] >= 0.7 and check["ess_fraction"] < 0.1
+    wide = DiagonalGaussian(torch.tensor([POST_MEAN]), 1.5 * POST_SD)
+    check = VI(LOSS, PRIOR, wide).mass_check(Y, 1000)
+    assert check["warning"] is None and check["khat"] < 0.7 and check["ess_fraction"] > 0.5

@@ -115,6 +115,7 @@ _SCHEMA: dict[str, Any] = {
         "family": (str, "nsf"),
         "transforms": (int, 3),
         "hidden_features": (list, [64, 64]),
+        "components": (int, 4),
         "estimator": (str, "pathwise"),
         "objective": (str, "reverse_kl"),
         "k": (int, 8),
@@ -122,6 +123,8 @@ _SCHEMA: dict[str, Any] = {
         "doubly_reparameterised": (bool, True),
         "sticking_the_landing": (bool, False),
         "w": ((int, float), 1.0),
+        "anneal_epochs": (int, 0),
+        "anneal_start": ((int, float), None),
         "samples_per_epoch": (int, 10),
         "epochs": (int, 300),
         "patience": (int, 100),
@@ -153,9 +156,12 @@ _METHOD_KEYS = {
         "family",
         "transforms",
         "hidden_features",
+        "components",
         "estimator",
         *_OBJECTIVE_KEYS,
         "w",
+        "anneal_epochs",
+        "anneal_start",
         "samples_per_epoch",
         "epochs",
         "patience",
@@ -192,7 +198,7 @@ _CHOICES = {
     ("loss", "kernel"): ("gaussian", "laplace"),
     ("loss", "estimator"): ("unbiased", "biased", "linear"),
     ("method", "kind"): ("vi", "smd", "mcmc"),
-    ("method", "family"): ("nsf", "maf", "diagonal", "full_rank"),
+    ("method", "family"): ("nsf", "maf", "diagonal", "full_rank", "mixture"),
     ("method", "estimator"): ("pathwise", "forward", "score"),
     ("method", "objective"): tuple(OBJECTIVE_OPTIONS),
     ("method", "kernel"): ("mala", "hmc"),
@@ -424,6 +430,7 @@ _AT_LEAST_ONE = (
     "n_leapfrog",
     "n_samples_regularisation",
     "transforms",
+    "components",
 )
 
 
@@ -433,6 +440,11 @@ def _check_objective(method: dict[str, Any], problems: list[str]) -> None:
         return
     objective = method.get("objective", "reverse_kl")
     alpha, k = method.get("alpha"), method.get("k")
+    epochs, start = method.get("anneal_epochs"), method.get("anneal_start")
+    if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs < 0:
+        problems.append(f"method.anneal_epochs: must be >= 0, got {epochs}")
+    if isinstance(start, int | float) and not isinstance(start, bool) and not start > 0:
+        problems.append(f"method.anneal_start: must be > 0, got {start}")
     if isinstance(alpha, int | float) and not isinstance(alpha, bool) and not 0 < alpha < 1:
         problems.append(f"method.alpha: must lie in (0, 1), got {alpha}")
     if isinstance(k, int) and not isinstance(k, bool) and k < 1:
@@ -605,6 +617,10 @@ def relevant(config: dict[str, Any]) -> dict[str, Any]:
         keep = set(_METHOD_KEYS[kind]) | {"kind"}
         if kind == "vi" and method.get("family") not in ("nsf", "maf"):
             keep -= set(_FLOW_KEYS)
+        if kind == "vi" and method.get("family") != "mixture":
+            keep.discard("components")
+        if kind == "vi" and not method.get("anneal_epochs"):
+            keep.discard("anneal_start")
         if kind == "vi":
             options = OBJECTIVE_OPTIONS.get(method.get("objective", "reverse_kl"), ())
             keep -= set(_OBJECTIVE_KEYS[1:]) - set(options)

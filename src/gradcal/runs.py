@@ -16,11 +16,18 @@ import torch
 from gradcal.config import OBJECTIVE_OPTIONS, Built, ConfigError, build, dumps, length_problems
 from gradcal.diagnostics import posterior_predictive, vi_khat
 from gradcal.distributed import is_main
+from gradcal.infer.annealing import GeometricAnnealing
 from gradcal.infer.mcmc import HMC, MALA, MCMC
 from gradcal.infer.objectives import Objective, make_objective
 from gradcal.infer.smd import SMD
 from gradcal.infer.vi import VI
-from gradcal.posterior_estimators import Constrained, DiagonalGaussian, Flow, FullRankGaussian
+from gradcal.posterior_estimators import (
+    Constrained,
+    DiagonalGaussian,
+    Flow,
+    FullRankGaussian,
+    GaussianMixture,
+)
 from gradcal.priors import distribution_device
 from gradcal.regularisation import prior_log_prob
 from gradcal.rng import seeded
@@ -31,6 +38,7 @@ __all__ = [
     "RUN_INFO",
     "RunInterrupted",
     "check_simulated_lengths",
+    "make_annealing_from",
     "make_family",
     "make_objective_from",
     "output_names",
@@ -182,6 +190,8 @@ def make_family(method: dict[str, Any], built: Built) -> Any:
         )
     elif kind == "diagonal":
         base = DiagonalGaussian(torch.zeros(d), 1.0)
+    elif kind == "mixture":  # means spread over the prior's unconstrained scale
+        base = GaussianMixture.spread(d, method["components"], 1.0, seed=0)
     else:
         base = FullRankGaussian(torch.zeros(d), 1.0)
     return Constrained(base, built.prior.supports)
@@ -191,6 +201,15 @@ def make_objective_from(method: dict[str, Any]) -> Objective:
     """VI's objective as ``[method]`` names it, with the options that objective reads."""
     name = method["objective"]
     return make_objective(name, **{k: method[k] for k in OBJECTIVE_OPTIONS[name]})
+
+
+def make_annealing_from(method: dict[str, Any]) -> GeometricAnnealing | None:
+    """The annealing of w ``[method]`` asks for: over ``anneal_epochs`` epochs from
+    ``anneal_start`` (default 100 times w) down to w; None without annealing epochs."""
+    if not method["anneal_epochs"]:
+        return None
+    start = method["anneal_start"] or 100.0 * method["w"]
+    return GeometricAnnealing(start, method["anneal_epochs"])
 
 
 def _run_vi(
@@ -211,6 +230,7 @@ def _run_vi(
         diff_mode="forward" if estimator == "forward" else "reverse",
         gradient_estimation_method="score" if estimator == "score" else "pathwise",
         objective=make_objective_from(method),
+        anneal=make_annealing_from(method),
         progress_bar=progress,
         seed=config["run"]["seed"],
         checkpoint_dir=run_dir / "checkpoints",

@@ -64,7 +64,11 @@ __all__ = [
     "WeightedObjective",
     "effective_sample_size",
     "make_objective",
+    "mass_warning",
 ]
+
+KHAT_MISSES_MASS = 0.7  # PSIS k-hat at and above which q misses mass (Yao et al. 2018)
+ESS_MISSES_MASS = 0.1  # importance-sampling ESS per draw below which q misses mass
 
 
 @dataclass
@@ -447,3 +451,55 @@ def make_objective(objective: str | Objective = "reverse_kl", **options: Any) ->
         return OBJECTIVES[objective](**options)
     except TypeError as error:  # an option this objective does not take
         raise ValueError(f"objective {objective!r}: {error}") from None
+
+
+def mass_warning(
+    khat: float | None = None, ess_fraction: float | None = None, objective: str = "reverse_kl"
+) -> str | None:
+    """A plain-words warning when k-hat or the IS effective sample size shows that q misses
+    mass of the posterior, with what to try; None when neither does.
+
+    q misses mass when PSIS k-hat >= 0.7 (the importance weights p / q have no finite
+    variance) or when the ESS is below a tenth of the draws: a region of the posterior,
+    often a whole mode, where q puts almost nothing.
+
+    Arguments:
+        khat: PSIS k-hat of q against the generalised posterior (None: not known).
+        ess_fraction: importance-sampling ESS divided by the number of draws (None: not known).
+        objective: the objective that was fitted (the advice depends on it).
+
+    Example:
+        >>> print(mass_warning(khat=0.3))
+        None
+        >>> mass_warning(khat=0.9)[:40]
+        'q misses part of the posterior (k-hat 0.'
+    """
+    found = []
+    if khat is not None and math.isfinite(khat) and khat >= KHAT_MISSES_MASS:
+        found.append(f"k-hat {khat:.2f} >= {KHAT_MISSES_MASS}")
+    elif khat is not None and khat == math.inf:
+        found.append("k-hat is infinite")
+    if ess_fraction is not None and ess_fraction < ESS_MISSES_MASS:
+        found.append(
+            f"importance-sampling ESS {100 * ess_fraction:.1f} % of the draws < "
+            f"{100 * ESS_MISSES_MASS:.0f} %"
+        )
+    if not found:
+        return None
+    if objective == "reverse_kl":
+        advice = (
+            "reverse KL is mode-seeking and may have settled on one mode: refit with a "
+            "mass-covering objective (objective 'renyi' with alpha 0.2 to 0.5, or "
+            "'forward_kl'), a family that holds several modes (GaussianMixture, family "
+            "'mixture'), or an annealed w"
+        )
+    else:
+        advice = (
+            "train longer or with more draws per epoch, use a family that holds several "
+            "modes (GaussianMixture, family 'mixture') or anneal w from a broad start; a "
+            "smaller alpha (renyi) covers more mass"
+        )
+    return (
+        f"q misses part of the posterior ({'; '.join(found)}): a mode or a tail that q "
+        f"does not cover, so its intervals and probabilities cannot be relied on; {advice}."
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ from gradcal.compat.infer import (  # BlackBIRDS' free functions, at BlackBIRDS'
     compute_and_differentiate_loss_score,
     compute_loss_and_jacobian_pathwise,
 )
+from gradcal.diagnostics.psis import psis_khat
 from gradcal.distributed import (
     all_gather_objects,
     all_reduce_sum,
@@ -40,7 +42,13 @@ from gradcal.distributed import (
     world_size,
 )
 from gradcal.gradients import BatchedLoss, Batching, EpochEstimate, make_estimator
-from gradcal.infer.objectives import Objective, make_objective
+from gradcal.infer.annealing import GeometricAnnealing
+from gradcal.infer.objectives import (
+    Objective,
+    effective_sample_size,
+    make_objective,
+    mass_warning,
+)
 from gradcal.posterior_estimators import as_family
 from gradcal.priors import distribution_device, distribution_to
 from gradcal.regularisation import (
@@ -49,6 +57,7 @@ from gradcal.regularisation import (
     kl_divergence,
     kl_estimate,
     prior_dim,
+    prior_log_prob,
 )
 from gradcal.rng import get_rng_state, seeded, set_rng_state
 
@@ -154,6 +163,9 @@ class VI:
             the objective (``regularisation`` in the history is then the total minus the
             mean loss) and add ``ess`` (importance-sampling effective sample size) to the
             history.
+        anneal: a :class:`~gradcal.infer.annealing.GeometricAnnealing` schedule: w starts
+            broad and falls to ``w`` (``w`` is then added to the history); its epochs are
+            not compared for the best state or the patience.
 
     After :meth:`run`: ``losses_hist`` (keys ``total``, ``loss``, ``regularisation``,
     ``dropped`` (draws of the loss dropped), ``dropped_kl`` (Monte Carlo KL draws dropped),
@@ -212,6 +224,7 @@ class VI:
         stopping: Literal["blackbirds", "smoothed"] = "blackbirds",
         smoothing_window: int = 20,
         objective: str | Objective = "reverse_kl",
+        anneal: GeometricAnnealing | None = None,
     ):
         check_prior(prior)
         if not isinstance(w, int | float) or not w >= 0:
@@ -235,6 +248,13 @@ class VI:
         )
         self.objective = make_objective(objective)
         self.objective.check(gradient_estimation_method, diff_mode)
+        if anneal is not None and not isinstance(anneal, GeometricAnnealing):
+            raise TypeError(
+                f"`anneal` must be a GeometricAnnealing or None, got {type(anneal).__name__}."
+            )
+        if anneal is not None and not w > 0:
+            raise ValueError(f"`anneal` needs a target `w` > 0, got {w!r}.")
+        self.anneal = anneal
         if not self.objective.uses_kl_term and not w > 0:
             raise ValueError(f"objective {self.objective.name!r} needs `w` > 0, got {w!r}.")
         self.batched_loss = BatchedLoss(loss, batching)
@@ -286,6 +306,7 @@ class VI:
         self.kl_dropped = 0
         if self.w == 0.0:
             return torch.zeros((), device=self.device)
+        w = self.current_w
         kl, self.kl_dropped = kl_estimate(
             self.family,
             self.prior,
@@ -293,7 +314,12 @@ class VI:
             self.n_samples_regularisation,
             getattr(self.objective, "sticking_the_landing", False),
         )
-        return self.w * kl
+        return w * kl
+
+    @property
+    def current_w(self) -> float:
+        """The weight w of this epoch: ``w``, or the annealing schedule's value."""
+        return self.w if self.anneal is None else self.anneal.w_at(self._epoch, self.w)
 
     def step(self, data: Any) -> tuple[float, float, float, EpochEstimate]:
         """Gradients of one epoch into q (not yet applied): (total, loss, regularisation, info)."""
@@ -325,7 +351,7 @@ class VI:
             data,
             self.n_samples_per_epoch,
             self.prior,
-            self.w,
+            self.current_w,
             self.estimator,
         )
         sum_gradients(self.family.parameters())
@@ -455,6 +481,10 @@ class VI:
             ("dropped_kl", self.kl_dropped),
         ):
             self.losses_hist[key].append(value)
+        if self.anneal is not None:
+            self.losses_hist["w"].append(self.current_w)
+            if self.anneal.active(self._epoch):  # totals at another w: not compared
+                return False
         value = self.criterion(total)
         if self.stopping != "blackbirds":
             self.losses_hist[self.stopping].append(value)
@@ -504,6 +534,39 @@ class VI:
             finally:
                 if writer is not None:
                     writer.close()
+        self._warn_if_mass_missed()
+
+    def _warn_if_mass_missed(self, last: int = 10) -> None:
+        """Warn in words when the ESS of the last epochs shows that q misses mass."""
+        ess = [e for e in self.losses_hist.get("ess", [])[-last:] if math.isfinite(e)]
+        if not ess:
+            return
+        fraction = sum(ess) / len(ess) / self.n_samples_per_epoch
+        message = mass_warning(ess_fraction=fraction, objective=self.objective.name)
+        if message is not None and is_main():
+            warnings.warn(f"VI: {message}", UserWarning, stacklevel=3)
+
+    def mass_check(self, data: Any, n_samples: int = 1000, seed: int | None = 0) -> dict:
+        """PSIS k-hat and the IS effective sample size of q against the generalised posterior
+        exp(-l / w) prior, from ``n_samples`` fresh draws of q (one simulation each), with a
+        warning in words when they show that q misses mass (:func:`mass_warning`).
+
+        Returns ``{"khat": float, "ess_fraction": float, "warning": str | None}``.
+        """
+        if not self.w > 0:
+            raise ValueError(f"`mass_check` needs w > 0, got {self.w!r}.")
+        data = _check_data(data, self.device)
+        with seeded(seed, self.device), torch.no_grad():
+            theta, log_q = self.family.sample(n_samples)
+            theta = theta[:, None] if theta.ndim == 1 else theta
+            log_p = prior_log_prob(self.prior, theta) - self.batched_loss(theta, data) / self.w
+            log_w = torch.nan_to_num((log_p - log_q).double(), nan=-math.inf)
+        khat = psis_khat(log_w)[0]
+        fraction = effective_sample_size(log_w) / n_samples
+        message = mass_warning(khat, fraction, self.objective.name)
+        if message is not None and is_main():
+            warnings.warn(f"VI: {message}", UserWarning, stacklevel=2)
+        return {"khat": khat, "ess_fraction": fraction, "warning": message}
 
     def _start(self) -> None:
         last = None if self.checkpoint_dir is None else self.checkpoint_dir / "last.pt"
