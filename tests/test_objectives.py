@@ -13,7 +13,7 @@ from gradcal.infer.objectives import (
     ImportanceWeighted,
     Renyi,
     ReverseKL,
-    effective_sample_size,
+    importance_ess,
     make_objective,
 )
 from gradcal.infer.vi import VI
@@ -165,8 +165,8 @@ def test_bad_choices_are_refused():
 
 
 def test_effective_sample_size():
-    assert effective_sample_size(torch.tensor([0.0, 0.0, -math.inf])) == pytest.approx(2.0)
-    assert effective_sample_size(torch.log(torch.tensor([1.0, 3.0]))) == pytest.approx(1.6)
+    assert importance_ess(torch.tensor([0.0, 0.0, -math.inf])) == pytest.approx(2.0)
+    assert importance_ess(torch.log(torch.tensor([1.0, 3.0]))) == pytest.approx(1.6)
 
 
 @pytest.mark.parametrize("objective", [Renyi(0.5, k=4), ForwardKL()], ids=repr)
@@ -408,3 +408,54 @@ def test_vi_warns_in_words_when_the_ess_shows_missed_mass():
     wide = DiagonalGaussian(torch.tensor([POST_MEAN]), 1.5 * POST_SD)
     check = VI(LOSS, PRIOR, wide).mass_check(Y, 1000)
     assert check["warning"] is None and check["khat"] < 0.7 and check["ess_fraction"] > 0.5
+
+
+# --- evidence on a posterior with exact samples -------------------------------------
+
+
+def _fit_bimodal(objective, family, epochs=300):
+    from objective_targets import TARGETS
+
+    target = TARGETS["bimodal"]
+    vi = VI(
+        target.loss,
+        target.prior,
+        family,
+        n_samples_per_epoch=64,
+        optimizer=torch.optim.Adam(family.parameters(), lr=0.02),
+        progress_bar=False,
+        seed=0,
+        objective=objective,
+        kl="monte_carlo",
+        n_samples_regularisation=64,
+    )
+    vi.run(torch.zeros(1), epochs, epochs)
+    with torch.no_grad():
+        return family.sample(4000)[0], target
+
+
+def test_bimodal_exact_sampler_has_the_quadrature_mode_weight():
+    """The grid sampler's share of theta_1 > 0 against quadrature: z-test of 20 000 draws."""
+    from objective_targets import TARGETS, bimodal_weight_of_positive_mode
+    from stats import z_proportion
+
+    draws = TARGETS["bimodal"].exact(20_000, 0)
+    assert abs(z_proportion(draws[:, 0] > 0, bimodal_weight_of_positive_mode())) < Z_MAX
+
+
+def test_forward_kl_with_a_mixture_finds_both_modes_with_their_weights():
+    """Bimodal target (modes at theta_1 = +-1, weights 0.614 / 0.386): forward KL with a
+    4-component GaussianMixture puts the right weight on each mode and is hard to tell from
+    exact samples. Goals of the issue: weight within 0.05 (the weight of 4000 draws of q has
+    sd 0.008) and C2ST <= 0.60 (sd at most 0.5 / sqrt(2 * 2000) = 0.008 under equal
+    distributions). Measured: C2ST 0.53, weight 0.59; reverse KL with a diagonal Gaussian
+    gives C2ST 0.84 (benchmarks/objectives.py)."""
+    from objective_targets import bimodal_weight_of_positive_mode
+
+    from gradcal.diagnostics import c2st
+    from gradcal.posterior_estimators import GaussianMixture
+
+    draws, target = _fit_bimodal("forward_kl", GaussianMixture.spread(2, 4, 1.5, seed=0))
+    weight = float((draws[:, 0] > 0).float().mean())
+    assert abs(weight - bimodal_weight_of_positive_mode()) < 0.05
+    assert c2st(draws[:2000], target.exact(2000, 1), epochs=20) <= 0.60

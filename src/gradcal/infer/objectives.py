@@ -62,7 +62,7 @@ __all__ = [
     "Renyi",
     "ReverseKL",
     "WeightedObjective",
-    "effective_sample_size",
+    "importance_ess",
     "make_objective",
     "mass_warning",
 ]
@@ -83,15 +83,15 @@ class ObjectiveEstimate(EpochEstimate):
     ess: float = math.nan
 
 
-def effective_sample_size(log_w: Tensor) -> float:
+def importance_ess(log_w: Tensor) -> float:
     r"""Kish's effective sample size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` of log weights (n,).
 
     Between 1 (one weight dominates) and n (equal weights); -inf entries count as zero.
 
     Example:
-        >>> round(effective_sample_size(torch.zeros(8)), 6)
+        >>> round(importance_ess(torch.zeros(8)), 6)
         8.0
-        >>> round(effective_sample_size(torch.tensor([0.0, -50.0])), 6)
+        >>> round(importance_ess(torch.tensor([0.0, -50.0])), 6)
         1.0
     """
     if log_w.numel() == 0 or bool((log_w == -math.inf).all()):
@@ -280,7 +280,7 @@ class WeightedObjective:
         all_log_w = torch.cat(all_gather_objects(kept))
         total = self._backward(draws, all_log_w, w)
         return ObjectiveEstimate(
-            mean_loss, n_valid, dropped, total=total, ess=effective_sample_size(all_log_w)
+            mean_loss, n_valid, dropped, total=total, ess=importance_ess(all_log_w)
         )
 
     def _backward(self, draws: _Draws, all_log_w: Tensor, w: float) -> float:

@@ -45,7 +45,7 @@ from gradcal.gradients import BatchedLoss, Batching, EpochEstimate, make_estimat
 from gradcal.infer.annealing import GeometricAnnealing
 from gradcal.infer.objectives import (
     Objective,
-    effective_sample_size,
+    importance_ess,
     make_objective,
     mass_warning,
 )
@@ -562,7 +562,7 @@ class VI:
             log_p = prior_log_prob(self.prior, theta) - self.batched_loss(theta, data) / self.w
             log_w = torch.nan_to_num((log_p - log_q).double(), nan=-math.inf)
         khat = psis_khat(log_w)[0]
-        fraction = effective_sample_size(log_w) / n_samples
+        fraction = importance_ess(log_w) / n_samples
         message = mass_warning(khat, fraction, self.objective.name)
         if message is not None and is_main():
             warnings.warn(f"VI: {message}", UserWarning, stacklevel=2)
