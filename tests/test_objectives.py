@@ -466,3 +466,16 @@ def test_forward_kl_with_a_mixture_finds_both_modes_with_their_weights():
     weight = float((draws[:, 0] > 0).float().mean())
     assert abs(weight - bimodal_weight_of_positive_mode()) < 0.05
     assert c2st(draws[:2000], target.exact(2000, 1), epochs=20) <= 0.60
+
+
+def test_the_report_suggests_a_mass_covering_objective_after_reverse_kl():
+    from gradcal.report import assess
+
+    def advice(objective):
+        method = {"kind": "vi", "objective": objective, "epochs": 100}
+        return " ".join(f.advice for f in assess({"khat": 0.9}, method=method).findings)
+
+    assert 'method.objective = "renyi" or "forward_kl"' in advice("reverse_kl")
+    assert "mass-covering" not in advice("renyi")
+    calm = assess({"khat": 0.3}, method={"kind": "vi", "objective": "reverse_kl"})
+    assert "mass-covering" not in " ".join(f.advice for f in calm.findings)

@@ -18,7 +18,7 @@ from gradcal.diagnostics import posterior_predictive, vi_khat
 from gradcal.distributed import is_main
 from gradcal.infer.annealing import GeometricAnnealing
 from gradcal.infer.mcmc import HMC, MALA, MCMC
-from gradcal.infer.objectives import Objective, make_objective
+from gradcal.infer.objectives import Objective, make_objective, mass_warning
 from gradcal.infer.smd import SMD
 from gradcal.infer.vi import VI
 from gradcal.posterior_estimators import (
@@ -269,7 +269,12 @@ def _run_vi(
     khat = vi_khat(
         q, log_target, n_samples=min(1000, method["posterior_samples"]), seed=config["run"]["seed"]
     )
-    return {"samples": samples, "khat": khat}
+    result = {"samples": samples, "khat": khat}
+    warning = mass_warning(khat, objective=method["objective"])
+    if warning is not None:  # in the log now, in the report's notes later
+        logger.warning(warning)
+        result["mass_warning"] = warning
+    return result
 
 
 def _run_smd(
@@ -329,7 +334,7 @@ def _run_mcmc(
 
 
 def _write_history(run_dir: Path, history: dict[str, list[float]]) -> None:
-    keys = [k for k in ("total", "loss", "regularisation", "dropped") if k in history]
+    keys = [k for k in ("total", "loss", "regularisation", "dropped", "ess", "w") if k in history]
     if not keys or not history[keys[0]]:
         return
     with open(run_dir / "history.csv", "w", newline="") as f:
@@ -407,6 +412,8 @@ def write_outputs(
         k: result[k] for k in ("khat", "rhat", "ess", "ess_tail") if k in result
     }
     notes = diagnostics.setdefault("notes", [])
+    if result.get("mass_warning"):
+        notes.append(result["mass_warning"])
     if "khat" in result and not getattr(built.loss, "exact", False):
         notes.append(
             f"k-hat compares q with exp(-loss / w) x prior, the loss averaged over "
