@@ -510,9 +510,12 @@ def _fit_flow(target, objective, epochs=300):
 def test_forward_kl_flow_matches_exact_posteriors_where_reverse_kl_does_not(name):
     """A neural spline flow fitted by forward KL against exact samples: C2ST <= 0.60 on
     each target (sd of C2ST under equal distributions <= 0.008 at 2000 draws a side); on
-    the bimodal target also the mode weight within 0.05 and, for contrast, reverse KL with
-    the same flow and settings on one mode (C2ST >= 0.75). Measured by
-    benchmarks/objectives.py: see docs/objectives.md."""
+    the bimodal target also the mode weight within 0.05 (sd of the weight of 2000 draws
+    0.011) and, for contrast, reverse KL with the same flow and settings collapsed onto one
+    mode (less than 5 % of its draws on the other). A collapse onto the heavier mode has a
+    C2ST of about 0.5 + 0.386 / 2 = 0.69, onto the lighter one about 0.81, so C2ST alone
+    would depend on which mode reverse KL finds. Measured by benchmarks/objectives.py: see
+    docs/objectives.md."""
     from objective_targets import TARGETS, bimodal_weight_of_positive_mode
 
     from gradcal.diagnostics import c2st
@@ -524,4 +527,5 @@ def test_forward_kl_flow_matches_exact_posteriors_where_reverse_kl_does_not(name
     if name == "bimodal":
         weight = float((draws[:, 0] > 0).float().mean())
         assert abs(weight - bimodal_weight_of_positive_mode()) < 0.05
-        assert c2st(_fit_flow(target, "reverse_kl"), exact) >= 0.75
+        collapsed = float((_fit_flow(target, "reverse_kl")[:, 0] > 0).float().mean())
+        assert min(collapsed, 1.0 - collapsed) < 0.05
