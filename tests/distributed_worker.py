@@ -101,6 +101,26 @@ def main(scenario: str, out: Path) -> None:
         torch.save(
             {"state": q.state_dict(), "history": dict(vi.losses_hist)}, out / f"vi-{rank()}.pt"
         )
+    elif scenario.startswith("objective-"):  # objective-renyi / objective-forward_kl
+        from gradcal.infer import ForwardKL, Renyi
+
+        objective = Renyi(0.5, k=3) if scenario.endswith("renyi") else ForwardKL()
+        q = FixedDraws()
+        vi = VI(
+            loss,
+            prior(),
+            q,
+            n_samples_per_epoch=N_DRAWS,
+            progress_bar=False,
+            seed=0,
+            optimizer=torch.optim.SGD(q.parameters(), lr=0.05),
+            objective=objective,
+        )
+        vi.run(y, EPOCHS, 100)
+        torch.save(
+            {"state": q.state_dict(), "history": dict(vi.losses_hist)},
+            out / f"{scenario}-{rank()}.pt",
+        )
     elif scenario == "shards":  # SMD starts, MCMC chains and IS draws split over ranks
         from gradcal.infer import MALA, MCMC, SMD, importance_sampling
 

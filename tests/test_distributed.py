@@ -66,6 +66,24 @@ def test_two_rank_vi_matches_one_process_on_the_same_global_draws(tmp_path):
     assert ranks[0]["history"]["total"] == pytest.approx(single["history"]["total"])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["renyi", "forward_kl"])
+def test_two_rank_weighted_objectives_match_one_process(tmp_path, objective):
+    """Renyi (groups of 3, one per rank) and forward KL (weights normalised over both
+    ranks' draws): the same q, totals and ESS as one process on the same global draws."""
+    scenario = f"objective-{objective}"
+    (tmp_path / "one").mkdir()
+    _ok(_launch(scenario, tmp_path / "one", nproc=1))
+    _ok(_launch(scenario, tmp_path, nproc=2))
+    single = torch.load(tmp_path / "one" / f"{scenario}-0.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / f"{scenario}-{r}.pt", weights_only=True) for r in (0, 1)]
+    for key in single["state"]:
+        assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key])
+        torch.testing.assert_close(ranks[0]["state"][key], single["state"][key])
+    for key in ("total", "ess"):
+        assert ranks[0]["history"][key] == pytest.approx(single["history"][key])
+
+
 def test_a_rank_that_raises_stops_every_rank_quickly(tmp_path):
     started = time.monotonic()
     result = _launch("fail", tmp_path, nproc=2, timeout=120)

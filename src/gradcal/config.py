@@ -29,6 +29,7 @@ from gradcal.rng import seeded
 
 __all__ = [
     "BUILTIN_MODELS",
+    "OBJECTIVE_OPTIONS",
     "Built",
     "ConfigError",
     "build",
@@ -114,8 +115,16 @@ _SCHEMA: dict[str, Any] = {
         "family": (str, "nsf"),
         "transforms": (int, 3),
         "hidden_features": (list, [64, 64]),
+        "components": (int, 4),
         "estimator": (str, "pathwise"),
+        "objective": (str, "reverse_kl"),
+        "k": (int, 8),
+        "alpha": ((int, float), 0.5),
+        "doubly_reparameterised": (bool, True),
+        "sticking_the_landing": (bool, False),
         "w": ((int, float), 1.0),
+        "anneal_epochs": (int, 0),
+        "anneal_start": ((int, float), None),
         "samples_per_epoch": (int, 10),
         "epochs": (int, 300),
         "patience": (int, 100),
@@ -133,14 +142,26 @@ _SCHEMA: dict[str, Any] = {
         "n_leapfrog": (int, 10),
     },
 }
+# VI's objective and the options each objective reads (gradcal.infer.objectives)
+OBJECTIVE_OPTIONS = {
+    "reverse_kl": ("sticking_the_landing",),
+    "importance_weighted": ("k", "doubly_reparameterised"),
+    "renyi": ("alpha", "k", "doubly_reparameterised"),
+    "forward_kl": (),
+}
+_OBJECTIVE_KEYS = ("objective", "k", "alpha", "doubly_reparameterised", "sticking_the_landing")
 # The [method] and [loss] keys each kind reads; the run folder's config.toml lists only these.
 _METHOD_KEYS = {
     "vi": (
         "family",
         "transforms",
         "hidden_features",
+        "components",
         "estimator",
+        *_OBJECTIVE_KEYS,
         "w",
+        "anneal_epochs",
+        "anneal_start",
         "samples_per_epoch",
         "epochs",
         "patience",
@@ -177,8 +198,9 @@ _CHOICES = {
     ("loss", "kernel"): ("gaussian", "laplace"),
     ("loss", "estimator"): ("unbiased", "biased", "linear"),
     ("method", "kind"): ("vi", "smd", "mcmc"),
-    ("method", "family"): ("nsf", "maf", "diagonal", "full_rank"),
+    ("method", "family"): ("nsf", "maf", "diagonal", "full_rank", "mixture"),
     ("method", "estimator"): ("pathwise", "forward", "score"),
+    ("method", "objective"): tuple(OBJECTIVE_OPTIONS),
     ("method", "kernel"): ("mala", "hmc"),
 }
 
@@ -408,7 +430,38 @@ _AT_LEAST_ONE = (
     "n_leapfrog",
     "n_samples_regularisation",
     "transforms",
+    "components",
 )
+
+
+def _check_objective(method: dict[str, Any], problems: list[str]) -> None:
+    """VI's objective against its options and the estimator (gradcal.infer.objectives)."""
+    if method.get("kind", "vi") != "vi":
+        return
+    objective = method.get("objective", "reverse_kl")
+    alpha, k = method.get("alpha"), method.get("k")
+    epochs, start = method.get("anneal_epochs"), method.get("anneal_start")
+    if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs < 0:
+        problems.append(f"method.anneal_epochs: must be >= 0, got {epochs}")
+    if isinstance(start, int | float) and not isinstance(start, bool) and not start > 0:
+        problems.append(f"method.anneal_start: must be > 0, got {start}")
+    if isinstance(alpha, int | float) and not isinstance(alpha, bool) and not 0 < alpha < 1:
+        problems.append(f"method.alpha: must lie in (0, 1), got {alpha}")
+    if isinstance(k, int) and not isinstance(k, bool) and k < 1:
+        problems.append(f"method.k: must be >= 1, got {k}")
+    n = method.get("samples_per_epoch", 10)
+    if objective in ("importance_weighted", "renyi"):
+        if method.get("estimator") == "score":
+            problems.append(
+                f"method.estimator: objective {objective!r} needs the simulator's gradient: "
+                "use 'pathwise' or 'forward' (or objective 'reverse_kl' or 'forward_kl')"
+            )
+        k = 8 if k is None else k
+        if isinstance(n, int) and isinstance(k, int) and k >= 1 and n % k:
+            problems.append(
+                f"method.samples_per_epoch: must be a multiple of method.k ({k}) for "
+                f"objective {objective!r}, got {n}"
+            )
 
 
 def _check_ranges(config: dict[str, Any], problems: list[str]) -> None:
@@ -421,6 +474,7 @@ def _check_ranges(config: dict[str, Any], problems: list[str]) -> None:
         value = method.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and not value > 0:
             problems.append(f"method.{key}: must be > 0, got {value}")
+    _check_objective(method, problems)
     device = config.get("run", {}).get("device") if isinstance(config.get("run"), dict) else None
     if isinstance(device, str):
         try:
@@ -563,6 +617,13 @@ def relevant(config: dict[str, Any]) -> dict[str, Any]:
         keep = set(_METHOD_KEYS[kind]) | {"kind"}
         if kind == "vi" and method.get("family") not in ("nsf", "maf"):
             keep -= set(_FLOW_KEYS)
+        if kind == "vi" and method.get("family") != "mixture":
+            keep.discard("components")
+        if kind == "vi" and not method.get("anneal_epochs"):
+            keep.discard("anneal_start")
+        if kind == "vi":
+            options = OBJECTIVE_OPTIONS.get(method.get("objective", "reverse_kl"), ())
+            keep -= set(_OBJECTIVE_KEYS[1:]) - set(options)
         if kind == "mcmc" and method.get("kernel") != "hmc":
             keep.discard("n_leapfrog")
         out["method"] = {k: v for k, v in method.items() if k in keep}

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from gradcal.posterior_estimators import as_family
+from gradcal.posterior_estimators import as_family, log_prob_stopped
 
 __all__ = [
     "check_prior",
@@ -151,8 +151,11 @@ def kl_estimate(
     prior: Distribution,
     method: Literal["auto", "analytic", "monte_carlo"] = "auto",
     n_samples: int = 10_000,
+    sticking_the_landing: bool = False,
 ) -> tuple[Tensor, int]:
     """:func:`kl_divergence` and the number of Monte Carlo draws it dropped (0 in closed form).
+
+    ``sticking_the_landing``: see :func:`monte_carlo_kl` (no effect on a closed form).
 
     Example:
         >>> prior = torch.distributions.Independent(
@@ -179,10 +182,12 @@ def kl_estimate(
                 f"no closed-form KL is registered between {type(q).__name__} and "
                 f"{type(prior).__name__}: use method='monte_carlo'."
             )
-    return monte_carlo_kl(q, prior, n_samples)
+    return monte_carlo_kl(q, prior, n_samples, sticking_the_landing)
 
 
-def monte_carlo_kl(q: Any, prior: Distribution, n_samples: int = 10_000) -> tuple[Tensor, int]:
+def monte_carlo_kl(
+    q: Any, prior: Distribution, n_samples: int = 10_000, sticking_the_landing: bool = False
+) -> tuple[Tensor, int]:
     r"""The Monte Carlo KL(q || prior) over the draws where it is finite, and the number dropped.
 
     :math:`\frac1m \sum_{i \in K} \log q(\theta_i) - \log \pi(\theta_i)` over the set K
@@ -191,6 +196,12 @@ def monte_carlo_kl(q: Any, prior: Distribution, n_samples: int = 10_000) -> tupl
     in floating point (an affine sigmoid beyond |u| of about 17 in float32), where
     log prior is -inf; such draws are dropped and counted, as failed simulations are. With
     no finite draw the result is NaN.
+
+    With ``sticking_the_landing`` log q is taken at q's parameters held fixed
+    (:func:`~gradcal.posterior_estimators.log_prob_stopped`): the same value, and a gradient
+    without the score term :math:`\nabla_\phi \log q_\phi(\theta)`, whose mean is zero
+    (Roeder, Wu & Duvenaud 2017, Sticking the landing); its variance vanishes as q
+    approaches the prior. q needs ``log_prob``.
 
     Example:
         >>> from gradcal.posterior_estimators import DiagonalGaussian
@@ -209,7 +220,8 @@ def monte_carlo_kl(q: Any, prior: Distribution, n_samples: int = 10_000) -> tupl
     if not bool(ok.any()):  # nothing to average: NaN, without a gradient to apply
         return torch.full((), math.nan, dtype=log_q.dtype, device=log_q.device), len(ok)
     kept = theta[ok]
-    kl = (log_q[ok] - prior_log_prob(prior, kept)).mean()
+    log_q_kept = log_prob_stopped(q, kept) if sticking_the_landing else log_q[ok]
+    kl = (log_q_kept - prior_log_prob(prior, kept)).mean()
     return kl, int((~ok).sum())
 
 

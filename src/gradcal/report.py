@@ -486,11 +486,18 @@ def _khat_finding(khat: float, method: Mapping[str, Any], exact: bool) -> Findin
             "intervals are usable, tail probabilities are not",
             "for tails, " + _vi_advice(method) + noisy,
         )
+    covering = ""
+    if method.get("objective", "reverse_kl") == "reverse_kl":
+        covering = (
+            "reverse KL is mode-seeking, so q may sit on one mode only: refit with a "
+            'mass-covering objective (method.objective = "renyi" or "forward_kl") and a '
+            'family that holds several modes (method.family = "mixture"); or '
+        )
     return Finding(
         "bad",
-        f"k-hat {khat:.2f} >= {_KHAT_OK}: q misses the posterior's tails, so its intervals "
-        "cannot be relied on",
-        _vi_advice(method) + noisy,
+        f"k-hat {khat:.2f} >= {_KHAT_OK}: q misses part of the posterior (a tail, or a "
+        "whole mode), so its intervals cannot be relied on",
+        covering + _vi_advice(method) + noisy,
     )
 
 

@@ -13,13 +13,21 @@ from typing import Any
 
 import torch
 
-from gradcal.config import Built, ConfigError, build, dumps, length_problems
+from gradcal.config import OBJECTIVE_OPTIONS, Built, ConfigError, build, dumps, length_problems
 from gradcal.diagnostics import posterior_predictive, vi_khat
 from gradcal.distributed import is_main
+from gradcal.infer.annealing import GeometricAnnealing
 from gradcal.infer.mcmc import HMC, MALA, MCMC
+from gradcal.infer.objectives import Objective, make_objective, mass_warning
 from gradcal.infer.smd import SMD
 from gradcal.infer.vi import VI
-from gradcal.posterior_estimators import Constrained, DiagonalGaussian, Flow, FullRankGaussian
+from gradcal.posterior_estimators import (
+    Constrained,
+    DiagonalGaussian,
+    Flow,
+    FullRankGaussian,
+    GaussianMixture,
+)
 from gradcal.priors import distribution_device
 from gradcal.regularisation import prior_log_prob
 from gradcal.rng import seeded
@@ -30,7 +38,9 @@ __all__ = [
     "RUN_INFO",
     "RunInterrupted",
     "check_simulated_lengths",
+    "make_annealing_from",
     "make_family",
+    "make_objective_from",
     "output_names",
     "prepare_run_dir",
     "run_calibration",
@@ -180,9 +190,26 @@ def make_family(method: dict[str, Any], built: Built) -> Any:
         )
     elif kind == "diagonal":
         base = DiagonalGaussian(torch.zeros(d), 1.0)
+    elif kind == "mixture":  # means spread over the prior's unconstrained scale
+        base = GaussianMixture.spread(d, method["components"], 1.0, seed=0)
     else:
         base = FullRankGaussian(torch.zeros(d), 1.0)
     return Constrained(base, built.prior.supports)
+
+
+def make_objective_from(method: dict[str, Any]) -> Objective:
+    """VI's objective as ``[method]`` names it, with the options that objective reads."""
+    name = method["objective"]
+    return make_objective(name, **{k: method[k] for k in OBJECTIVE_OPTIONS[name]})
+
+
+def make_annealing_from(method: dict[str, Any]) -> GeometricAnnealing | None:
+    """The annealing of w ``[method]`` asks for: over ``anneal_epochs`` epochs from
+    ``anneal_start`` (default 100 times w) down to w; None without annealing epochs."""
+    if not method["anneal_epochs"]:
+        return None
+    start = method["anneal_start"] or 100.0 * method["w"]
+    return GeometricAnnealing(start, method["anneal_epochs"])
 
 
 def _run_vi(
@@ -202,6 +229,8 @@ def _run_vi(
         n_samples_regularisation=method["n_samples_regularisation"],
         diff_mode="forward" if estimator == "forward" else "reverse",
         gradient_estimation_method="score" if estimator == "score" else "pathwise",
+        objective=make_objective_from(method),
+        anneal=make_annealing_from(method),
         progress_bar=progress,
         seed=config["run"]["seed"],
         checkpoint_dir=run_dir / "checkpoints",
@@ -240,7 +269,12 @@ def _run_vi(
     khat = vi_khat(
         q, log_target, n_samples=min(1000, method["posterior_samples"]), seed=config["run"]["seed"]
     )
-    return {"samples": samples, "khat": khat}
+    result = {"samples": samples, "khat": khat}
+    warning = mass_warning(khat, objective=method["objective"])
+    if warning is not None:  # in the log now, in the report's notes later
+        logger.warning(warning)
+        result["mass_warning"] = warning
+    return result
 
 
 def _run_smd(
@@ -300,7 +334,7 @@ def _run_mcmc(
 
 
 def _write_history(run_dir: Path, history: dict[str, list[float]]) -> None:
-    keys = [k for k in ("total", "loss", "regularisation", "dropped") if k in history]
+    keys = [k for k in ("total", "loss", "regularisation", "dropped", "ess", "w") if k in history]
     if not keys or not history[keys[0]]:
         return
     with open(run_dir / "history.csv", "w", newline="") as f:
@@ -378,6 +412,8 @@ def write_outputs(
         k: result[k] for k in ("khat", "rhat", "ess", "ess_tail") if k in result
     }
     notes = diagnostics.setdefault("notes", [])
+    if result.get("mass_warning"):
+        notes.append(result["mass_warning"])
     if "khat" in result and not getattr(built.loss, "exact", False):
         notes.append(
             f"k-hat compares q with exp(-loss / w) x prior, the loss averaged over "

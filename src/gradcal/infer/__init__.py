@@ -1,7 +1,17 @@
-"""Inference drivers: GVI, simulated minimum distance, gradient MCMC, reference posteriors."""
+"""Inference drivers: GVI (and its objectives), simulated minimum distance, gradient MCMC,
+reference posteriors."""
 
+from gradcal.infer.annealing import GeometricAnnealing
 from gradcal.infer.convergence import effective_sample_size, ess_bulk, ess_tail, rhat, split_rhat
 from gradcal.infer.mcmc import HMC, MALA, MCMC
+from gradcal.infer.objectives import (
+    ForwardKL,
+    ImportanceWeighted,
+    Renyi,
+    ReverseKL,
+    importance_ess,
+    make_objective,
+)
 from gradcal.infer.reference import (
     ImportanceSamples,
     RejectionSamples,
@@ -17,12 +27,19 @@ __all__ = [
     "MCMC",
     "SMD",
     "VI",
+    "ForwardKL",
+    "GeometricAnnealing",
     "ImportanceSamples",
+    "ImportanceWeighted",
     "RejectionSamples",
+    "Renyi",
+    "ReverseKL",
     "effective_sample_size",
     "ess_bulk",
     "ess_tail",
+    "importance_ess",
     "importance_sampling",
+    "make_objective",
     "rejection_abc",
     "rhat",
     "split_rhat",

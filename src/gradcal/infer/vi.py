@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ from gradcal.compat.infer import (  # BlackBIRDS' free functions, at BlackBIRDS'
     compute_and_differentiate_loss_score,
     compute_loss_and_jacobian_pathwise,
 )
+from gradcal.diagnostics.psis import psis_khat
 from gradcal.distributed import (
     all_gather_objects,
     all_reduce_sum,
@@ -40,6 +42,13 @@ from gradcal.distributed import (
     world_size,
 )
 from gradcal.gradients import BatchedLoss, Batching, EpochEstimate, make_estimator
+from gradcal.infer.annealing import GeometricAnnealing
+from gradcal.infer.objectives import (
+    Objective,
+    importance_ess,
+    make_objective,
+    mass_warning,
+)
 from gradcal.posterior_estimators import as_family
 from gradcal.priors import distribution_device, distribution_to
 from gradcal.regularisation import (
@@ -48,6 +57,7 @@ from gradcal.regularisation import (
     kl_divergence,
     kl_estimate,
     prior_dim,
+    prior_log_prob,
 )
 from gradcal.rng import get_rng_state, seeded, set_rng_state
 
@@ -146,6 +156,16 @@ class VI:
         smoothing_window: span N of that average (weight 2 / (N + 1) on the newest
             epoch; noise sd shrinks about sqrt(N)-fold, the average lags about N / 2
             epochs): keep it well below the patience. Used by ``"smoothed"`` only.
+        objective: the divergence minimised (:mod:`gradcal.infer.objectives`):
+            ``"reverse_kl"`` (the default, BlackBIRDS' objective), ``"importance_weighted"``,
+            ``"renyi"``, ``"forward_kl"``, or an objective instance with its options
+            (``Renyi(alpha=0.2, k=8)``). The last three need w > 0, fold the KL term into
+            the objective (``regularisation`` in the history is then the total minus the
+            mean loss) and add ``ess`` (importance-sampling effective sample size) to the
+            history.
+        anneal: a :class:`~gradcal.infer.annealing.GeometricAnnealing` schedule: w starts
+            broad and falls to ``w`` (``w`` is then added to the history); its epochs are
+            not compared for the best state or the patience.
 
     After :meth:`run`: ``losses_hist`` (keys ``total``, ``loss``, ``regularisation``,
     ``dropped`` (draws of the loss dropped), ``dropped_kl`` (Monte Carlo KL draws dropped),
@@ -203,6 +223,8 @@ class VI:
         scheduler: Any = None,
         stopping: Literal["blackbirds", "smoothed"] = "blackbirds",
         smoothing_window: int = 20,
+        objective: str | Objective = "reverse_kl",
+        anneal: GeometricAnnealing | None = None,
     ):
         check_prior(prior)
         if not isinstance(w, int | float) or not w >= 0:
@@ -224,6 +246,17 @@ class VI:
         self.estimator = make_estimator(
             gradient_estimation_method, diff_mode, jacobian_chunk_size, score_baseline
         )
+        self.objective = make_objective(objective)
+        self.objective.check(gradient_estimation_method, diff_mode)
+        if anneal is not None and not isinstance(anneal, GeometricAnnealing):
+            raise TypeError(
+                f"`anneal` must be a GeometricAnnealing or None, got {type(anneal).__name__}."
+            )
+        if anneal is not None and not w > 0:
+            raise ValueError(f"`anneal` needs a target `w` > 0, got {w!r}.")
+        self.anneal = anneal
+        if not self.objective.uses_kl_term and not w > 0:
+            raise ValueError(f"objective {self.objective.name!r} needs `w` > 0, got {w!r}.")
         self.batched_loss = BatchedLoss(loss, batching)
         self.loss, self.prior, self.posterior_estimator = loss, prior, posterior_estimator
         self.family = as_family(posterior_estimator)
@@ -273,14 +306,26 @@ class VI:
         self.kl_dropped = 0
         if self.w == 0.0:
             return torch.zeros((), device=self.device)
+        w = self.current_w
         kl, self.kl_dropped = kl_estimate(
-            self.family, self.prior, self.kl, self.n_samples_regularisation
+            self.family,
+            self.prior,
+            self.kl,
+            self.n_samples_regularisation,
+            getattr(self.objective, "sticking_the_landing", False),
         )
-        return self.w * kl
+        return w * kl
+
+    @property
+    def current_w(self) -> float:
+        """The weight w of this epoch: ``w``, or the annealing schedule's value."""
+        return self.w if self.anneal is None else self.anneal.w_at(self._epoch, self.w)
 
     def step(self, data: Any) -> tuple[float, float, float, EpochEstimate]:
         """Gradients of one epoch into q (not yet applied): (total, loss, regularisation, info)."""
         self.optimizer.zero_grad()
+        if not self.objective.uses_kl_term:
+            return self._weighted_step(data)
         estimate = self.estimator(self.family, self.batched_loss, data, self.n_samples_per_epoch)
         # Every rank estimates w * KL on its own draws; the mean over ranks is the estimate.
         ranks = world_size()
@@ -296,6 +341,23 @@ class VI:
         reg, kl_dropped = (float(x) for x in all_reduce_sum(reg_and_dropped))
         self.kl_dropped = int(kl_dropped)  # over every rank's draws
         return estimate.loss + reg, estimate.loss, reg, estimate
+
+    def _weighted_step(self, data: Any) -> tuple[float, float, float, EpochEstimate]:
+        """An epoch of an objective that holds its own prior term (not reverse KL)."""
+        self.kl_dropped = 0
+        estimate = self.objective(
+            self.family,
+            self.batched_loss,
+            data,
+            self.n_samples_per_epoch,
+            self.prior,
+            self.current_w,
+            self.estimator,
+        )
+        sum_gradients(self.family.parameters())
+        if math.isfinite(self.gradient_clipping_norm):
+            torch.nn.utils.clip_grad_norm_(self.family.parameters(), self.gradient_clipping_norm)
+        return estimate.total, estimate.loss, estimate.total - estimate.loss, estimate
 
     def initialize_estimator(
         self,
@@ -419,6 +481,10 @@ class VI:
             ("dropped_kl", self.kl_dropped),
         ):
             self.losses_hist[key].append(value)
+        if self.anneal is not None:
+            self.losses_hist["w"].append(self.current_w)
+            if self.anneal.active(self._epoch):  # totals at another w: not compared
+                return False
         value = self.criterion(total)
         if self.stopping != "blackbirds":
             self.losses_hist[self.stopping].append(value)
@@ -468,6 +534,39 @@ class VI:
             finally:
                 if writer is not None:
                     writer.close()
+        self._warn_if_mass_missed()
+
+    def _warn_if_mass_missed(self, last: int = 10) -> None:
+        """Warn in words when the ESS of the last epochs shows that q misses mass."""
+        ess = [e for e in self.losses_hist.get("ess", [])[-last:] if math.isfinite(e)]
+        if not ess:
+            return
+        fraction = sum(ess) / len(ess) / self.n_samples_per_epoch
+        message = mass_warning(ess_fraction=fraction, objective=self.objective.name)
+        if message is not None and is_main():
+            warnings.warn(f"VI: {message}", UserWarning, stacklevel=3)
+
+    def mass_check(self, data: Any, n_samples: int = 1000, seed: int | None = 0) -> dict:
+        """PSIS k-hat and the IS effective sample size of q against the generalised posterior
+        exp(-l / w) prior, from ``n_samples`` fresh draws of q (one simulation each), with a
+        warning in words when they show that q misses mass (:func:`mass_warning`).
+
+        Returns ``{"khat": float, "ess_fraction": float, "warning": str | None}``.
+        """
+        if not self.w > 0:
+            raise ValueError(f"`mass_check` needs w > 0, got {self.w!r}.")
+        data = _check_data(data, self.device)
+        with seeded(seed, self.device), torch.no_grad():
+            theta, log_q = self.family.sample(n_samples)
+            theta = theta[:, None] if theta.ndim == 1 else theta
+            log_p = prior_log_prob(self.prior, theta) - self.batched_loss(theta, data) / self.w
+            log_w = torch.nan_to_num((log_p - log_q).double(), nan=-math.inf)
+        khat = psis_khat(log_w)[0]
+        fraction = importance_ess(log_w) / n_samples
+        message = mass_warning(khat, fraction, self.objective.name)
+        if message is not None and is_main():
+            warnings.warn(f"VI: {message}", UserWarning, stacklevel=2)
+        return {"khat": khat, "ess_fraction": fraction, "warning": message}
 
     def _start(self) -> None:
         last = None if self.checkpoint_dir is None else self.checkpoint_dir / "last.pt"
@@ -495,7 +594,10 @@ class VI:
                 if self.scheduler is not None:
                     self.scheduler.step()
             improved = self._record(total, loss, reg, estimate.n_dropped)
-            _check_regularisation(reg, epoch)
+            if not self.objective.uses_kl_term:
+                self.losses_hist["ess"].append(getattr(estimate, "ess", math.nan))
+            if self.objective.uses_kl_term:  # the others hold no separate KL term
+                _check_regularisation(reg, epoch)
             self._check_failures(estimate, epoch)
             if writer is not None:
                 for key in ("total", "loss", "regularisation", "dropped"):

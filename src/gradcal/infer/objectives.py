@@ -1,0 +1,505 @@
+r"""VI objectives: which divergence between q and the generalised posterior VI minimises.
+
+The target is the generalised posterior :math:`p(\theta) \propto \tilde p(\theta) =
+\exp(-l(\theta, y) / w)\, \pi(\theta)`, and every draw theta_i of q carries the log
+importance weight :math:`\log w_i = -l_i / w + \log \pi(\theta_i) - \log q(\theta_i)`.
+Each objective is a small class; values are reported in the loss's units (times w), so
+that reverse KL's total is BlackBIRDS' :math:`E_q[l] + w\,\mathrm{KL}(q \| \pi)`.
+
+- :class:`ReverseKL` (default): :math:`E_q[l] + w\,\mathrm{KL}(q \| \pi)
+  = w\,\mathrm{KL}(q \| p) - w \log Z`. Mode-seeking. VI forms it from the gradient
+  estimator and its KL term (today's behaviour); ``sticking_the_landing=True`` drops the
+  zero-mean score term from the Monte Carlo KL (Roeder et al. 2017).
+- :class:`ImportanceWeighted`: :math:`-w\, E[\log \frac1K \sum_k w_k]` over groups of K
+  draws (Burda et al. 2016); K = 1 is reverse KL, larger K covers more mass.
+- :class:`Renyi`: :math:`-\frac{w}{1-\alpha} E[\log \frac1K \sum_k w_k^{1-\alpha}]`, alpha in
+  (0, 1) (Li & Turner 2016); alpha -> 1 is reverse KL, small alpha is mass-covering.
+- :class:`ForwardKL`: :math:`w\,\mathrm{KL}(p \| q)` by self-normalised importance sampling
+  from q; its gradient :math:`-\sum_i \hat w_i \nabla_\phi \log q_\phi(\theta_i)` needs no
+  simulator gradient. Mass-covering.
+
+The weighted objectives (all but reverse KL) log the importance-sampling effective sample
+size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` of each epoch's draws (``ess`` in the history).
+``doubly_reparameterised=True`` (the default) gives :class:`ImportanceWeighted` and
+:class:`Renyi` the DReG estimator of Tucker et al. (2019): log q at fixed parameters, and
+per-draw weights :math:`\hat w_k(\alpha + (1 - \alpha)\hat w_k)` (alpha = 0 for
+importance-weighted), :math:`\hat w = \mathrm{softmax}((1-\alpha)\log w)` within a group.
+
+Supported gradient estimators: reverse KL works with all three (pathwise reverse and
+forward mode, score). The importance-weighted and Renyi objectives need the simulator's
+gradient, so they take the pathwise estimators (reverse or forward mode) and refuse the
+score estimator. Forward KL never differentiates the simulator (it runs it without
+gradients), so it works with any of them and the choice makes no difference.
+
+References:
+    Burda, Grosse & Salakhutdinov (2016), Importance weighted autoencoders, ICLR.
+    Li & Turner (2016), Renyi divergence variational inference, NeurIPS.
+    Roeder, Wu & Duvenaud (2017), Sticking the landing, NeurIPS.
+    Tucker, Lawson, Gu & Maddison (2019), Doubly reparameterized gradient estimators for
+    Monte Carlo objectives, ICLR.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from gradcal.distributed import all_gather_objects, all_reduce_sum, shard, world_size
+from gradcal.gradients import BatchedLoss, EpochEstimate, PathwiseReverse, loss_and_gradient
+from gradcal.posterior_estimators import log_prob_stopped
+from gradcal.regularisation import prior_log_prob
+
+__all__ = [
+    "OBJECTIVES",
+    "ForwardKL",
+    "ImportanceWeighted",
+    "Objective",
+    "ObjectiveEstimate",
+    "Renyi",
+    "ReverseKL",
+    "WeightedObjective",
+    "importance_ess",
+    "make_objective",
+    "mass_warning",
+]
+
+KHAT_MISSES_MASS = 0.7  # PSIS k-hat at and above which q misses mass (Yao et al. 2018)
+ESS_MISSES_MASS = 0.1  # importance-sampling ESS per draw below which q misses mass
+
+
+@dataclass
+class ObjectiveEstimate(EpochEstimate):
+    """An epoch of a weighted objective: the mean loss and drops, its value and the IS ESS.
+
+    ``total`` is the objective's estimate in the loss's units (see each class); ``ess`` is
+    the effective sample size of the epoch's kept draws as importance samples of the target.
+    """
+
+    total: float = math.nan
+    ess: float = math.nan
+
+
+def importance_ess(log_w: Tensor) -> float:
+    r"""Kish's effective sample size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` of log weights (n,).
+
+    Between 1 (one weight dominates) and n (equal weights); -inf entries count as zero.
+
+    Example:
+        >>> round(importance_ess(torch.zeros(8)), 6)
+        8.0
+        >>> round(importance_ess(torch.tensor([0.0, -50.0])), 6)
+        1.0
+    """
+    if log_w.numel() == 0 or bool((log_w == -math.inf).all()):
+        return math.nan
+    lw = log_w.detach().double()
+    return float(torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)))
+
+
+class ReverseKL:
+    """Reverse KL, today's objective: E_q[l] + w KL(q || prior), with any gradient estimator.
+
+    VI forms it from the estimator's surrogate and its own KL term (closed form where
+    registered, else Monte Carlo).
+
+    Arguments:
+        sticking_the_landing: in the Monte Carlo KL, take log q at fixed parameters, so the
+            score term :math:`\\nabla_\\phi \\log q_\\phi(\\theta)` (mean zero) is left out
+            (Roeder et al. 2017): unbiased, and its variance vanishes as q approaches the
+            target. No effect on a closed-form KL.
+    """
+
+    name: ClassVar[str] = "reverse_kl"
+    uses_kl_term: ClassVar[bool] = True
+
+    def __init__(self, sticking_the_landing: bool = False):
+        if not isinstance(sticking_the_landing, bool):
+            raise TypeError(
+                f"`sticking_the_landing` must be True or False, got {sticking_the_landing!r}."
+            )
+        self.sticking_the_landing = sticking_the_landing
+
+    def check(self, method: str, diff_mode: str) -> None:
+        """Every estimator works with reverse KL."""
+
+    def __repr__(self) -> str:
+        return f"ReverseKL(sticking_the_landing={self.sticking_the_landing})"
+
+
+@dataclass
+class _Draws:
+    """One rank's draws of an epoch: losses (n,), kept mask (n,), log weights (n,) with graph
+    (-inf where dropped) and, for forward KL, log q at the stopped draws (n,)."""
+
+    losses: Tensor | None = None
+    valid: Tensor | None = None
+    log_w: Tensor | None = None
+    log_q: Tensor | None = None
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+    return value
+
+
+class WeightedObjective:
+    """Base of the objectives built on per-draw log importance weights (all but reverse KL).
+
+    Subclasses give :meth:`surrogate`; :meth:`__call__` draws, simulates, drops failed
+    draws (non-finite loss, gradient, log q or log prior), reduces over ranks, backpropagates
+    the surrogate into the family (``.grad`` accumulates) and returns an
+    :class:`ObjectiveEstimate`.
+    """
+
+    name: ClassVar[str]
+    uses_kl_term: ClassVar[bool] = False
+    needs_simulator_gradient: ClassVar[bool] = True
+    group_size: int = 1  # draws per term (K)
+    stopped_log_q: bool = False  # log q at fixed parameters (DReG)
+
+    def check(self, method: str, diff_mode: str) -> None:
+        """Raise ``ValueError`` for an estimator this objective cannot use."""
+        if self.needs_simulator_gradient and method != "pathwise":
+            raise ValueError(
+                f"objective {self.name!r} needs the simulator's gradient: use "
+                f"gradient_estimation_method='pathwise' (diff_mode 'reverse' or 'forward'), "
+                f"got {method!r}; for a simulator without gradients use 'reverse_kl' or "
+                "'forward_kl'."
+            )
+
+    def surrogate(self, log_w: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """(this rank's sum of term surrogates to backpropagate, sum of term values).
+
+        ``log_w`` (T, K) with graph, -inf where dropped; ``valid`` (T, K).
+        """
+        raise NotImplementedError
+
+    # --- the epoch ---------------------------------------------------------------------
+
+    def _draws(
+        self,
+        family: Any,
+        loss: BatchedLoss,
+        data: Any,
+        m: int,
+        prior: Any,
+        w: float,
+        estimator: Any,
+    ) -> _Draws:
+        if not self.needs_simulator_gradient:
+            with torch.no_grad():
+                theta, _ = family.sample(m)
+                theta = theta[:, None] if theta.ndim == 1 else theta
+                losses = loss(theta, data)
+                log_prior = prior_log_prob(prior, theta)
+            log_q = family.log_prob(theta)  # at the stopped draws: the forward-KL gradient
+            valid = torch.isfinite(losses) & torch.isfinite(log_prior) & torch.isfinite(log_q)
+            log_w = torch.where(valid, -losses / w + log_prior - log_q.detach(), -math.inf)
+            return _Draws(losses, valid, log_w, log_q)
+        theta, log_q = family.sample(m)
+        theta = theta[:, None] if theta.ndim == 1 else theta
+        diff_mode = getattr(estimator, "diff_mode", "reverse")
+        chunk = getattr(estimator, "chunk_size", None)
+        losses, grad = loss_and_gradient(loss, theta, data, diff_mode, chunk)
+        with torch.no_grad():
+            log_prior = prior_log_prob(prior, theta)
+        valid = (
+            torch.isfinite(losses)
+            & torch.isfinite(grad).all(-1)
+            & torch.isfinite(log_prior)
+            & torch.isfinite(log_q.detach())
+        )
+        kept = theta[valid]
+        # value l_i, gradient (dl/dtheta_i) dtheta_i/dphi: the simulator's pathwise gradient
+        path_loss = losses[valid] + (grad[valid] * (kept - kept.detach())).sum(-1)
+        log_q_kept = log_prob_stopped(family, kept) if self.stopped_log_q else log_q[valid]
+        kept_log_w = -path_loss / w + prior_log_prob(prior, kept) - log_q_kept
+        log_w = torch.full_like(losses, -math.inf)
+        log_w = log_w.index_put((valid.nonzero()[:, 0],), kept_log_w.to(log_w.dtype))
+        return _Draws(losses, valid, log_w)
+
+    def __call__(
+        self,
+        family: Any,
+        loss: BatchedLoss,
+        data: Any,
+        n: int,
+        prior: Any,
+        w: float,
+        estimator: Any = None,
+    ) -> ObjectiveEstimate:
+        """One epoch: gradients of the objective (times w) into the family; the estimate.
+
+        Arguments:
+            family: the variational family (the gradcal protocol).
+            loss: the batched loss, theta (B, D) -> (B,).
+            data: the observed data.
+            n: draws of this epoch over all ranks (a multiple of K times the ranks).
+            prior: the prior (``log_prob``).
+            w: the weight w > 0 of the target exp(-l / w) prior.
+            estimator: the pathwise estimator (its ``diff_mode`` and ``chunk_size``).
+        """
+        if not w > 0:
+            raise ValueError(f"objective {self.name!r} needs `w` > 0, got {w!r}.")
+        k, ranks = self.group_size, world_size()
+        if n % (k * ranks):
+            raise ValueError(
+                f"`n_samples_per_epoch` ({n}) must be a multiple of k ({k}) times the number "
+                f"of ranks ({ranks}) for objective {self.name!r}."
+            )
+        estimator = PathwiseReverse() if estimator is None else estimator
+        draws, error = _Draws(), None
+        try:
+            draws = self._draws(family, loss, data, shard(n)[1], prior, w, estimator)
+        except Exception as caught:  # reported to every rank before any other collective
+            error = caught
+        local = torch.zeros(4, dtype=torch.float64)
+        if error is not None:
+            local[3] = 1.0
+        else:
+            valid = draws.valid
+            local[0] = float(valid.sum())
+            local[1] = float(draws.losses[valid].sum()) if bool(valid.any()) else 0.0
+            local[2] = float((~valid).sum())
+        totals = all_reduce_sum(local)
+        if error is not None:
+            raise error
+        if totals[3] > 0:
+            raise RuntimeError("another rank failed during this epoch (its error is in its log).")
+        n_valid, loss_sum, dropped = int(totals[0]), float(totals[1]), int(totals[2])
+        mean_loss = loss_sum / n_valid if n_valid else math.nan
+        if n_valid == 0:
+            return ObjectiveEstimate(mean_loss, 0, dropped)
+        # every rank's kept log weights (B floats): the ESS and forward KL's normaliser
+        kept = draws.log_w.detach()[draws.valid].double().cpu()
+        all_log_w = torch.cat(all_gather_objects(kept))
+        total = self._backward(draws, all_log_w, w)
+        return ObjectiveEstimate(
+            mean_loss, n_valid, dropped, total=total, ess=importance_ess(all_log_w)
+        )
+
+    def _backward(self, draws: _Draws, all_log_w: Tensor, w: float) -> float:
+        """Backpropagate -w * (mean term) over all ranks' terms; the objective's value."""
+        k = self.group_size
+        log_w = draws.log_w.reshape(-1, k)
+        valid = draws.valid.reshape(-1, k)
+        has = valid.any(-1)
+        local = torch.zeros(2, dtype=torch.float64)
+        surrogate = value = None
+        if bool(has.any()):
+            surrogate, value = self.surrogate(log_w[has], valid[has])
+            local[0], local[1] = float(has.sum()), float(value)
+        n_terms, value_sum = (float(x) for x in all_reduce_sum(local))
+        if surrogate is not None and surrogate.requires_grad:
+            (-w * surrogate / n_terms).backward()
+        return -w * value_sum / n_terms
+
+
+def _group_log_mean(log_w: Tensor, valid: Tensor) -> Tensor:
+    """log of the mean of exp(log_w) over each row's kept entries: (T,)."""
+    return torch.logsumexp(log_w, -1) - valid.sum(-1).to(log_w.dtype).log()
+
+
+class ImportanceWeighted(WeightedObjective):
+    r"""Importance-weighted bound: minimise :math:`-w\,E[\log \frac1K \sum_{k=1}^K w_k]`.
+
+    The B draws of an epoch form B / K groups of K; the bound tightens towards log Z as K
+    grows and the optimal q spreads to cover the target's mass. K = 1 is reverse KL.
+
+    Arguments:
+        k: draws per group K (n_samples_per_epoch must be a multiple of K).
+        doubly_reparameterised: the DReG gradient (Tucker et al. 2019): lower variance,
+            same expectation.
+
+    Example:
+        >>> objective = ImportanceWeighted(k=4)
+        >>> objective.name, objective.group_size
+        ('importance_weighted', 4)
+    """
+
+    name: ClassVar[str] = "importance_weighted"
+
+    def __init__(self, k: int = 8, doubly_reparameterised: bool = True):
+        self.group_size = _check_positive_int(k, "k")
+        self.stopped_log_q = bool(doubly_reparameterised)
+
+    @property
+    def exponent(self) -> float:
+        """1 - alpha of the group weights softmax((1 - alpha) log w): 1 here."""
+        return 1.0
+
+    def surrogate(self, log_w: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.exponent
+        value = (_group_log_mean(c * log_w, valid) / c).sum().detach()
+        if not self.stopped_log_q:
+            return (_group_log_mean(c * log_w, valid) / c).sum(), value
+        weights = torch.softmax(c * log_w.detach(), -1)
+        coefficient = weights * ((1 - c) + c * weights)  # alpha + (1 - alpha) w_hat
+        finite = torch.where(valid, log_w, 0.0)
+        return (coefficient * finite).sum(), value
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(k={self.group_size}, "
+            f"doubly_reparameterised={self.stopped_log_q})"
+        )
+
+
+class Renyi(ImportanceWeighted):
+    r"""Renyi bound: minimise :math:`-\frac{w}{1-\alpha} E[\log \frac1K \sum_k w_k^{1-\alpha}]`.
+
+    For alpha in (0, 1) the bound lies between the importance-weighted bound (alpha = 0)
+    and reverse KL (alpha -> 1); small alpha covers more mass (Li & Turner 2016).
+
+    Arguments:
+        alpha: in (0, 1).
+        k: draws per group K (n_samples_per_epoch must be a multiple of K).
+        doubly_reparameterised: the DReG gradient, weights
+            :math:`\hat w_k(\alpha + (1-\alpha)\hat w_k)`.
+
+    Example:
+        >>> Renyi(alpha=0.5, k=4).exponent
+        0.5
+    """
+
+    name: ClassVar[str] = "renyi"
+
+    def __init__(self, alpha: float = 0.5, k: int = 8, doubly_reparameterised: bool = True):
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+            raise ValueError(f"`alpha` must be a number in (0, 1), got {alpha!r}.")
+        super().__init__(k, doubly_reparameterised)
+        self.alpha = float(alpha)
+
+    @property
+    def exponent(self) -> float:
+        return 1.0 - self.alpha
+
+    def __repr__(self) -> str:
+        return (
+            f"Renyi(alpha={self.alpha}, k={self.group_size}, "
+            f"doubly_reparameterised={self.stopped_log_q})"
+        )
+
+
+class ForwardKL(WeightedObjective):
+    r"""Forward KL(p || q) by self-normalised importance sampling from q.
+
+    With :math:`\hat w_i = w_i / \sum_j w_j` over all B draws of an epoch, the gradient is
+    :math:`-\sum_i \hat w_i \nabla_\phi \log q_\phi(\theta_i)` at the draws held fixed, so
+    the simulator is run without gradients. The reported total is w times
+    :math:`\sum_i \hat w_i \log(B \hat w_i)`, the SNIS estimate of KL(p || q) (>= 0, 0 when
+    every weight is equal). The family needs ``log_prob``. Reliable once the ESS is not
+    tiny: start from a broad q (near the prior) or anneal w.
+
+    Example:
+        >>> ForwardKL().needs_simulator_gradient
+        False
+    """
+
+    name: ClassVar[str] = "forward_kl"
+    needs_simulator_gradient: ClassVar[bool] = False
+
+    def check(self, method: str, diff_mode: str) -> None:
+        """Any estimator: the simulator is never differentiated."""
+
+    def _backward(self, draws: _Draws, all_log_w: Tensor, w: float) -> float:
+        log_norm = torch.logsumexp(all_log_w, 0)
+        weights = torch.exp(draws.log_w.detach().double() - log_norm).to(draws.log_q.dtype)
+        valid = draws.valid
+        if bool(valid.any()):
+            (-w * (weights[valid] * draws.log_q[valid]).sum()).backward()
+        normalised = all_log_w - log_norm
+        return w * float((normalised.exp() * (normalised + math.log(all_log_w.numel()))).sum())
+
+    def __repr__(self) -> str:
+        return "ForwardKL()"
+
+
+Objective = ReverseKL | WeightedObjective
+
+OBJECTIVES: dict[str, type] = {
+    "reverse_kl": ReverseKL,
+    "importance_weighted": ImportanceWeighted,
+    "renyi": Renyi,
+    "forward_kl": ForwardKL,
+}
+
+
+def make_objective(objective: str | Objective = "reverse_kl", **options: Any) -> Objective:
+    """The objective named ``objective`` (a key of :data:`OBJECTIVES`) built with ``options``,
+    or an objective instance as is.
+
+    Example:
+        >>> make_objective("renyi", alpha=0.3, k=4)
+        Renyi(alpha=0.3, k=4, doubly_reparameterised=True)
+    """
+    if isinstance(objective, ReverseKL | WeightedObjective):
+        if options:
+            raise ValueError("give options only with an objective's name, not an instance.")
+        return objective
+    if objective not in OBJECTIVES:
+        raise ValueError(
+            f"`objective` must be one of {sorted(OBJECTIVES)} or an objective instance, "
+            f"got {objective!r}."
+        )
+    try:
+        return OBJECTIVES[objective](**options)
+    except TypeError as error:  # an option this objective does not take
+        raise ValueError(f"objective {objective!r}: {error}") from None
+
+
+def mass_warning(
+    khat: float | None = None, ess_fraction: float | None = None, objective: str = "reverse_kl"
+) -> str | None:
+    """A plain-words warning when k-hat or the IS effective sample size shows that q misses
+    mass of the posterior, with what to try; None when neither does.
+
+    q misses mass when PSIS k-hat >= 0.7 (the importance weights p / q have no finite
+    variance) or when the ESS is below a tenth of the draws: a region of the posterior,
+    often a whole mode, where q puts almost nothing.
+
+    Arguments:
+        khat: PSIS k-hat of q against the generalised posterior (None: not known).
+        ess_fraction: importance-sampling ESS divided by the number of draws (None: not known).
+        objective: the objective that was fitted (the advice depends on it).
+
+    Example:
+        >>> print(mass_warning(khat=0.3))
+        None
+        >>> mass_warning(khat=0.9)[:40]
+        'q misses part of the posterior (k-hat 0.'
+    """
+    found = []
+    if khat is not None and math.isfinite(khat) and khat >= KHAT_MISSES_MASS:
+        found.append(f"k-hat {khat:.2f} >= {KHAT_MISSES_MASS}")
+    elif khat is not None and khat == math.inf:
+        found.append("k-hat is infinite")
+    if ess_fraction is not None and ess_fraction < ESS_MISSES_MASS:
+        found.append(
+            f"importance-sampling ESS {100 * ess_fraction:.1f} % of the draws < "
+            f"{100 * ESS_MISSES_MASS:.0f} %"
+        )
+    if not found:
+        return None
+    if objective == "reverse_kl":
+        advice = (
+            "reverse KL is mode-seeking and may have settled on one mode: refit with a "
+            "mass-covering objective (objective 'renyi' with alpha 0.2 to 0.5, or "
+            "'forward_kl'), a family that holds several modes (GaussianMixture, family "
+            "'mixture'), or an annealed w"
+        )
+    else:
+        advice = (
+            "train longer or with more draws per epoch, use a family that holds several "
+            "modes (GaussianMixture, family 'mixture') or anneal w from a broad start; a "
+            "smaller alpha (renyi) covers more mass"
+        )
+    return (
+        f"q misses part of the posterior ({'; '.join(found)}): a mode or a tail that q "
+        f"does not cover, so its intervals and probabilities cannot be relied on; {advice}."
+    )

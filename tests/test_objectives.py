@@ -1,0 +1,535 @@
+"""VI objectives (gradcal.infer.objectives): values, gradients, estimators, NaN handling."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from infer_helpers import gaussian_nll, normal_prior
+from stats import Z_MAX
+
+from gradcal.gradients import BatchedLoss, PathwiseForward
+from gradcal.infer.objectives import (
+    ForwardKL,
+    ImportanceWeighted,
+    Renyi,
+    ReverseKL,
+    importance_ess,
+    make_objective,
+)
+from gradcal.infer.vi import VI
+from gradcal.posterior_estimators import DiagonalGaussian
+from gradcal.regularisation import kl_estimate
+
+Y = torch.randn(20, generator=torch.Generator().manual_seed(5)) + 2.0
+PRIOR = normal_prior(0.0, 10.0)
+LOSS = gaussian_nll(1.0)  # conjugate: the posterior is N(sum y / 20.01, 1 / 20.01)
+POST_MEAN, POST_SD = float(Y.sum() / 20.01), 20.01**-0.5
+
+
+def _grads(q):
+    return torch.cat([p.grad.flatten().clone() for p in q.parameters()])
+
+
+def _bound_by_hand(q, objective, n, seed):
+    """-(bound) and its gradient written out with plain autograd on the same draws."""
+    torch.manual_seed(seed)
+    q.zero_grad()
+    theta, log_q = q.sample(n)
+    log_w = -LOSS(theta, Y) + PRIOR.log_prob(theta) - log_q
+    c = 1.0 - getattr(objective, "alpha", 0.0)
+    k = objective.group_size
+    groups = (c * log_w).reshape(-1, k)
+    bound = ((torch.logsumexp(groups, -1) - math.log(k)) / c).mean()
+    (-bound).backward()
+    return -float(bound.detach()), _grads(q)
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        ImportanceWeighted(k=4, doubly_reparameterised=False),
+        ImportanceWeighted(k=1, doubly_reparameterised=False),
+        Renyi(alpha=0.3, k=4, doubly_reparameterised=False),
+    ],
+    ids=repr,
+)
+def test_bound_value_and_gradient_match_autograd(objective):
+    q = DiagonalGaussian(torch.tensor([1.5]), 0.6)
+    torch.manual_seed(3)
+    q.zero_grad()
+    estimate = objective(q, BatchedLoss(LOSS), Y, 16, PRIOR, 1.0)
+    got = _grads(q)
+    value, expected = _bound_by_hand(q, objective, 16, 3)
+    assert estimate.total == pytest.approx(value, rel=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert estimate.n_valid == 16 and estimate.n_dropped == 0
+    assert 1.0 <= estimate.ess <= 16.0
+
+
+def test_w_scales_the_target_and_the_value():
+    """With w = 2 the target is exp(-l / 2) prior and the value is in the loss's units."""
+    objective = ImportanceWeighted(k=1, doubly_reparameterised=False)
+    q = DiagonalGaussian(torch.tensor([1.5]), 0.6)
+    torch.manual_seed(0)
+    q.zero_grad()
+    estimate = objective(q, BatchedLoss(LOSS), Y, 8, PRIOR, 2.0)
+    got = _grads(q)
+    torch.manual_seed(0)
+    q.zero_grad()
+    theta, log_q = q.sample(8)
+    expected = (LOSS(theta, Y) + 2.0 * (log_q - PRIOR.log_prob(theta))).mean()
+    expected.backward()  # K = 1: reverse KL's E_q[l] + w KL, on the same draws
+    assert estimate.total == pytest.approx(float(expected.detach()), rel=1e-5)
+    torch.testing.assert_close(got, _grads(q), rtol=1e-4, atol=1e-5)
+
+
+def test_forward_mode_gives_the_reverse_mode_gradient():
+    q = DiagonalGaussian(torch.tensor([1.5]), 0.6)
+    grads = []
+    for estimator in (None, PathwiseForward()):
+        torch.manual_seed(4)
+        q.zero_grad()
+        Renyi(0.5, k=4)(q, BatchedLoss(LOSS), Y, 16, PRIOR, 1.0, estimator)
+        grads.append(_grads(q))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+def test_forward_kl_is_self_normalised_importance_sampling():
+    q = DiagonalGaussian(torch.tensor([1.5]), 0.6)
+    torch.manual_seed(2)
+    q.zero_grad()
+    estimate = ForwardKL()(q, BatchedLoss(LOSS), Y, 32, PRIOR, 1.0)
+    got = _grads(q)
+    torch.manual_seed(2)
+    q.zero_grad()
+    with torch.no_grad():
+        theta, _ = q.sample(32)
+    log_q = q.log_prob(theta)
+    log_w = -LOSS(theta, Y) + PRIOR.log_prob(theta) - log_q.detach()
+    weights = torch.softmax(log_w, 0)
+    (-(weights * log_q).sum()).backward()
+    torch.testing.assert_close(got, _grads(q), rtol=1e-4, atol=1e-6)
+    kl = float((weights * (weights * 32).log()).sum())  # KL(w_hat || uniform) >= 0
+    assert estimate.total == pytest.approx(kl, rel=1e-4)
+    assert estimate.ess == pytest.approx(float(1 / (weights**2).sum()), rel=1e-4)
+
+
+def test_failed_draws_are_dropped_and_counted():
+    """A NaN loss drops its draw: the group's mean runs over its kept draws only."""
+
+    def loss(theta, y):
+        out = LOSS(theta, y)
+        return torch.where(theta[:, 0] > 1.5, torch.nan, out)
+
+    loss.batched = True
+    objective = ImportanceWeighted(k=4, doubly_reparameterised=False)
+    q = DiagonalGaussian(torch.tensor([1.5]), 0.6)
+    torch.manual_seed(6)
+    q.zero_grad()
+    estimate = objective(q, BatchedLoss(loss), Y, 16, PRIOR, 1.0)
+    got = _grads(q)
+    torch.manual_seed(6)
+    q.zero_grad()
+    theta, log_q = q.sample(16)
+    keep = theta[:, 0] <= 1.5
+    log_w = (-LOSS(theta, Y) + PRIOR.log_prob(theta) - log_q).reshape(4, 4)
+    keep = keep.reshape(4, 4)
+    terms = [
+        torch.logsumexp(row[k], 0) - math.log(int(k.sum()))
+        for row, k in zip(log_w, keep, strict=True)
+        if k.any()
+    ]
+    value = -torch.stack(terms).sum() / len(terms)
+    value.backward()
+    assert estimate.total == pytest.approx(float(value.detach()), rel=1e-5)
+    assert estimate.n_dropped == int((~keep).sum()) > 0
+    assert estimate.n_valid == int(keep.sum())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, _grads(q), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_choices_are_refused():
+    q = DiagonalGaussian(torch.zeros(1))
+    with pytest.raises(ValueError, match="needs the simulator's gradient"):
+        VI(LOSS, PRIOR, q, objective="renyi", gradient_estimation_method="score")
+    with pytest.raises(ValueError, match="needs `w` > 0"):
+        VI(LOSS, PRIOR, q, objective="forward_kl", w=0.0)
+    with pytest.raises(ValueError, match="`objective` must be one of"):
+        VI(LOSS, PRIOR, q, objective="kl")
+    with pytest.raises(ValueError, match="`alpha` must be a number in"):
+        Renyi(alpha=1.0)
+    with pytest.raises(ValueError, match="`k` must be an int"):
+        ImportanceWeighted(k=0)
+    with pytest.raises(ValueError, match="objective 'renyi': "):
+        make_objective("renyi", beta=2)
+    with pytest.raises(ValueError, match="must be a multiple of k"):
+        ImportanceWeighted(k=3)(q, BatchedLoss(LOSS), Y, 10, PRIOR, 1.0)
+    # forward KL and reverse KL take the score estimator
+    VI(LOSS, PRIOR, q, objective="forward_kl", gradient_estimation_method="score")
+    VI(LOSS, PRIOR, q, objective=ReverseKL(), gradient_estimation_method="score")
+
+
+def test_effective_sample_size():
+    assert importance_ess(torch.tensor([0.0, 0.0, -math.inf])) == pytest.approx(2.0)
+    assert importance_ess(torch.log(torch.tensor([1.0, 3.0]))) == pytest.approx(1.6)
+
+
+@pytest.mark.parametrize("objective", [Renyi(0.5, k=4), ForwardKL()], ids=repr)
+def test_vi_recovers_a_conjugate_posterior(objective):
+    """The family holds the posterior: every objective's optimum is the posterior itself.
+
+    From N(1, 0.5^2), 200 epochs of 32 draws at lr 0.05 leave an optimiser noise of a few
+    hundredths in the mean and sd of the last q (measured: within 0.02); 0.06 / 0.05 are
+    about 3 times that.
+    """
+    q = DiagonalGaussian(torch.ones(1), 0.5)
+    vi = VI(
+        LOSS,
+        PRIOR,
+        q,
+        n_samples_per_epoch=32,
+        optimizer=torch.optim.Adam(q.parameters(), lr=0.05),
+        progress_bar=False,
+        seed=0,
+        objective=objective,
+        kl="monte_carlo",
+        n_samples_regularisation=64,
+    )
+    vi.run(Y, n_epochs=200, max_epochs_without_improvement=200)
+    print(q.loc.item() - POST_MEAN, q.scale.item() - POST_SD)
+    assert abs(q.loc.item() - POST_MEAN) < 0.06
+    assert abs(q.scale.item() - POST_SD) < 0.05
+    if objective.uses_kl_term:
+        assert "ess" not in vi.losses_hist
+    else:
+        assert len(vi.losses_hist["ess"]) == 200
+        assert vi.losses_hist["ess"][-1] > 16  # q ~ target: most of 32 draws count
+
+
+# --- variance-reduced estimators: unbiased, and the variance they save ----------------
+
+
+def _per_group_gradients(objective, n_groups, seed):
+    """Gradients (n_groups, 2) in (loc, scale) of one group's bound each, for a 1-D Gaussian
+    q = N(2, 0.5^2) on the conjugate target, computed in float64 with one parameter copy per
+    group (so one backward pass gives every group's own gradient). The log weights and the
+    stopped log q are formed as the objective forms them."""
+    gen = torch.Generator().manual_seed(seed)
+    k = objective.group_size
+    loc = torch.full((n_groups, 1), 2.0, dtype=torch.float64, requires_grad=True)
+    scale = torch.full((n_groups, 1), 0.5, dtype=torch.float64, requires_grad=True)
+    theta = loc + scale * torch.randn(n_groups, k, generator=gen, dtype=torch.float64)
+    loss = -torch.distributions.Normal(theta[..., None], 1.0).log_prob(Y.double()).sum(-1)
+    stopped = objective.stopped_log_q
+    q = torch.distributions.Normal(
+        loc.detach() if stopped else loc, scale.detach() if stopped else scale
+    )
+    log_w = -loss + torch.distributions.Normal(0.0, 10.0).log_prob(theta) - q.log_prob(theta)
+    surrogate, _ = objective.surrogate(log_w, torch.ones_like(log_w, dtype=torch.bool))
+    surrogate.backward()
+    return torch.cat([loc.grad, scale.grad], 1)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [ImportanceWeighted, lambda **kw: Renyi(alpha=0.5, **kw)],
+    ids=["importance_weighted", "renyi"],
+)
+def test_dreg_is_unbiased_and_lowers_the_variance(kind):
+    """DReG and the plain reparameterised gradient have the same mean (z-test of 40 000
+    groups each, |z| < Z_MAX = 4.5); DReG's variance is lower. Measured at 200 000 groups:
+    variance ratios 29 and 35 (importance-weighted, K = 8) and 4.8 and 4.9 (Renyi,
+    alpha = 0.5); the bound 2 is far below both, and a variance ratio from 40 000 draws has
+    a relative error of about 1 % for a Gaussian, several % for these heavier tails."""
+    n = 40_000
+    plain = _per_group_gradients(kind(k=8, doubly_reparameterised=False), n, 0)
+    dreg = _per_group_gradients(kind(k=8, doubly_reparameterised=True), n, 1)
+    z = (plain.mean(0) - dreg.mean(0)) / (plain.var(0) / n + dreg.var(0) / n).sqrt()
+    assert z.abs().max() < Z_MAX, z
+    assert (plain.var(0) / dreg.var(0) > 2.0).all()
+
+
+def test_dreg_inside_the_objective_matches_its_formula():
+    """The objective's own DReG gradient on its own draws: weights w_hat^2 for the
+    importance-weighted bound, log q at fixed parameters."""
+    q = DiagonalGaussian(torch.tensor([1.5]), 0.6)
+    objective = ImportanceWeighted(k=4)
+    torch.manual_seed(8)
+    q.zero_grad()
+    objective(q, BatchedLoss(LOSS), Y, 8, PRIOR, 1.0)
+    got = _grads(q)
+    torch.manual_seed(8)
+    q.zero_grad()
+    theta, _ = q.sample(8)
+    fixed = torch.distributions.Normal(q.loc.detach(), q.scale.detach())
+    log_w = (-LOSS(theta, Y) + PRIOR.log_prob(theta) - fixed.log_prob(theta).sum(-1)).reshape(2, 4)
+    weights = torch.softmax(log_w.detach(), -1)
+    (-(weights**2 * log_w).sum() / 2).backward()
+    torch.testing.assert_close(got, _grads(q), rtol=1e-4, atol=1e-6)
+
+
+def test_sticking_the_landing_is_unbiased_and_vanishes_at_the_optimum():
+    """The STL Monte Carlo KL gradient has the closed-form KL gradient as its mean (z-test
+    over 400 estimates of 200 draws, |z| < Z_MAX); at q = prior its variance is exactly 0
+    while the plain estimator's is not (the score term is all noise there)."""
+    prior = normal_prior(0.0, 1.0)
+    q = DiagonalGaussian(torch.tensor([0.7]), 0.4)
+    q.zero_grad()
+    kl_estimate(q, prior, "analytic")[0].backward()
+    exact = _grads(q)
+    torch.manual_seed(0)
+    grads = []
+    for _ in range(400):
+        q.zero_grad()
+        kl_estimate(q, prior, "monte_carlo", 200, sticking_the_landing=True)[0].backward()
+        grads.append(_grads(q))
+    grads = torch.stack(grads)
+    z = (grads.mean(0) - exact) / (grads.std(0) / 400**0.5)
+    assert z.abs().max() < Z_MAX, z
+    at_prior = DiagonalGaussian(torch.zeros(1), 1.0)
+    spreads = []
+    for stl in (True, False):
+        draws = []
+        for _ in range(20):
+            at_prior.zero_grad()
+            kl_estimate(at_prior, prior, "monte_carlo", 50, sticking_the_landing=stl)[0].backward()
+            draws.append(_grads(at_prior))
+        spreads.append(torch.stack(draws).std(0))
+    assert spreads[0].max() < 1e-6 < spreads[1].min()
+
+
+# --- the TOML configuration ----------------------------------------------------------
+
+
+def _vi_config(tmp_path, **method):
+    (tmp_path / "obs.csv").write_text("x\n" + "\n".join(["1.0"] * 5) + "\n")
+    return {
+        "run": {"seed": 0},
+        "model": {"name": "Normal", "options": {"n_timesteps": 5}},
+        "data": {"file": "obs.csv", "columns": ["x"]},
+        "loss": {"kind": "mmd"},
+        "method": {"kind": "vi", **method},
+        "parameters": [
+            {"name": "mu", "prior": {"kind": "normal", "loc": 0.0, "scale": 2.0}},
+            {"name": "sigma", "prior": {"kind": "lognormal", "loc": 0.0, "scale": 0.5}},
+        ],
+    }
+
+
+def test_config_objective_problems_are_one_line_each(tmp_path):
+    from gradcal.config import check
+
+    assert (
+        check(
+            _vi_config(tmp_path, objective="renyi", alpha=0.2, k=5, samples_per_epoch=20), tmp_path
+        )
+        == []
+    )
+    problems = check(
+        _vi_config(tmp_path, objective="renyi", alpha=1.5, estimator="score", k=8), tmp_path
+    )
+    assert any(p.startswith("method.alpha: must lie in (0, 1)") for p in problems), problems
+    assert any(p.startswith("method.estimator: objective 'renyi' needs") for p in problems)
+    assert any(p.startswith("method.samples_per_epoch: must be a multiple") for p in problems)
+    problems = check(_vi_config(tmp_path, objective="forward"), tmp_path)
+    assert problems == [
+        "method.objective: 'forward' is not one of reverse_kl, importance_weighted, renyi, "
+        "forward_kl (did you mean 'forward_kl'?)"
+    ]
+
+
+def test_config_builds_the_objective_and_keeps_only_its_options(tmp_path):
+    from gradcal.config import relevant, resolve
+    from gradcal.runs import make_objective_from
+
+    config = resolve(_vi_config(tmp_path, objective="renyi", alpha=0.25, k=4))
+    assert repr(make_objective_from(config["method"])) == repr(Renyi(0.25, k=4))
+    kept = relevant(config)["method"]
+    assert {"alpha", "k", "doubly_reparameterised"} <= set(kept)
+    assert "sticking_the_landing" not in kept
+    default = resolve(_vi_config(tmp_path))
+    assert repr(make_objective_from(default["method"])) == repr(ReverseKL())
+    assert "alpha" not in relevant(default)["method"]
+
+
+# --- annealing of w, and the warning when q misses mass ------------------------------
+
+
+def test_annealing_schedule_and_its_epochs_in_vi():
+    from gradcal.infer.annealing import GeometricAnnealing
+
+    schedule = GeometricAnnealing(start=8.0, epochs=3)
+    assert [schedule.w_at(t, 1.0) for t in range(5)] == pytest.approx([8.0, 4.0, 2.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="`start` must be a number > 0"):
+        GeometricAnnealing(0.0, 3)
+    with pytest.raises(ValueError, match="`epochs` must be an int >= 1"):
+        GeometricAnnealing(2.0, 0)
+    q = DiagonalGaussian(torch.ones(1), 0.5)
+    with pytest.raises(TypeError, match="`anneal` must be a GeometricAnnealing"):
+        VI(LOSS, PRIOR, q, anneal=3)
+    seen = []
+
+    class Recording(Renyi):
+        def __call__(self, family, loss, data, n, prior, w, estimator=None):
+            seen.append(w)  # the w each epoch's objective is given
+            return super().__call__(family, loss, data, n, prior, w, estimator)
+
+    vi = VI(
+        LOSS,
+        PRIOR,
+        q,
+        w=2.0,
+        n_samples_per_epoch=8,
+        progress_bar=False,
+        seed=0,
+        objective=Recording(0.5, k=4),
+        anneal=GeometricAnnealing(start=0.25, epochs=3),
+    )
+    vi.run(Y, n_epochs=5, max_epochs_without_improvement=1)
+    assert seen == pytest.approx([0.25, 0.5, 1.0, 2.0, 2.0])
+    assert vi.losses_hist["w"] == pytest.approx(seen)
+    # Annealing epochs neither set a best state nor count against the patience (1 here).
+    # Their totals, -w log E_q[...] at a smaller w, rise epoch by epoch and lie below those
+    # at the target w, so comparing them would stop the run at epoch 1 and keep epoch 0.
+    assert len(vi.losses_hist["total"]) == 5
+    assert vi.best_loss.item() == min(vi.losses_hist["total"][3:])
+
+
+def test_vi_warns_in_words_when_the_ess_shows_missed_mass():
+    # q sits 4.5 posterior sds away: its 64 draws see only the posterior's far tail, where
+    # the weights vary by many nats (measured: IS ESS about 2 %, k-hat > 1)
+    q = DiagonalGaussian(torch.tensor([POST_MEAN + 1.0]), 0.3)
+    vi = VI(
+        LOSS,
+        PRIOR,
+        q,
+        n_samples_per_epoch=64,
+        optimizer=torch.optim.SGD(q.parameters(), lr=0.0),
+        progress_bar=False,
+        seed=0,
+        objective="forward_kl",
+    )
+    with pytest.warns(UserWarning, match="q misses part of the posterior .*ESS"):
+        vi.run(Y, n_epochs=2)
+    with pytest.warns(UserWarning, match="k-hat .* >= 0.7.*smaller alpha"):
+        VI(LOSS, PRIOR, q, objective="renyi").mass_check(Y, 200)
+    with pytest.warns(UserWarning, match="reverse KL is mode-seeking"):
+        check = VI(LOSS, PRIOR, q).mass_check(Y, 200)
+    assert check["khat"] >= 0.7 and check["ess_fraction"] < 0.1
+    wide = DiagonalGaussian(torch.tensor([POST_MEAN]), 1.5 * POST_SD)
+    check = VI(LOSS, PRIOR, wide).mass_check(Y, 1000)
+    assert check["warning"] is None and check["khat"] < 0.7 and check["ess_fraction"] > 0.5
+
+
+# --- evidence on a posterior with exact samples -------------------------------------
+
+
+def _fit_bimodal(objective, family, epochs=300):
+    from objective_targets import TARGETS
+
+    target = TARGETS["bimodal"]
+    vi = VI(
+        target.loss,
+        target.prior,
+        family,
+        n_samples_per_epoch=64,
+        optimizer=torch.optim.Adam(family.parameters(), lr=0.02),
+        progress_bar=False,
+        seed=0,
+        objective=objective,
+        kl="monte_carlo",
+        n_samples_regularisation=64,
+    )
+    vi.run(torch.zeros(1), epochs, epochs)
+    with torch.no_grad():
+        return family.sample(4000)[0], target
+
+
+def test_bimodal_exact_sampler_has_the_quadrature_mode_weight():
+    """The grid sampler's share of theta_1 > 0 against quadrature: z-test of 20 000 draws."""
+    from objective_targets import TARGETS, bimodal_weight_of_positive_mode
+    from stats import z_proportion
+
+    draws = TARGETS["bimodal"].exact(20_000, 0)
+    assert abs(z_proportion(draws[:, 0] > 0, bimodal_weight_of_positive_mode())) < Z_MAX
+
+
+def test_forward_kl_with_a_mixture_finds_both_modes_with_their_weights():
+    """Bimodal target (modes at theta_1 = +-1, weights 0.614 / 0.386): forward KL with a
+    4-component GaussianMixture puts the right weight on each mode and is hard to tell from
+    exact samples. Goals of the issue: weight within 0.05 (the weight of 4000 draws of q has
+    sd 0.008) and C2ST <= 0.60 (sd at most 0.5 / sqrt(2 * 2000) = 0.008 under equal
+    distributions). Measured by benchmarks/objectives.py with these settings: C2ST 0.52,
+    weight 0.607; reverse KL with a diagonal Gaussian gives C2ST 0.84, with a flow 0.81."""
+    from objective_targets import bimodal_weight_of_positive_mode
+
+    from gradcal.diagnostics import c2st
+    from gradcal.posterior_estimators import GaussianMixture
+
+    draws, target = _fit_bimodal("forward_kl", GaussianMixture.spread(2, 4, 1.5, seed=0))
+    weight = float((draws[:, 0] > 0).float().mean())
+    assert abs(weight - bimodal_weight_of_positive_mode()) < 0.05
+    assert c2st(draws[:2000], target.exact(2000, 1), epochs=20) <= 0.60
+
+
+def test_the_report_suggests_a_mass_covering_objective_after_reverse_kl():
+    from gradcal.report import assess
+
+    def advice(objective):
+        method = {"kind": "vi", "objective": objective, "epochs": 100}
+        return " ".join(f.advice for f in assess({"khat": 0.9}, method=method).findings)
+
+    assert 'method.objective = "renyi" or "forward_kl"' in advice("reverse_kl")
+    assert "mass-covering" not in advice("renyi")
+    calm = assess({"khat": 0.3}, method={"kind": "vi", "objective": "reverse_kl"})
+    assert "mass-covering" not in " ".join(f.advice for f in calm.findings)
+
+
+def _fit_flow(target, objective, epochs=300):
+    from gradcal.posterior_estimators import Flow
+
+    q = Flow(2, scale=2.0)
+    vi = VI(
+        target.loss,
+        target.prior,
+        q,
+        n_samples_per_epoch=64,
+        optimizer=torch.optim.Adam(q.parameters(), lr=3e-3),
+        progress_bar=False,
+        seed=0,
+        objective=objective,
+        kl="monte_carlo",
+        n_samples_regularisation=64,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the mass warning: C2ST is what is checked here
+        vi.run(torch.zeros(1), epochs, epochs)
+    with torch.no_grad():
+        return q.sample(2000)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bimodal", "banana", "heavy"])
+def test_forward_kl_flow_matches_exact_posteriors_where_reverse_kl_does_not(name):
+    """A neural spline flow fitted by forward KL against exact samples: C2ST <= 0.60 on
+    each target (sd of C2ST under equal distributions <= 0.008 at 2000 draws a side); on
+    the bimodal target also the mode weight within 0.05 (sd of the weight of 2000 draws
+    0.011) and, for contrast, reverse KL with the same flow and settings collapsed onto one
+    mode (less than 5 % of its draws on the other). A collapse onto the heavier mode has a
+    C2ST of about 0.5 + 0.386 / 2 = 0.69, onto the lighter one about 0.81, so C2ST alone
+    would depend on which mode reverse KL finds. Measured by benchmarks/objectives.py: see
+    docs/objectives.md."""
+    from objective_targets import TARGETS, bimodal_weight_of_positive_mode
+
+    from gradcal.diagnostics import c2st
+
+    target = TARGETS[name]
+    exact = target.exact(2000, 1)
+    draws = _fit_flow(target, "forward_kl")
+    assert c2st(draws, exact) <= 0.60
+    if name == "bimodal":
+        weight = float((draws[:, 0] > 0).float().mean())
+        assert abs(weight - bimodal_weight_of_positive_mode()) < 0.05
+        collapsed = float((_fit_flow(target, "reverse_kl")[:, 0] > 0).float().mean())
+        assert min(collapsed, 1.0 - collapsed) < 0.05
