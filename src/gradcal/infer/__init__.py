@@ -1,4 +1,5 @@
-"""Inference drivers: GVI, simulated minimum distance, gradient MCMC, reference posteriors."""
+"""Inference drivers: GVI, simulated minimum distance, gradient MCMC, reference posteriors,
+and the choice of w."""
 
 from gradcal.infer.convergence import effective_sample_size, ess_bulk, ess_tail, rhat, split_rhat
 from gradcal.infer.mcmc import HMC, MALA, MCMC
@@ -10,6 +11,7 @@ from gradcal.infer.reference import (
 )
 from gradcal.infer.smd import SMD
 from gradcal.infer.vi import VI
+from gradcal.infer.weight import WeightCalibration, WeightChoice, choose_w
 
 __all__ = [
     "HMC",
@@ -19,6 +21,9 @@ __all__ = [
     "VI",
     "ImportanceSamples",
     "RejectionSamples",
+    "WeightCalibration",
+    "WeightChoice",
+    "choose_w",
     "effective_sample_size",
     "ess_bulk",
     "ess_tail",

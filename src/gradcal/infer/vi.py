@@ -40,6 +40,7 @@ from gradcal.distributed import (
     world_size,
 )
 from gradcal.gradients import BatchedLoss, Batching, EpochEstimate, make_estimator
+from gradcal.infer.weight import WeightChoice, resolve_w
 from gradcal.posterior_estimators import as_family
 from gradcal.priors import distribution_device, distribution_to
 from gradcal.regularisation import (
@@ -112,6 +113,9 @@ class VI:
             returns (theta (n, D), log_q (n,)) (``log_prob`` is needed only by the score
             estimator).
         w: weight of KL(q || prior); the target is proportional to exp(-l / w) prior.
+            ``"calibrate"`` (or a :class:`~gradcal.infer.weight.WeightCalibration` with
+            its options): chosen from the data at the start of :meth:`run` so that credible
+            sets reach their nominal coverage; the choice is kept in ``weight_choice``.
         initialize_estimator_to_prior: first fit q to the prior (minimise the KL).
         initialization_lr: learning rate of that fit.
         gradient_clipping_norm: clip the gradient norm of q's parameters at this value.
@@ -205,8 +209,8 @@ class VI:
         smoothing_window: int = 20,
     ):
         check_prior(prior)
-        if not isinstance(w, int | float) or not w >= 0:
-            raise ValueError(f"`w` must be a number >= 0, got {w!r}.")
+        w, self.calibration = resolve_w(w)  # "calibrate": chosen at the start of run()
+        self.weight_choice: WeightChoice | None = None
         for name, value in (
             ("n_samples_per_epoch", n_samples_per_epoch),
             ("n_samples_regularisation", n_samples_regularisation),
@@ -242,7 +246,7 @@ class VI:
             )
         if isinstance(self.family, torch.nn.Module) and _family_device(self.family).type == "cpu":
             self.family.to(device)
-        self.w, self.kl, self.seed = float(w), kl, seed
+        self.w, self.kl, self.seed = w, kl, seed
         self.initialize_estimator_to_prior = initialize_estimator_to_prior
         self.initialization_lr = initialization_lr
         self.gradient_clipping_norm = gradient_clipping_norm
@@ -458,6 +462,10 @@ class VI:
                 f"`n_samples_per_epoch` ({self.n_samples_per_epoch}) must be at least the "
                 f"number of ranks ({world_size()})."
             )
+        if self.calibration is not None and self.weight_choice is None:
+            self.weight_choice = self.calibration.choose(self.loss, self.prior, data)
+            self.w = self.weight_choice.w
+            logger.info("choosing w: %s", self.weight_choice.summary())
         seed = None if self.seed is None and world_size() == 1 else (self.seed or 0) + rank()
         with seeded(seed, self.device):
             self._start()
