@@ -6,7 +6,7 @@ Two studies (``python benchmarks/choose_w.py [normal|ar1|cost|all] [--replicates
   known scale, prior N(0, 10^2). Calibration (i.i.d. bootstrap) should give w ~ 1, and 90%
   intervals of pi_w should cover the true mean ~90% of the time.
 - ``ar1``: misspecified. Data from x_t = 0.5 x_{t-1} + e_t with contaminated noise
-  e_t ~ 0.9 N(0, 1) + 0.1 N(0, 5^2) (T = 200); model the Gaussian AR(1) (phi, sigma), loss
+  e_t ~ 0.9 N(0, 1) + 0.1 N(0, 5^2) (T = 100); model the Gaussian AR(1) (phi, sigma), loss
   the MMD of lag-2 windows (Gaussian kernel, fixed bandwidth 1.5). The target is the
   pseudo-true parameter, the minimiser of the expected loss, computed here in closed form
   (Gaussian integrals) with the data's law by a Monte Carlo of 2 x 10^6 windows. Intervals
@@ -69,6 +69,7 @@ def normal_study(replicates: int, n: int = 50) -> None:
         seconds.append(choice.seconds)
     ws_t = torch.tensor(ws)
     p = sum(covered) / replicates
+    print(f"normal: w per replicate {[round(w, 3) for w in ws]}")
     print(
         f"normal (n={n}, {replicates} replicates): w median {ws_t.median():.3f}, "
         f"quartiles {ws_t.quantile(0.25):.3f}-{ws_t.quantile(0.75):.3f}; coverage of 90% "
@@ -79,7 +80,7 @@ def normal_study(replicates: int, n: int = 50) -> None:
 
 # --- the misspecified AR(1) ---------------------------------------------------------------
 
-PHI, T, BANDWIDTH, CONTAMINATION, WIDE = 0.5, 200, 1.5, 0.1, 5.0
+PHI, T, BANDWIDTH, CONTAMINATION, WIDE = 0.5, 100, 1.5, 0.1, 5.0
 
 
 def contaminated_ar1(
@@ -144,8 +145,12 @@ def pseudo_true(windows: int = 2_000_000) -> torch.Tensor:
             lambda t: expected_loss(t, data_windows, T), theta
         )
         theta = theta - torch.linalg.solve(hess, grad)
-    print(f"pseudo-true (phi, sigma) = {theta.tolist()}, |gradient| {grad.norm():.2e}")
+    print(f"pseudo-true (phi, sigma) = {theta.tolist()}, |gradient| {grad.norm():.2e}", flush=True)
     return theta
+
+
+# the study's budget per replicate (a 2-core machine shared by five sessions)
+CHEAP = {"n_bootstrap": 50, "repeats": 4, "newton_steps": 12, "fit_epochs": 100, "starts": 2}
 
 
 def ar1_problem(y: torch.Tensor) -> tuple[MMDLoss, torch.distributions.Distribution]:
@@ -156,17 +161,14 @@ def ar1_problem(y: torch.Tensor) -> tuple[MMDLoss, torch.distributions.Distribut
     return loss, prior
 
 
-def ar1_study(replicates: int, n_vi: int, n_bootstrap: int) -> None:
+def ar1_study(replicates: int, n_vi: int, first: int = 0) -> None:
     target = pseudo_true().float()
-    generator = torch.Generator().manual_seed(2027)
     compared = {"calibrated": [], "w = 1": [], "w = 0.001": []}
     ws, seconds, sims = [], [], []
-    for r in range(replicates):
-        y = contaminated_ar1(T, generator).float()
+    for r in range(first, first + replicates):
+        y = contaminated_ar1(T, torch.Generator().manual_seed(2027 + r)).float()
         loss, prior = ar1_problem(y)
-        calibration = WeightCalibration(
-            resample="block", region="marginal", n_bootstrap=n_bootstrap, seed=r
-        )
+        calibration = WeightCalibration(resample="block", region="marginal", seed=r, **CHEAP)
         choice = calibration.choose(loss, prior, y)
         ws.append(choice.w)
         seconds.append(choice.seconds)
@@ -175,17 +177,19 @@ def ar1_study(replicates: int, n_vi: int, n_bootstrap: int) -> None:
         for name, w in (("calibrated", choice.w), ("w = 1", 1.0), ("w = 0.001", 1e-3)):
             half = Z * sd1 * math.sqrt(w)
             compared[name].append(((choice.estimate - target).abs() <= half).tolist())
-        if r < n_vi:
+        if r - first < n_vi:
             _vi_check(loss, prior, y, choice)
         done = torch.tensor(compared["calibrated"], dtype=torch.float64).mean(0).tolist()
         print(
             f"  replicate {r}: w {choice.w:.4g} (info {choice.w_information:.4g}), "
-            f"coverage so far {done}, {choice.seconds:.0f} s",
+            f"covered {compared['calibrated'][-1]}, w=1 {compared['w = 1'][-1]}, "
+            f"w=0.001 {compared['w = 0.001'][-1]}; coverage so far {done}, "
+            f"noise {choice.noise_ratio:.2f}, {choice.seconds:.0f} s",
             flush=True,
         )
     ws_t = torch.tensor(ws)
     print(
-        f"ar1 ({replicates} replicates, B = {n_bootstrap}): w median {ws_t.median():.4g}, "
+        f"ar1 ({replicates} replicates, {CHEAP}): w median {ws_t.median():.4g}, "
         f"quartiles {ws_t.quantile(0.25):.4g}-{ws_t.quantile(0.75):.4g}; "
         f"{sum(seconds) / replicates:.0f} s and {sum(sims) / replicates:.0f} simulated series "
         "per calibration"
@@ -254,11 +258,12 @@ if __name__ == "__main__":
     parser.add_argument("--replicates", type=int, default=None)
     parser.add_argument("--bootstrap", type=int, default=100)
     parser.add_argument("--vi", type=int, default=0, help="replicates also fitted by VI")
+    parser.add_argument("--first", type=int, default=0, help="index of the first replicate")
     args = parser.parse_args()
-    print(f"load average {os.getloadavg()}")
+    print(f"load average {os.getloadavg()}", flush=True)
     if args.study in ("normal", "all"):
         normal_study(args.replicates or 100)
     if args.study in ("ar1", "all"):
-        ar1_study(args.replicates or 50, args.vi, args.bootstrap)
+        ar1_study(args.replicates or 50, args.vi, args.first)
     if args.study in ("cost", "all"):
         cost_study(args.bootstrap)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from gradcal import models
+from gradcal.infer.weight import CALIBRATE, RESAMPLE
 from gradcal.kernels import GaussianKernel, LaplaceKernel
 from gradcal.losses import EnergyDistanceLoss, MMDLoss, MSELoss, NegativeLogLikelihood
 from gradcal.priors import PRIOR_KINDS, Product, marginal, marginal_problems
@@ -115,7 +116,8 @@ _SCHEMA: dict[str, Any] = {
         "transforms": (int, 3),
         "hidden_features": (list, [64, 64]),
         "estimator": (str, "pathwise"),
-        "w": ((int, float), 1.0),
+        "w": ((int, float, str), 1.0),  # or "calibrate"
+        "w_resample": (str, "block"),  # how w = "calibrate" resamples the data
         "samples_per_epoch": (int, 10),
         "epochs": (int, 300),
         "patience": (int, 100),
@@ -141,6 +143,7 @@ _METHOD_KEYS = {
         "hidden_features",
         "estimator",
         "w",
+        "w_resample",
         "samples_per_epoch",
         "epochs",
         "patience",
@@ -150,7 +153,7 @@ _METHOD_KEYS = {
         "posterior_samples",
     ),
     "smd": ("starts", "epochs", "patience", "learning_rate", "gradient_clipping_norm"),
-    "mcmc": ("kernel", "w", "chains", "samples", "warmup", "n_leapfrog"),
+    "mcmc": ("kernel", "w", "w_resample", "chains", "samples", "warmup", "n_leapfrog"),
 }
 _FLOW_KEYS = ("transforms", "hidden_features")  # VI with family "nsf" or "maf" only
 _SAMPLE_LOSS_KEYS = ("window", "increments", "gradient_horizon", "chunk_size")
@@ -421,6 +424,13 @@ def _check_ranges(config: dict[str, Any], problems: list[str]) -> None:
         value = method.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and not value > 0:
             problems.append(f"method.{key}: must be > 0, got {value}")
+    if isinstance(method.get("w"), str) and method["w"] != CALIBRATE:
+        problems.append(f'method.w: must be a number > 0 or "{CALIBRATE}", got {method["w"]!r}')
+    resample = method.get("w_resample")
+    if isinstance(resample, str) and resample not in RESAMPLE:
+        problems.append(
+            f"method.w_resample: must be one of {', '.join(RESAMPLE)}, got {resample!r}"
+        )
     device = config.get("run", {}).get("device") if isinstance(config.get("run"), dict) else None
     if isinstance(device, str):
         try:

@@ -18,8 +18,9 @@ How :meth:`WeightCalibration.choose` spends its budget, top to bottom:
 1. theta_hat = argmin_theta L(theta, y), L the expected loss (over the simulator's noise):
    ``starts`` starting points fitted as one batch with Adam, one simulation per epoch and a
    learning rate decayed to 0; the best start by the loss averaged over simulations.
-2. H, the Hessian of L at theta_hat (autograd; finite differences with common random
-   numbers if the simulator cannot be differentiated twice).
+2. H, the Hessian of L at theta_hat, L averaged over at least 64 simulations (autograd;
+   finite differences with common random numbers if the simulator cannot be differentiated
+   twice).
 3. B bootstrap data sets (moving blocks, or simulated from the model at theta_hat), and the
    B minimisers theta*_b as one batched optimisation: Newton steps with H from theta_hat.
 4. Per candidate w, the Laplace approximation of each pi_w(. | y*_b): precision
@@ -50,6 +51,7 @@ from gradcal.rng import seeded
 
 __all__ = [
     "CALIBRATE",
+    "RESAMPLE",
     "WeightCalibration",
     "WeightChoice",
     "chi2_quantile",
@@ -62,7 +64,7 @@ logger = logging.getLogger("gradcal")
 
 CALIBRATE = "calibrate"  # the value of ``w`` that asks for a calibrated weight
 _METHODS = ("bootstrap", "information")
-_RESAMPLE = ("block", "iid", "parametric")
+RESAMPLE = ("block", "iid", "parametric")  # the ways of resampling the data
 _REGIONS = ("joint", "marginal")
 
 
@@ -224,7 +226,7 @@ class WeightCalibration:
             raise ValueError(f"`level` must be a number in (0, 1), got {self.level!r}.")
         for name, value, allowed in (
             ("method", self.method, _METHODS),
-            ("resample", self.resample, _RESAMPLE),
+            ("resample", self.resample, RESAMPLE),
             ("region", self.region, _REGIONS),
         ):
             if value not in allowed:
@@ -255,7 +257,9 @@ class WeightCalibration:
         with seeded(self.seed):
             centre, scale = _prior_location(prior, self.init)
             theta_hat, fit_sims = self._fit_point(loss, prior, data, centre, scale, repeats)
-            hessian, h_sims = _hessian(loss, data, theta_hat, scale, 4 * repeats, exact)
+            hessian, h_sims = _hessian(
+                loss, data, theta_hat, scale, _hessian_repeats(repeats, exact), exact
+            )
             datasets = self._datasets(loss, data, theta_hat)
             estimates, boot_sims = self._bootstrap_fits(
                 loss, data, datasets, theta_hat, hessian, repeats, exact
@@ -426,6 +430,11 @@ def _prior_location(prior: Any, init: Tensor | None) -> tuple[Tensor, Tensor]:
         mean = draws.mean(0)
     mean = torch.where(torch.isfinite(mean), mean, draws.median(0).values)
     return mean, scale
+
+
+def _hessian_repeats(repeats: int, exact: bool) -> int:
+    """Simulations averaged in the Hessian: its error enters every interval of pi_w."""
+    return 1 if exact else max(64, 4 * repeats)
 
 
 def _hessian(
