@@ -84,6 +84,9 @@ BUILTIN_MODELS: dict[str, _BuiltinModel] = {
     "Normal": _BuiltinModel(
         models.NormalDraws, ("mu", "sigma"), "i.i.d. Gaussian draws", {"n_timesteps": 100}
     ),
+    "AR1": _BuiltinModel(
+        models.AR1, ("phi", "sigma"), "stationary Gaussian AR(1)", {"n_timesteps": 100}
+    ),
 }
 
 # key -> (type or tuple of types, default or _REQUIRED); a dict value is a sub-table
