@@ -78,19 +78,22 @@ def test_per_dataset_loss_scores_each_row_against_its_own_data():
 
 
 def test_per_dataset_loss_of_a_simulator_matches_the_loss_itself():
-    """One batched simulation compared per data set equals the loss called per data set."""
+    """One batched simulation compared per data set equals the loss called per data set
+    with the same noise (the same seed and shapes give the same simulations)."""
     y = torch.cat([torch.zeros(1), torch.randn(30, generator=torch.Generator().manual_seed(1))])
     loss = EnergyDistanceLoss(Normal(30))
     datasets = torch.stack([y, y + 1.0])
     theta = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    rows = theta.repeat_interleave(2, 0)  # 2 simulations per data set
     torch.manual_seed(3)
     together = PerDatasetLoss(loss, datasets, repeats=2)(theta)
     torch.manual_seed(3)
-    alone = loss(theta.repeat_interleave(2, 0), y)  # the same draws of the noise
-    second = loss(theta.repeat_interleave(2, 0), y + 1.0)
-    assert torch.allclose(together[0], alone[:2].mean())
-    assert not torch.allclose(together[1], second[2:].mean())  # other noise: a check it can fail
-    assert together.shape == (2,)
+    against_first = loss(rows, y)
+    torch.manual_seed(3)
+    against_second = loss(rows, y + 1.0)
+    expected = torch.stack([against_first[:2].mean(), against_second[2:].mean()])
+    assert torch.allclose(together, expected)
+    assert not torch.allclose(against_first[2:].mean(), against_second[2:].mean())
 
 
 def test_information_matching_and_chi2():
