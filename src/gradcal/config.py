@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from gradcal import models
+from gradcal.infer.weight import CALIBRATE, RESAMPLE
 from gradcal.kernels import GaussianKernel, LaplaceKernel
 from gradcal.losses import EnergyDistanceLoss, MMDLoss, MSELoss, NegativeLogLikelihood
 from gradcal.priors import PRIOR_KINDS, Product, marginal, marginal_problems
@@ -84,6 +85,9 @@ BUILTIN_MODELS: dict[str, _BuiltinModel] = {
     "Normal": _BuiltinModel(
         models.NormalDraws, ("mu", "sigma"), "i.i.d. Gaussian draws", {"n_timesteps": 100}
     ),
+    "AR1": _BuiltinModel(
+        models.AR1, ("phi", "sigma"), "stationary Gaussian AR(1)", {"n_timesteps": 100}
+    ),
 }
 
 # key -> (type or tuple of types, default or _REQUIRED); a dict value is a sub-table
@@ -122,7 +126,8 @@ _SCHEMA: dict[str, Any] = {
         "alpha": ((int, float), 0.5),
         "doubly_reparameterised": (bool, True),
         "sticking_the_landing": (bool, False),
-        "w": ((int, float), 1.0),
+        "w": ((int, float, str), 1.0),  # or "calibrate"
+        "w_resample": (str, "block"),  # how w = "calibrate" resamples the data
         "anneal_epochs": (int, 0),
         "anneal_start": ((int, float), None),
         "samples_per_epoch": (int, 10),
@@ -162,6 +167,7 @@ _METHOD_KEYS = {
         "w",
         "anneal_epochs",
         "anneal_start",
+        "w_resample",
         "samples_per_epoch",
         "epochs",
         "patience",
@@ -171,7 +177,7 @@ _METHOD_KEYS = {
         "posterior_samples",
     ),
     "smd": ("starts", "epochs", "patience", "learning_rate", "gradient_clipping_norm"),
-    "mcmc": ("kernel", "w", "chains", "samples", "warmup", "n_leapfrog"),
+    "mcmc": ("kernel", "w", "w_resample", "chains", "samples", "warmup", "n_leapfrog"),
 }
 _FLOW_KEYS = ("transforms", "hidden_features")  # VI with family "nsf" or "maf" only
 _SAMPLE_LOSS_KEYS = ("window", "increments", "gradient_horizon", "chunk_size")
@@ -475,6 +481,13 @@ def _check_ranges(config: dict[str, Any], problems: list[str]) -> None:
         if isinstance(value, int | float) and not isinstance(value, bool) and not value > 0:
             problems.append(f"method.{key}: must be > 0, got {value}")
     _check_objective(method, problems)
+    if isinstance(method.get("w"), str) and method["w"] != CALIBRATE:
+        problems.append(f'method.w: must be a number > 0 or "{CALIBRATE}", got {method["w"]!r}')
+    resample = method.get("w_resample")
+    if isinstance(resample, str) and resample not in RESAMPLE:
+        problems.append(
+            f"method.w_resample: must be one of {', '.join(RESAMPLE)}, got {resample!r}"
+        )
     device = config.get("run", {}).get("device") if isinstance(config.get("run"), dict) else None
     if isinstance(device, str):
         try:

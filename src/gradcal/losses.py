@@ -96,14 +96,27 @@ class _SimulationLoss:
         raise NotImplementedError
 
     def __call__(self, theta: Tensor, y: Any = None) -> Tensor:
-        observed = self._observed(y)
         simulated = simulate_and_observe_model(self.model, theta, self.gradient_horizon)
+        return self.compare(simulated, y, theta.ndim - 1)
+
+    def compare(self, simulated: list[Tensor], y: Any = None, lead: int = 1) -> Tensor:
+        """The loss of simulated outputs against data, without simulating.
+
+        Arguments:
+            simulated: the model's outputs, each (*lead, T, *event) (``lead`` draw axes).
+            y: observed data (T, *event) or a list of such (default: the constructor's).
+            lead: the number of draw axes in front of each output (1 for B draws).
+
+        Returns the loss per draw, shape ``lead`` axes (0-d for one draw); NaN for a draw
+        whose simulation is not finite. ``loss(theta, y)`` is
+        ``compare(simulate_and_observe_model(model, theta), y, theta.ndim - 1)``.
+        """
+        observed = self._observed(y)
         if len(simulated) != len(observed):
             raise ValueError(
                 f"the model observes {len(simulated)} output(s) but `y` holds {len(observed)}."
             )
         total = 0.0
-        lead = theta.ndim - 1  # draw axes in front of each simulated output
         for i, (x, obs) in enumerate(zip(simulated, observed, strict=True)):
             if x.ndim == lead + obs.ndim + 1 and x.shape[-1] == 1:
                 x = x[..., 0]  # a (T, 1) output (BlackBIRDS' layout) against (T,) data

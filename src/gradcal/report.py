@@ -37,7 +37,7 @@ from gradcal.diagnostics import read_khat
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["REPORT_NAME", "Finding", "Verdict", "assess", "write_report"]
+__all__ = ["REPORT_NAME", "Finding", "Verdict", "assess", "weight_reading", "write_report"]
 
 REPORT_NAME = "report.html"
 
@@ -382,6 +382,70 @@ def _ppc_table(ppc: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def weight_reading(weight: Mapping[str, Any]) -> str:
+    """A calibrated w in words: the value, its estimated coverage and its cost.
+
+    Example:
+        >>> weight_reading({"w": 0.002, "coverage": 0.9, "coverage_error": 0.03, "level": 0.9,
+        ...     "w_information": 0.0018, "resample": "block", "n_bootstrap": 100,
+        ...     "fits": 113, "simulations": 20000, "seconds": 31.0})[:52]
+        'w = 0.002 was chosen so that 90% credible sets cover'
+    """
+    level = 100 * _float(weight.get("level"))
+    return (
+        f"w = {_number(weight.get('w'))} was chosen so that {level:.0f}% credible sets cover "
+        f"the parameter about {level:.0f}% of the time: at this w their estimated coverage is "
+        f"{_number(weight.get('coverage'), 3)} +- {_number(weight.get('coverage_error'), 2)} "
+        f"({weight.get('resample')} bootstrap, {weight.get('n_bootstrap')} data sets; the "
+        f"information-matching w is {_number(weight.get('w_information'))}). Cost: "
+        f"{weight.get('fits')} point-estimate fits, {weight.get('simulations')} simulations, "
+        f"{_number(weight.get('seconds'), 3)} s."
+    )
+
+
+def _loss_check_table(check: Mapping[str, Any]) -> str:
+    p = _float(check.get("p_value"))
+    flag = "flag" if p < _PPC_SEVERE else ""
+    rows = [
+        [
+            (_number(check.get("observed_median")), "num"),
+            (_number(check.get("replicated_median")), "num"),
+            (_number(check.get("replicated_q95")), "num"),
+            (_number(p, 2), "num"),
+        ]
+    ]
+    header = [
+        "observed loss (median over draws)",
+        "loss of simulated data (median)",
+        "(95th percentile)",
+        "p-value",
+    ]
+    return _table(header, rows) + _para(str(check.get("reading", "")), flag or None)
+
+
+def _loss_check_finding(check: Mapping[str, Any], weight: Any) -> Finding | None:
+    p = _float(check.get("p_value"))
+    if math.isnan(p):
+        return None
+    if p >= _PPC_SEVERE:
+        return Finding(
+            "ok", f"loss check: the observed loss is typical of the model's (p {p:.2g})"
+        )
+    advice = (
+        "w was calibrated, so the intervals aim at the pseudo-true parameter with their "
+        "nominal coverage; improve the model if that parameter is not what you need"
+        if weight
+        else 'set method.w = "calibrate" (with an MMD or energy-distance loss) so that the '
+        "intervals keep their nominal coverage despite the misfit, or improve the model"
+    )
+    return Finding(
+        "caution",
+        f"the model cannot reproduce the data: the observed loss is larger than the model's "
+        f"own data give (loss check p-value {p:.2g}); the model is misspecified",
+        advice,
+    )
+
+
 def _diagnostics_section(diagnostics: dict[str, Any] | None, names: list[str], run: _Run) -> str:
     if diagnostics is None:
         return run.note("diagnostics.json")
@@ -402,6 +466,10 @@ def _diagnostics_section(diagnostics: dict[str, Any] | None, names: list[str], r
         parts.append("<ul>" + "".join(f"<li>{escape(r)}</li>" for r in readings) + "</ul>")
     if diagnostics.get("ppc"):
         parts.append("<h3>Posterior predictive check</h3>" + _ppc_table(diagnostics["ppc"]))
+    if diagnostics.get("weight"):
+        parts.append("<h3>Choice of w</h3>" + _para(weight_reading(diagnostics["weight"])))
+    if diagnostics.get("loss_check"):
+        parts.append("<h3>Loss check</h3>" + _loss_check_table(diagnostics["loss_check"]))
     if diagnostics.get("notes"):
         notes = "".join(f"<li>{escape(str(n))}</li>" for n in diagnostics["notes"])
         parts.append(f"<h3>Notes</h3><ul>{notes}</ul>")
@@ -695,7 +763,9 @@ def assess(
     - posterior predictive p-values: < 0.01 bad, < 0.05 caution;
     - a given truth outside the 90 % interval: caution (a correct posterior misses about 1
       in 10), outside the central 99 % (when ``q005``/``q995`` are given): bad;
-    - SMD: a point estimate, caution (no uncertainty); a skipped predictive check: caution.
+    - SMD: a point estimate, caution (no uncertainty); a skipped predictive check: caution;
+    - the loss check (observed loss against the model's own data): p < 0.01 caution, the
+      model is misspecified; a calibrated w: ok, with its estimated coverage.
 
     Arguments:
         diagnostics: the contents of ``diagnostics.json`` (``khat``, ``rhat``, ``ess``,
@@ -741,6 +811,11 @@ def assess(
                 "make the data as long as the model's output (see the notes)",
             )
         )
+    if diagnostics.get("weight"):
+        findings.append(Finding("ok", weight_reading(diagnostics["weight"])))
+    if diagnostics.get("loss_check"):
+        finding = _loss_check_finding(diagnostics["loss_check"], diagnostics.get("weight"))
+        findings += [finding] if finding is not None else []
     findings += _truth_findings(intervals, method)
     if not findings:
         return Verdict("unknown", _HEADLINES["unknown"], ())

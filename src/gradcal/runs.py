@@ -14,13 +14,14 @@ from typing import Any
 import torch
 
 from gradcal.config import OBJECTIVE_OPTIONS, Built, ConfigError, build, dumps, length_problems
-from gradcal.diagnostics import posterior_predictive, vi_khat
+from gradcal.diagnostics import loss_check, posterior_predictive, vi_khat
 from gradcal.distributed import is_main
 from gradcal.infer.annealing import GeometricAnnealing
 from gradcal.infer.mcmc import HMC, MALA, MCMC
 from gradcal.infer.objectives import Objective, make_objective, mass_warning
 from gradcal.infer.smd import SMD
 from gradcal.infer.vi import VI
+from gradcal.infer.weight import CALIBRATE, WeightCalibration, WeightChoice
 from gradcal.posterior_estimators import (
     Constrained,
     DiagonalGaussian,
@@ -222,7 +223,7 @@ def _run_vi(
         built.loss,
         built.prior,
         q,
-        w=method["w"],
+        w=weight_option(method, config["run"]["seed"]),
         optimizer=torch.optim.Adam(q.parameters(), lr=method["learning_rate"]),
         gradient_clipping_norm=method["gradient_clipping_norm"],
         n_samples_per_epoch=method["samples_per_epoch"],
@@ -269,12 +270,23 @@ def _run_vi(
     khat = vi_khat(
         q, log_target, n_samples=min(1000, method["posterior_samples"]), seed=config["run"]["seed"]
     )
-    result = {"samples": samples, "khat": khat}
+    result = {"samples": samples, "khat": khat, **_weight_result(vi.weight_choice)}
     warning = mass_warning(khat, objective=method["objective"])
     if warning is not None:  # in the log now, in the report's notes later
         logger.warning(warning)
         result["mass_warning"] = warning
     return result
+
+
+def weight_option(method: dict[str, Any], seed: int) -> Any:
+    """``method.w`` as VI and MCMC take it: a number, or the options of w = "calibrate"."""
+    if method["w"] == CALIBRATE:
+        return WeightCalibration(resample=method["w_resample"], seed=seed)
+    return method["w"]
+
+
+def _weight_result(choice: WeightChoice | None) -> dict[str, Any]:
+    return {} if choice is None else {"weight": choice.as_dict()}
 
 
 def _run_smd(
@@ -307,7 +319,8 @@ def _run_mcmc(
     method = config["method"]
     kernel_cls = HMC if method["kernel"] == "hmc" else MALA
     options = {"n_leapfrog": method["n_leapfrog"]} if method["kernel"] == "hmc" else {}
-    kernel = kernel_cls(built.prior, built.loss, w=method["w"], **options)
+    w = weight_option(method, config["run"]["seed"])
+    kernel = kernel_cls(built.prior, built.loss, w=w, **options)
     with seeded(config["run"]["seed"], _device(config)):
         start = built.prior.sample((method["chains"],))
     mcmc = MCMC(kernel, num_samples=method["samples"], progress_bar=progress)
@@ -330,6 +343,7 @@ def _run_mcmc(
         "rhat": mcmc.rhat().tolist(),  # rank-normalised split R-hat
         "ess": mcmc.ess_bulk().tolist(),
         "ess_tail": mcmc.ess_tail().tolist(),
+        **_weight_result(kernel.weight_choice),
     }
 
 
@@ -409,7 +423,7 @@ def write_outputs(
                 ]
             )
     diagnostics: dict[str, Any] = {
-        k: result[k] for k in ("khat", "rhat", "ess", "ess_tail") if k in result
+        k: result[k] for k in ("khat", "rhat", "ess", "ess_tail", "weight") if k in result
     }
     notes = diagnostics.setdefault("notes", [])
     if result.get("mass_warning"):
@@ -424,7 +438,26 @@ def write_outputs(
         _predictive(run_dir, built, samples, seed, diagnostics, outputs)
     except ValueError as error:  # e.g. data and simulations of different lengths
         notes.append(f"posterior predictive check skipped: {error}")
+    try:
+        diagnostics["loss_check"] = _loss_check(built, samples, seed)
+    except (TypeError, ValueError) as error:  # a loss without a model, lengths that differ
+        notes.append(f"loss check skipped: {error}")
     (run_dir / "diagnostics.json").write_text(json.dumps(diagnostics, indent=2))
+
+
+def _loss_check(built: Built, samples: torch.Tensor, seed: int) -> dict[str, Any]:
+    """The observed loss against the loss of data simulated at up to 100 posterior draws."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = samples[torch.randperm(samples.shape[0], generator=generator)[:100]]
+    check = loss_check(built.loss, draws, built.observed, seed=seed)
+    return {
+        "p_value": check.p_value,
+        "observed_median": float(check.observed.nanmedian()),
+        "replicated_median": float(check.replicated.nanmedian()),
+        "replicated_q95": float(check.replicated.nanquantile(0.95)),
+        "draws": int(draws.shape[0]),
+        "reading": check.reading(),
+    }
 
 
 def _series(x: torch.Tensor, ndim: int) -> torch.Tensor:

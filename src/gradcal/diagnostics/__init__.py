@@ -6,7 +6,8 @@ Everything here runs without gradients and returns plain numbers or small result
   against the noise floor :func:`split_half_floor`, and the classifier test :func:`c2st`);
 - whether a variational approximation is good enough to trust (:func:`psis_khat`,
   :func:`vi_khat`, read by :func:`read_khat`);
-- whether the calibrated model reproduces the data (:func:`posterior_predictive`);
+- whether the calibrated model reproduces the data (:func:`posterior_predictive`, and
+  :func:`loss_check` for the loss itself);
 - whether a calibration routine is calibrated over many synthetic data sets
   (:func:`coverage`, with simulation-based calibration ranks).
 """
@@ -21,9 +22,11 @@ from gradcal.diagnostics.distances import (
 )
 from gradcal.diagnostics.predictive import (
     DEFAULT_SUMMARIES,
+    LossCheck,
     PredictiveCheck,
     SummaryCheck,
     autocorrelation,
+    loss_check,
     posterior_predictive,
 )
 from gradcal.diagnostics.psis import psis_khat, read_khat, vi_khat
@@ -31,6 +34,7 @@ from gradcal.diagnostics.psis import psis_khat, read_khat, vi_khat
 __all__ = [
     "DEFAULT_SUMMARIES",
     "Coverage",
+    "LossCheck",
     "NoiseFloor",
     "PredictiveCheck",
     "SummaryCheck",
@@ -38,6 +42,7 @@ __all__ = [
     "c2st",
     "coverage",
     "energy_distance_samples",
+    "loss_check",
     "mmd_samples",
     "posterior_predictive",
     "psis_khat",

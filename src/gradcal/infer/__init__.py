@@ -1,5 +1,5 @@
 """Inference drivers: GVI (and its objectives), simulated minimum distance, gradient MCMC,
-reference posteriors."""
+reference posteriors, and the choice of w."""
 
 from gradcal.infer.annealing import GeometricAnnealing
 from gradcal.infer.convergence import effective_sample_size, ess_bulk, ess_tail, rhat, split_rhat
@@ -20,6 +20,7 @@ from gradcal.infer.reference import (
 )
 from gradcal.infer.smd import SMD
 from gradcal.infer.vi import VI
+from gradcal.infer.weight import WeightCalibration, WeightChoice, choose_w
 
 __all__ = [
     "HMC",
@@ -34,6 +35,9 @@ __all__ = [
     "RejectionSamples",
     "Renyi",
     "ReverseKL",
+    "WeightCalibration",
+    "WeightChoice",
+    "choose_w",
     "effective_sample_size",
     "ess_bulk",
     "ess_tail",

@@ -37,6 +37,7 @@ from gradcal.infer.convergence import (
     rhat,
     split_rhat,
 )
+from gradcal.infer.weight import WeightChoice, resolve_w
 from gradcal.regularisation import check_prior, prior_dim, prior_log_prob
 from gradcal.rng import seeded
 
@@ -71,11 +72,11 @@ class _Kernel:
         batching: Batching = "auto",
     ):
         check_prior(prior)
-        if not w > 0:
-            raise ValueError(f"`w` must be > 0, got {w}.")
+        w, self.calibration = resolve_w(w, allow_zero=False)
+        self.weight_choice: WeightChoice | None = None
         if diff_mode not in ("reverse", "forward"):
             raise ValueError(f"`diff_mode` must be 'reverse' or 'forward', got {diff_mode!r}.")
-        self.prior, self.w = prior, float(w)
+        self.prior, self.w = prior, w
         self.loss = BatchedLoss(loss, batching)
         self.gradient_clipping_norm = gradient_clipping_norm
         self.diff_mode, self.jacobian_chunk_size = diff_mode, jacobian_chunk_size
@@ -88,6 +89,12 @@ class _Kernel:
     def reset(self) -> None:
         """Forget the cached target of the current state (a new run or new data)."""
         self._cache, self.last_accept_prob = None, None
+
+    def choose_w(self, data: Any) -> None:
+        """For ``w="calibrate"``: choose w from ``data`` (once; kept in ``weight_choice``)."""
+        if self.calibration is not None and self.weight_choice is None:
+            self.weight_choice = self.calibration.choose(self.loss.loss, self.prior, data)
+            self.w = self.weight_choice.w
 
     def initialise_chain(self, state: Tensor, data: Any) -> None:
         """Evaluate the target at ``state`` (C, D) and remember it (BlackBIRDS' name)."""
@@ -208,7 +215,9 @@ class MALA(_Kernel):
     Metropolis-Hastings correction.
 
     Arguments:
-        prior, loss, w: the target :math:`\pi(\theta) \exp(-l(\theta, y)/w)`.
+        prior, loss, w: the target :math:`\pi(\theta) \exp(-l(\theta, y)/w)`; ``w`` may be
+            ``"calibrate"`` or a :class:`~gradcal.infer.weight.WeightCalibration`: chosen
+            from the data at the start of :meth:`MCMC.run` (kept in ``weight_choice``).
         gradient_clipping_norm: clip each chain's gradient of the log target.
         diff_mode, jacobian_chunk_size: reverse or forward mode for the loss gradient.
         gradient_horizon, device: accepted for BlackBIRDS compatibility (the loss carries
@@ -449,6 +458,8 @@ class MCMC:
                 f"{state.shape[0]} chain(s) cannot be shared by {world_size()} ranks."
             )
         self.reset()
+        if callable(getattr(self.kernel, "choose_w", None)):  # w="calibrate"
+            self.kernel.choose_w(data)
         stream = None if seed is None else seed + rank()
         with seeded(stream, state.device):
             kept, accepted = self._chain(

@@ -49,6 +49,7 @@ from gradcal.infer.objectives import (
     make_objective,
     mass_warning,
 )
+from gradcal.infer.weight import WeightChoice, resolve_w
 from gradcal.posterior_estimators import as_family
 from gradcal.priors import distribution_device, distribution_to
 from gradcal.regularisation import (
@@ -122,6 +123,9 @@ class VI:
             returns (theta (n, D), log_q (n,)) (``log_prob`` is needed only by the score
             estimator).
         w: weight of KL(q || prior); the target is proportional to exp(-l / w) prior.
+            ``"calibrate"`` (or a :class:`~gradcal.infer.weight.WeightCalibration` with
+            its options): chosen from the data at the start of :meth:`run` so that credible
+            sets reach their nominal coverage; the choice is kept in ``weight_choice``.
         initialize_estimator_to_prior: first fit q to the prior (minimise the KL).
         initialization_lr: learning rate of that fit.
         gradient_clipping_norm: clip the gradient norm of q's parameters at this value.
@@ -227,8 +231,8 @@ class VI:
         anneal: GeometricAnnealing | None = None,
     ):
         check_prior(prior)
-        if not isinstance(w, int | float) or not w >= 0:
-            raise ValueError(f"`w` must be a number >= 0, got {w!r}.")
+        w, self.calibration = resolve_w(w)  # "calibrate": chosen at the start of run()
+        self.weight_choice: WeightChoice | None = None
         for name, value in (
             ("n_samples_per_epoch", n_samples_per_epoch),
             ("n_samples_regularisation", n_samples_regularisation),
@@ -252,10 +256,11 @@ class VI:
             raise TypeError(
                 f"`anneal` must be a GeometricAnnealing or None, got {type(anneal).__name__}."
             )
-        if anneal is not None and not w > 0:
+        calibrated = self.calibration is not None  # w > 0 once chosen
+        if anneal is not None and not (calibrated or w > 0):
             raise ValueError(f"`anneal` needs a target `w` > 0, got {w!r}.")
         self.anneal = anneal
-        if not self.objective.uses_kl_term and not w > 0:
+        if not self.objective.uses_kl_term and not (calibrated or w > 0):
             raise ValueError(f"objective {self.objective.name!r} needs `w` > 0, got {w!r}.")
         self.batched_loss = BatchedLoss(loss, batching)
         self.loss, self.prior, self.posterior_estimator = loss, prior, posterior_estimator
@@ -275,7 +280,7 @@ class VI:
             )
         if isinstance(self.family, torch.nn.Module) and _family_device(self.family).type == "cpu":
             self.family.to(device)
-        self.w, self.kl, self.seed = float(w), kl, seed
+        self.w, self.kl, self.seed = w, kl, seed
         self.initialize_estimator_to_prior = initialize_estimator_to_prior
         self.initialization_lr = initialization_lr
         self.gradient_clipping_norm = gradient_clipping_norm
@@ -524,6 +529,10 @@ class VI:
                 f"`n_samples_per_epoch` ({self.n_samples_per_epoch}) must be at least the "
                 f"number of ranks ({world_size()})."
             )
+        if self.calibration is not None and self.weight_choice is None:
+            self.weight_choice = self.calibration.choose(self.loss, self.prior, data)
+            self.w = self.weight_choice.w
+            logger.info("choosing w: %s", self.weight_choice.summary())
         seed = None if self.seed is None and world_size() == 1 else (self.seed or 0) + rank()
         with seeded(seed, self.device):
             self._start()

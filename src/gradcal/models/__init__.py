@@ -1,5 +1,6 @@
 """Simulators: the :class:`Model` contract and natively batched built-in models."""
 
+from gradcal.models.ar1 import AR1
 from gradcal.models.brock_hommes import BrockHommes, BrockHommesBeliefs
 from gradcal.models.model import Model
 from gradcal.models.normal import Normal, NormalDraws
@@ -8,6 +9,7 @@ from gradcal.models.random_walk import RandomWalk
 from gradcal.models.sir import SIR
 
 __all__ = [
+    "AR1",
     "SIR",
     "BrockHommes",
     "BrockHommesBeliefs",

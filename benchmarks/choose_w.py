@@ -1,0 +1,345 @@
+"""Does a calibrated w give intervals that mean what they say? Coverage over replicated data.
+
+The studies (``python benchmarks/choose_w.py [normal|ar1|exact|cost|all] [--replicates N]``):
+
+- ``normal``: well specified. y_i ~ N(1, 1), n = 50, loss the negative log-likelihood with
+  known scale, prior N(0, 10^2). Calibration (i.i.d. bootstrap) should give w ~ 1, and 90%
+  intervals of pi_w should cover the true mean ~90% of the time.
+- ``ar1``: misspecified. Data from x_t = 0.5 x_{t-1} + e_t with contaminated noise
+  e_t ~ 0.9 N(0, 1) + 0.1 N(0, 5^2) (T = 60); model the Gaussian AR(1) (phi, sigma), loss
+  the MMD of lag-2 windows (Gaussian kernel, fixed bandwidth 1.5). The target is the
+  pseudo-true parameter, the minimiser of the expected loss, computed here in closed form
+  (Gaussian integrals) with the data's law by a Monte Carlo of 1.2 x 10^6 windows. Intervals
+  at the calibrated w (moving-block bootstrap), at w = 1 and at BlackBIRDS' tutorial w = 0.001.
+- ``exact``: for the ar1 replicates of the logs given (``--logs``), the coverage of the
+  exact pi_w's central 90% intervals (the expected loss in closed form on a grid, no
+  Laplace or variational approximation) at each calibrated w, at w = 1 and at w = 0.001.
+- ``cost``: one calibration against one Gaussian VI fit of the same problem, side by side.
+
+The intervals are those of the Laplace approximation of pi_w at the point estimate
+(precision H / w + prior's, the construction the calibration itself uses); ``--vi K`` also
+fits Gaussian VI at the chosen w for the first K replicates and prints its sds beside them.
+Monte Carlo error of a coverage p over R replicates: sqrt(p (1 - p) / R) (0.03 at R = 100,
+0.042 at R = 50 for p = 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+import torch
+
+from gradcal.infer import VI
+from gradcal.infer.weight import WeightCalibration
+from gradcal.losses import GaussianKernel, MMDLoss
+from gradcal.models import AR1
+from gradcal.posterior_estimators import FullRankGaussian
+
+torch.set_num_threads(1)
+LEVEL = 0.9
+Z = 1.6448536269514722  # the 0.95 quantile of N(0, 1): 90% equal-tailed intervals
+
+
+# --- the well-specified Normal location --------------------------------------------------
+
+
+def normal_nll(theta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """-log N(y; theta, 1) summed over y (n,), up to a constant: theta (B, 1) -> (B,)."""
+    return 0.5 * ((y - theta) ** 2).sum(-1)
+
+
+normal_nll.batched = True
+normal_nll.exact = True
+
+
+def normal_study(replicates: int, n: int = 50) -> None:
+    prior = torch.distributions.Normal(torch.zeros(1), 10.0 * torch.ones(1))
+    generator = torch.Generator().manual_seed(2026)
+    ws, covered, seconds = [], [], []
+    for r in range(replicates):
+        y = 1.0 + torch.randn(n, generator=generator)
+        choice = WeightCalibration(resample="iid", n_bootstrap=200, seed=r).choose(
+            normal_nll, prior, y
+        )
+        w = choice.w
+        precision = n / w + 1 / 100  # the exact generalised posterior is Gaussian here
+        mean = y.sum() / w / precision
+        covered.append(abs(float(mean) - 1.0) <= Z / math.sqrt(precision))
+        ws.append(w)
+        seconds.append(choice.seconds)
+    ws_t = torch.tensor(ws)
+    p = sum(covered) / replicates
+    print(f"normal: w per replicate {[round(w, 3) for w in ws]}")
+    print(
+        f"normal (n={n}, {replicates} replicates): w median {ws_t.median():.3f}, "
+        f"quartiles {ws_t.quantile(0.25):.3f}-{ws_t.quantile(0.75):.3f}; coverage of 90% "
+        f"intervals {p:.3f} +- {math.sqrt(p * (1 - p) / replicates):.3f}; "
+        f"{sum(seconds) / replicates:.2f} s per calibration"
+    )
+
+
+# --- the misspecified AR(1) ---------------------------------------------------------------
+
+PHI, T, BANDWIDTH, CONTAMINATION, WIDE = 0.5, 60, 1.5, 0.1, 5.0
+
+
+def contaminated_ar1(
+    n: int, generator: torch.Generator, burn_in: int = 100, series: int = 1
+) -> torch.Tensor:
+    """x_0..x_n of the data process, started at 0 and run ``burn_in`` steps first:
+    (n + 1,), or (series, n + 1) independent series when ``series`` > 1."""
+    steps = n + burn_in + 1
+    noise = torch.randn(series, steps, generator=generator, dtype=torch.float64)
+    wide = torch.rand(series, steps, generator=generator, dtype=torch.float64) < CONTAMINATION
+    noise = torch.where(wide, WIDE * noise, noise)
+    x = torch.zeros(series, steps, dtype=torch.float64)
+    for t in range(1, steps):
+        x[:, t] = PHI * x[:, t - 1] + noise[:, t]
+    x = x[:, burn_in:]
+    return x[0] if series == 1 else x
+
+
+def _window_cov(phi: torch.Tensor, sigma: torch.Tensor, lag: torch.Tensor) -> torch.Tensor:
+    """Cov of the lag-2 windows (x_i, x_i+1) and (x_j, x_j+1), j = i + lag: phi, sigma
+    (G, 1), lag (L,) -> (G, L, 2, 2)."""
+    s2 = (sigma**2 / (1 - phi**2))[..., None, None]
+    a = phi ** lag.abs()
+    b = phi ** (lag + 1).abs()
+    c = phi ** (lag - 1).abs()
+    return s2 * torch.stack([torch.stack([a, b], -1), torch.stack([c, a], -1)], -2)
+
+
+def expected_loss(theta: torch.Tensor, data_windows: torch.Tensor, n: int) -> torch.Tensor:
+    """E over simulations of the unbiased MMD^2 loss, up to the data-only term: theta (2,)
+    -> 0-d, or (G, 2) -> (G,).
+
+    Within-simulation pairs of windows i != j at lag d are jointly Gaussian:
+    E k = det(I + V_d / h^2)^(-1/2), V_d = Var(X_i - X_j); averaged with weights (n - d).
+    Cross term: E_X k(X, y) = det(I + S / h^2)^(-1/2) exp(-y' (S + h^2 I)^(-1) y / 2),
+    averaged over the data windows (their law by Monte Carlo, or one data set's own).
+    """
+    one = theta.ndim == 1
+    theta = theta.reshape(-1, 2)
+    phi, sigma = theta[:, 0:1], theta[:, 1:2]  # (G, 1)
+    h2 = BANDWIDTH**2
+    eye = torch.eye(2, dtype=theta.dtype)
+    lags = torch.arange(1, n, dtype=theta.dtype)
+    zero = _window_cov(phi, sigma, torch.zeros(1, dtype=theta.dtype))[:, 0]  # (G, 2, 2)
+    cross = _window_cov(phi, sigma, lags)  # (G, L, 2, 2)
+    v = 2 * zero[:, None] - cross - cross.transpose(-1, -2)
+    within = torch.linalg.det(eye + v / h2) ** -0.5  # (G, L)
+    weights = (n - lags) / (n * (n - 1) / 2)
+    kxx = (weights * within).sum(-1)
+    inverse = torch.linalg.inv(zero + h2 * eye)  # (G, 2, 2)
+    quad = torch.einsum("wi,gij,wj->gw", data_windows, inverse, data_windows)
+    kxy = torch.linalg.det(eye + zero / h2) ** -0.5 * torch.exp(-0.5 * quad).mean(-1)
+    out = kxx - 2 * kxy
+    return out[0] if one else out
+
+
+def pseudo_true(windows: int = 1_200_000) -> torch.Tensor:
+    """argmin of the expected loss over (phi, sigma), by Newton's method in float64."""
+    series = contaminated_ar1(T, torch.Generator().manual_seed(99), series=windows // T)
+    data_windows = torch.stack([series[:, :-1], series[:, 1:]], -1).reshape(-1, 2)
+    theta = torch.tensor([0.5, 1.4], dtype=torch.float64)
+    for _ in range(8):  # Newton from near the answer: quadratic convergence
+        grad = torch.autograd.functional.jacobian(
+            lambda t: expected_loss(t, data_windows, T), theta
+        )
+        hess = torch.autograd.functional.hessian(
+            lambda t: expected_loss(t, data_windows, T), theta
+        )
+        theta = theta - torch.linalg.solve(hess, grad)
+    print(f"pseudo-true (phi, sigma) = {theta.tolist()}, |gradient| {grad.norm():.2e}", flush=True)
+    return theta
+
+
+# the study's budget per replicate (a 2-core machine shared by five sessions)
+CHEAP = {"n_bootstrap": 40, "repeats": 4, "newton_steps": 10, "fit_epochs": 60, "starts": 2}
+
+
+def ar1_problem(y: torch.Tensor) -> tuple[MMDLoss, torch.distributions.Distribution]:
+    loss = MMDLoss(AR1(T), y, kernel=GaussianKernel(bandwidth=BANDWIDTH), window=2)
+    prior = torch.distributions.Independent(
+        torch.distributions.Uniform(torch.tensor([-0.99, 0.05]), torch.tensor([0.99, 5.0])), 1
+    )
+    return loss, prior
+
+
+def ar1_study(replicates: int, n_vi: int, first: int = 0) -> None:
+    target = pseudo_true().float()
+    compared = {"calibrated": [], "w = 1": [], "w = 0.001": []}
+    ws, seconds, sims = [], [], []
+    for r in range(first, first + replicates):
+        y = contaminated_ar1(T, torch.Generator().manual_seed(2027 + r)).float()
+        loss, prior = ar1_problem(y)
+        calibration = WeightCalibration(resample="block", region="marginal", seed=r, **CHEAP)
+        choice = calibration.choose(loss, prior, y)
+        ws.append(choice.w)
+        seconds.append(choice.seconds)
+        sims.append(choice.simulations)
+        sd1 = torch.linalg.inv(choice.hessian).diagonal().sqrt()  # the w = 1 sds
+        for name, w in (("calibrated", choice.w), ("w = 1", 1.0), ("w = 0.001", 1e-3)):
+            half = Z * sd1 * math.sqrt(w)
+            compared[name].append(((choice.estimate - target).abs() <= half).tolist())
+        if r - first < n_vi:
+            _vi_check(loss, prior, y, choice)
+        done = torch.tensor(compared["calibrated"], dtype=torch.float64).mean(0).tolist()
+        print(
+            f"  replicate {r}: w {choice.w:.4g} (info {choice.w_information:.4g}), "
+            f"covered {compared['calibrated'][-1]}, w=1 {compared['w = 1'][-1]}, "
+            f"w=0.001 {compared['w = 0.001'][-1]}; coverage so far {done}, "
+            f"noise {choice.noise_ratio:.2f}, {choice.seconds:.0f} s",
+            flush=True,
+        )
+    ws_t = torch.tensor(ws)
+    print(
+        f"ar1 ({replicates} replicates, {CHEAP}): w median {ws_t.median():.4g}, "
+        f"quartiles {ws_t.quantile(0.25):.4g}-{ws_t.quantile(0.75):.4g}; "
+        f"{sum(seconds) / replicates:.0f} s and {sum(sims) / replicates:.0f} simulated series "
+        "per calibration"
+    )
+    for name, rows in compared.items():
+        p = torch.tensor(rows, dtype=torch.float64).mean(0)
+        err = (p * (1 - p) / replicates).sqrt()
+        print(
+            f"  {name:>10}: coverage of 90% intervals (phi, sigma) = "
+            f"({p[0]:.3f} +- {err[0]:.3f}, {p[1]:.3f} +- {err[1]:.3f})"
+        )
+
+
+def _vi_check(loss, prior, y, choice) -> None:
+    """Gaussian VI at the chosen w: its sds beside the Laplace ones."""
+    q = FullRankGaussian(choice.estimate.clone(), 0.05)
+    vi = VI(
+        loss,
+        prior,
+        q,
+        w=choice.w,
+        n_samples_per_epoch=10,
+        optimizer=torch.optim.Adam(q.parameters(), lr=5e-3),
+        progress_bar=False,
+        seed=0,
+    )
+    vi.run(y, n_epochs=1000, max_epochs_without_improvement=200)
+    q.load_state_dict(vi.best_estimator_state_dict)
+    with torch.no_grad():
+        draws = q.sample(4000)[0]
+    laplace = (choice.w * torch.linalg.inv(choice.hessian)).diagonal().sqrt()
+    print(f"    VI sds {draws.std(0).tolist()} vs Laplace {laplace.tolist()}")
+
+
+def cost_study(n_bootstrap: int) -> None:
+    """One calibration and one VI fit of the same AR(1) problem, side by side."""
+    y = contaminated_ar1(T, torch.Generator().manual_seed(5)).float()
+    loss, prior = ar1_problem(y)
+    started = time.perf_counter()
+    choice = WeightCalibration(resample="block", n_bootstrap=n_bootstrap).choose(loss, prior, y)
+    calibrate = time.perf_counter() - started
+    q = FullRankGaussian(torch.tensor([0.0, 1.0]), 0.1)
+    vi = VI(
+        loss,
+        prior,
+        q,
+        w=choice.w,
+        n_samples_per_epoch=10,
+        optimizer=torch.optim.Adam(q.parameters(), lr=5e-3),
+        progress_bar=False,
+        seed=0,
+    )
+    started = time.perf_counter()
+    vi.run(y, n_epochs=1000, max_epochs_without_improvement=1000)
+    fit = time.perf_counter() - started
+    print(
+        f"cost (load {os.getloadavg()[0]:.1f}): calibration {calibrate:.1f} s "
+        f"({choice.simulations} simulated series), one VI fit of 1000 epochs x 10 draws "
+        f"{fit:.1f} s (10000 series): ratio {calibrate / fit:.2f}; {choice.summary()}"
+    )
+
+
+def exact_intervals(y: torch.Tensor, w: float, around: torch.Tensor, half: torch.Tensor):
+    """Central 90% intervals of the exact pi_w (uniform prior) on an 81 x 81 grid.
+
+    The expected loss over simulations is computed in closed form for this data set (the
+    cross term averaged over its own windows), so this is the posterior VI aims at, with no
+    Laplace or variational approximation. The grid spans ``around`` +- ``half`` (clipped
+    to the prior's box).
+    """
+    windows = torch.stack([y[:-1], y[1:]], -1).double()
+    lows = torch.maximum(around - half, torch.tensor([-0.99, 0.05])).double()
+    highs = torch.minimum(around + half, torch.tensor([0.99, 5.0])).double()
+    phis = torch.linspace(float(lows[0]), float(highs[0]), 81, dtype=torch.float64)
+    sigmas = torch.linspace(float(lows[1]), float(highs[1]), 81, dtype=torch.float64)
+    grid = torch.cartesian_prod(phis, sigmas)  # (81 * 81, 2), sigma fastest
+    loss = torch.cat([expected_loss(g, windows, T) for g in grid.split(2000)]).reshape(81, 81)
+    log_post = -(loss - loss.min()) / w
+    post = torch.exp(log_post - log_post.max())
+    post = post / post.sum()
+    out = []
+    for marginal, values in ((post.sum(1), phis), (post.sum(0), sigmas)):
+        cdf = marginal.cumsum(0)
+        lo = values[int(torch.searchsorted(cdf, torch.tensor(0.05, dtype=cdf.dtype)))]
+        hi = values[min(int(torch.searchsorted(cdf, torch.tensor(0.95, dtype=cdf.dtype))), 80)]
+        out.append((float(lo), float(hi)))
+    edge = float(post[0].sum() + post[-1].sum() + post[:, 0].sum() + post[:, -1].sum())
+    return out, edge
+
+
+def exact_study(log_paths: list[str]) -> None:
+    """Coverage of the exact pi_w's intervals at each replicate's calibrated w (from logs)."""
+    import re
+
+    target = pseudo_true()
+    rows = []
+    for path in log_paths:
+        with open(path) as lines:
+            for line in lines:
+                m = re.match(r"\s+replicate (\d+): w ([0-9.e-]+)", line)
+                if m:
+                    rows.append((int(m.group(1)), float(m.group(2))))
+    counts = {"calibrated": [], "w = 1": [], "w = 0.001": []}
+    for r, w_cal in rows:
+        y = contaminated_ar1(T, torch.Generator().manual_seed(2027 + r)).float()
+        for name, w in (("calibrated", w_cal), ("w = 1", 1.0), ("w = 0.001", 1e-3)):
+            # the grid spans several sds of pi_w (the whole prior box for w = 1)
+            half = torch.tensor([0.6, 0.9]) * min(1.0, math.sqrt(w / 0.004))
+            half = torch.tensor([2.0, 5.0]) if w > 0.05 else half
+            intervals, edge = exact_intervals(y, w, target.float(), half)
+            hit = [lo <= float(t) <= hi for (lo, hi), t in zip(intervals, target, strict=True)]
+            counts[name].append(hit)
+            if name == "calibrated":
+                print(
+                    f"  replicate {r}: w {w:.4g}, exact intervals {intervals}, {hit}, "
+                    f"mass on the grid's edge {edge:.1e}",
+                    flush=True,
+                )
+    for name, hits in counts.items():
+        p = torch.tensor(hits, dtype=torch.float64).mean(0)
+        err = (p * (1 - p) / len(hits)).sqrt()
+        print(
+            f"  exact pi_w, {name:>10}: coverage (phi, sigma) = "
+            f"({p[0]:.3f} +- {err[0]:.3f}, {p[1]:.3f} +- {err[1]:.3f}) over {len(hits)}"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", choices=("normal", "ar1", "exact", "cost", "all"), default="all")
+    parser.add_argument("--logs", nargs="*", default=[], help="ar1 logs read by 'exact'")
+    parser.add_argument("--replicates", type=int, default=None)
+    parser.add_argument("--bootstrap", type=int, default=100)
+    parser.add_argument("--vi", type=int, default=0, help="replicates also fitted by VI")
+    parser.add_argument("--first", type=int, default=0, help="index of the first replicate")
+    args = parser.parse_args()
+    print(f"load average {os.getloadavg()}", flush=True)
+    if args.study in ("normal", "all"):
+        normal_study(args.replicates or 100)
+    if args.study in ("ar1", "all"):
+        ar1_study(args.replicates or 50, args.vi, args.first)
+    if args.study == "exact":
+        exact_study(args.logs)
+    if args.study in ("cost", "all"):
+        cost_study(args.bootstrap)
