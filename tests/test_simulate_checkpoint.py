@@ -1,6 +1,7 @@
 """Checkpointed reverse mode through time: same values and gradients, less stored graph."""
 
 import math
+import weakref
 
 import networkx
 import pytest
@@ -145,3 +146,34 @@ def test_bad_checkpoint_every(every, error):
         simulate_and_observe_model(model, theta, checkpoint_every=every)
     with pytest.raises(error, match="checkpoint_every"):
         MSELoss(model, torch.zeros(41), checkpoint_every=every)
+
+
+class TrackedRamaCont(RamaCont):
+    """Rama Cont counting how many earlier states are still in memory at each step."""
+
+    batched = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.states, self.most_alive = [], 0
+
+    def step(self, params, x):
+        alive = sum(ref() is not None for ref in self.states)
+        self.most_alive = max(self.most_alive, alive)
+        state = super().step(params, x)
+        self.states.append(weakref.ref(state if state._base is None else state._base))
+        return state
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_outputs_do_not_keep_the_states_alive(grad):
+    # observe returns x[:, :, 2, 0], a view of the (B, 1, 3, N) state: kept as is, it would
+    # hold every state of the run in memory until the end, whatever the gradient needs.
+    model = TrackedRamaCont(64, 20, s=0.1, sigmoid_k=5.0, log10_params=True)
+    _, theta = _rama_cont()
+    with torch.set_grad_enabled(grad):
+        outputs = simulate_and_observe_model(model, theta.requires_grad_(grad), checkpoint_every=5)
+    assert outputs[0].shape == (5, 21)
+    # Without gradients: the state the step reads, and the one before at most. Checkpointed:
+    # at most the states of one stretch of 5 steps (the plain graph would keep all 20).
+    assert model.most_alive <= (5 if grad else 2)

@@ -57,6 +57,19 @@ def _as_list(outputs: Any) -> list[Tensor]:
     )
 
 
+def _own_outputs(outputs: Any, x: Any) -> list[Tensor]:
+    """``observe``'s outputs, each a tensor of its own rather than a view into the step ``x``.
+
+    A view such as ``x[:, :, 2, 0]`` (one number per draw) would keep the whole step's state
+    (B, 1, 3, N) alive until the end of the run: T states in memory even where the
+    gradient (forward mode, checkpointing, no gradient) needs none of them.
+    """
+    return [
+        o.clone() if o is not x and (o._base is not None or not o.is_contiguous()) else o
+        for o in _as_list(outputs)
+    ]
+
+
 def _detach_now(t: int, horizon: int | None) -> bool:
     if horizon is None:
         return False
@@ -182,7 +195,7 @@ def _run(
         params = params.reshape(1)  # a 0-d tensor is one draw of a one-parameter model
     Model.check_params(model, params)  # also for duck-typed models
     batched_model = getattr(model, "batched", False)
-    record = (lambda x: _as_list(model.observe(x))) if observe else (lambda x: x)
+    record = (lambda x: _own_outputs(model.observe(x), x)) if observe else (lambda x: x)
     axis = 1 if batched_model else 0
 
     if params.ndim == 2 and not batched_model:
