@@ -102,7 +102,7 @@ def main() -> None:
     seconds = []
     for epoch in range(1, args.epochs + 1):
         begin = time.perf_counter()
-        total, loss_value, _, estimate = vi.step(y)
+        _, loss_value, _, _ = vi.step(y)
         vi.optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
