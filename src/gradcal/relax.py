@@ -99,8 +99,8 @@ def _soft_slope(probs: Tensor, u: Tensor, tau: float) -> Tensor:
     r"""d soft / d probs of the binary Concrete sample :math:`\sigma((\ell + L) / \tau)`.
 
     With :math:`\ell` the logit of p clamped as in :func:`_probs_to_logits` (zero slope
-    outside the clamp) and :math:`L = \log(1 - u) - \log u`:
-    :math:`s (1 - s) / \tau \cdot (1 / p + 1 / (1 - p))`.
+    outside the clamp and at a NaN p, as the composite's reverse-mode gradient) and
+    :math:`L = \log(1 - u) - \log u`: :math:`s (1 - s) / \tau \cdot (1 / p + 1 / (1 - p))`.
     """
     info = torch.finfo(probs.dtype)
     p = probs.clamp(info.tiny, 1.0 - info.eps)
@@ -124,7 +124,8 @@ class _StraightThroughBernoulli(torch.autograd.Function):
 
     @staticmethod
     def forward(probs: Tensor, u: Tensor, tau: float) -> Tensor:
-        return (u < probs).to(probs.dtype)
+        # A NaN probability gives NaN, as the soft sample does (a failed draw stays visible).
+        return torch.where(torch.isnan(probs), probs, (u < probs).to(probs.dtype))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: Tensor) -> None:
