@@ -253,3 +253,11 @@ def test_every_structural_mistake_is_one_line_naming_the_key(tmp_path, path, val
     assert problems, f"{path} = {value!r} passed"
     assert any(p.startswith(key) for p in problems), problems
     assert all(p.count("\n") == 0 for p in problems)
+
+
+def test_loss_checkpoint_every_must_be_at_least_one(tmp_path):
+    _csv(tmp_path, ["1.0"] * 5)
+    assert check(_config(loss__checkpoint_every=0), tmp_path) == [
+        "loss.checkpoint_every: must be >= 1, got 0"
+    ]
+    assert check(_config(loss__checkpoint_every=2), tmp_path) == []

@@ -189,3 +189,57 @@ def test_bernoulli_mask_edge_probabilities():
         soft_maximum(torch.zeros(1), 0.0, 0.0)
     with pytest.raises(ValueError, match="`p`"):
         bernoulli_mask((2, 2), 1.5, dtype=torch.float32, device="cpu")
+
+
+def _composite_bernoulli(probs, tau):
+    """The straight-through binary Concrete draw written out (the formulation it replaces)."""
+    info = torch.finfo(probs.dtype)
+    p = probs.clamp(info.tiny, 1.0 - info.eps)
+    u = torch.rand_like(probs)
+    noisy = torch.log(p) - torch.log1p(-p) + (torch.log1p(-u) - torch.log(u.clamp(min=info.tiny)))
+    soft = torch.sigmoid(noisy / tau)
+    return (u < probs).to(soft.dtype) + (soft - soft.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_bernoulli_has_the_composite_value_and_gradient(dtype):
+    # Edge probabilities included: 0 and 1 (zero slope, outside the clamp), tiny, NaN.
+    edges = torch.tensor([0.0, 1.0, 1e-30, 0.5, math.nan], dtype=dtype)
+    probs = torch.cat((torch.rand(2000, dtype=dtype), edges))
+    weights = torch.randn_like(probs)
+    results = []
+    for draw in (relaxed_bernoulli, None):
+        leaf = probs.clone().requires_grad_()
+        torch.manual_seed(4)
+        x = relaxed_bernoulli(probs=leaf, tau=0.3) if draw else _composite_bernoulli(leaf, 0.3)
+        (weights * x).sum().backward()
+        # forward mode, same noise
+        torch.manual_seed(4)
+        fn = (
+            (lambda p: relaxed_bernoulli(probs=p, tau=0.3))
+            if draw
+            else (lambda p: _composite_bernoulli(p, 0.3))
+        )
+        _, tangent = jvp(fn, (probs,), (weights,))
+        results.append((x.detach(), leaf.grad, tangent))
+    (x1, g1, t1), (x2, g2, t2) = results
+    # the same draws: the value is exact (NaN for a NaN probability, as before)
+    torch.testing.assert_close(x1, x2, rtol=0.0, atol=0.0, equal_nan=True)
+    assert torch.isnan(x1[-1])
+    assert g1.abs().sum() > 0 and g1[-1] == g2[-1] == 0  # NaN p: zero, as clamp gives
+    # the same formula evaluated in another order: equal up to a few ulps (torch's own jvp of
+    # the composite is NaN at a NaN p, its reverse mode 0: the NaN entry is left out there)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(g1, g2, rtol=tol, atol=0.0)
+    torch.testing.assert_close(t1, g1, rtol=tol, atol=0.0)  # elementwise: jvp = gradient
+    torch.testing.assert_close(t1[:-1], t2[:-1], rtol=tol, atol=0.0)
+
+
+def test_fused_bernoulli_under_vmap_of_jvp():
+    probs = torch.rand(3, 50)
+    torch.manual_seed(0)
+    grads = torch.func.vmap(
+        lambda t: jvp(lambda p: relaxed_bernoulli(probs=p).sum(), (probs,), (t,))[1],
+        randomness="same",
+    )(torch.ones(2, 3, 50))
+    assert grads.shape == (2,) and torch.equal(grads[0], grads[1]) and grads[0] > 0

@@ -112,6 +112,7 @@ _SCHEMA: dict[str, Any] = {
         "estimator": (str, "unbiased"),
         "gradient_horizon": (int, None),
         "chunk_size": (int, None),
+        "checkpoint_every": (int, None),
     },
     "method": {
         "kind": (str, "vi"),
@@ -180,11 +181,11 @@ _METHOD_KEYS = {
     "mcmc": ("kernel", "w", "w_resample", "chains", "samples", "warmup", "n_leapfrog"),
 }
 _FLOW_KEYS = ("transforms", "hidden_features")  # VI with family "nsf" or "maf" only
-_SAMPLE_LOSS_KEYS = ("window", "increments", "gradient_horizon", "chunk_size")
+_SAMPLE_LOSS_KEYS = ("window", "increments", "gradient_horizon", "chunk_size", "checkpoint_every")
 _LOSS_KEYS = {
     "mmd": ("kernel", "bandwidth", "scales", "estimator", *_SAMPLE_LOSS_KEYS),
     "energy": _SAMPLE_LOSS_KEYS,
-    "mse": ("gradient_horizon",),
+    "mse": ("gradient_horizon", "checkpoint_every"),
     "nll": (),
     "custom": ("function",),
 }
@@ -507,6 +508,9 @@ def _check_ranges(config: dict[str, Any], problems: list[str]) -> None:
     loss = config.get("loss") if isinstance(config.get("loss"), dict) else {}
     if loss.get("function") and loss.get("kind", "mmd") != "custom":
         problems.append('loss.function: only used with kind = "custom"')
+    every = loss.get("checkpoint_every")
+    if isinstance(every, int) and not isinstance(every, bool) and every < 1:
+        problems.append(f"loss.checkpoint_every: must be >= 1, got {every}")
 
 
 def check(config: dict[str, Any], base: str | Path = ".") -> list[str]:
@@ -924,11 +928,14 @@ def _make_loss(cfg: dict[str, Any], model: Any, data: list[torch.Tensor], base: 
     if kind == "nll":
         return NegativeLogLikelihood(model)
     if kind == "mse":
-        return MSELoss(model, data, cfg["gradient_horizon"])
+        return MSELoss(
+            model, data, cfg["gradient_horizon"], checkpoint_every=cfg["checkpoint_every"]
+        )
     options = {
         "window": cfg["window"],
         "increments": cfg["increments"],
         "chunk_size": cfg["chunk_size"],
+        "checkpoint_every": cfg["checkpoint_every"],
     }
     if kind == "energy":
         return EnergyDistanceLoss(model, data, cfg["gradient_horizon"], **options)

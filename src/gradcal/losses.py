@@ -34,7 +34,7 @@ from gradcal.discrepancies import (
 )
 from gradcal.kernels import GaussianKernel, Kernel, LaplaceKernel
 from gradcal.models.model import Model
-from gradcal.simulate import _check_horizon, simulate_and_observe_model
+from gradcal.simulate import _check_horizon, check_checkpoint_every, simulate_and_observe_model
 
 __all__ = [
     "EnergyDistanceLoss",
@@ -76,12 +76,20 @@ class _SimulationLoss:
 
     batched = True
 
-    def __init__(self, model: Model, y: Any, gradient_horizon: int | None):
+    def __init__(
+        self,
+        model: Model,
+        y: Any,
+        gradient_horizon: int | None,
+        checkpoint_every: int | None = None,
+    ):
         if not all(hasattr(model, m) for m in ("initialize", "step", "observe")):
             raise TypeError(f"`model` must be a gradcal Model, got {type(model).__name__}.")
         _check_horizon(gradient_horizon)
+        check_checkpoint_every(checkpoint_every)
         self.model = model
         self.gradient_horizon = gradient_horizon
+        self.checkpoint_every = checkpoint_every
         self._y = None if y is None else _as_outputs(y)
 
     def _observed(self, y: Any) -> list[Tensor]:
@@ -96,7 +104,9 @@ class _SimulationLoss:
         raise NotImplementedError
 
     def __call__(self, theta: Tensor, y: Any = None) -> Tensor:
-        simulated = simulate_and_observe_model(self.model, theta, self.gradient_horizon)
+        simulated = simulate_and_observe_model(
+            self.model, theta, self.gradient_horizon, self.checkpoint_every
+        )
         return self.compare(simulated, y, theta.ndim - 1)
 
     def compare(self, simulated: list[Tensor], y: Any = None, lead: int = 1) -> Tensor:
@@ -142,8 +152,9 @@ class _SampleLoss(_SimulationLoss):
         window: int,
         use_increments: bool,
         chunk_size: int | None,
+        checkpoint_every: int | None,
     ):
-        super().__init__(model, y, gradient_horizon)
+        super().__init__(model, y, gradient_horizon, checkpoint_every)
         if window < 1:
             raise ValueError(f"`window` must be >= 1, got {window}.")
         self.window, self.increments, self.chunk_size = window, use_increments, chunk_size
@@ -194,6 +205,9 @@ class MMDLoss(_SampleLoss):
         increments: compare increments x_t - x_{t-1} instead of values.
         estimator: ``"unbiased"``, ``"biased"`` or ``"linear"`` (see :func:`mmd`).
         chunk_size: block size for the kernel matrices of long series.
+        checkpoint_every: checkpointed reverse mode through time, every k steps (see
+            :func:`gradcal.simulate.simulate_and_observe_model`): same values and
+            gradients, memory of the simulation's graph like T / k + k instead of T.
 
     Example:
         >>> from gradcal.models import Normal
@@ -214,8 +228,11 @@ class MMDLoss(_SampleLoss):
         increments: bool = False,
         estimator: Estimator = "unbiased",
         chunk_size: int | None = None,
+        checkpoint_every: int | None = None,
     ):
-        super().__init__(model, y, gradient_horizon, window, increments, chunk_size)
+        super().__init__(
+            model, y, gradient_horizon, window, increments, chunk_size, checkpoint_every
+        )
         if y is None:
             raise ValueError("MMDLoss needs the observed data `y` to fit its kernel.")
         if estimator not in ("unbiased", "biased", "linear"):
@@ -262,8 +279,11 @@ class EnergyDistanceLoss(_SampleLoss):
         window: int = 1,
         increments: bool = False,
         chunk_size: int | None = None,
+        checkpoint_every: int | None = None,
     ):
-        super().__init__(model, y, gradient_horizon, window, increments, chunk_size)
+        super().__init__(
+            model, y, gradient_horizon, window, increments, chunk_size, checkpoint_every
+        )
 
     def _observed_term(self, index: int, points: Tensor) -> Tensor:
         return energy_observed_term(points, self.chunk_size)
@@ -285,8 +305,15 @@ class MSELoss(_SimulationLoss):
         [0.0]
     """
 
-    def __init__(self, model: Model, y: Any = None, gradient_horizon: int | None = None):
-        super().__init__(model, y, gradient_horizon)
+    def __init__(
+        self,
+        model: Model,
+        y: Any = None,
+        gradient_horizon: int | None = None,
+        *,
+        checkpoint_every: int | None = None,
+    ):
+        super().__init__(model, y, gradient_horizon, checkpoint_every)
 
     def _term(self, index: int, x: Tensor, y: Tensor) -> Tensor:
         return mse(x, y.to(x.dtype))

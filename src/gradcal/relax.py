@@ -10,6 +10,7 @@ forward mode (:func:`torch.func.jvp`) and :func:`torch.func.vmap`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -77,6 +78,9 @@ def relaxed_bernoulli(
         raise ValueError("relaxed_bernoulli: give exactly one of `logits` or `probs`.")
     if tau <= 0:
         raise ValueError(f"relaxed_bernoulli: `tau` must be > 0, got {tau}.")
+    if probs is not None and hard:
+        # Same value and gradient as below, without forming the soft sample forward.
+        return _StraightThroughBernoulli.apply(probs, torch.rand_like(probs), float(tau))
     if logits is None:
         logits = _probs_to_logits(probs)
     u = torch.rand_like(logits)
@@ -89,6 +93,56 @@ def relaxed_bernoulli(
         return soft
     up = (u < probs) if probs is not None else (noisy > 0)
     return _straight_through(up.to(soft.dtype), soft)
+
+
+def _soft_slope(probs: Tensor, u: Tensor, tau: float) -> Tensor:
+    r"""d soft / d probs of the binary Concrete sample :math:`\sigma((\ell + L) / \tau)`.
+
+    With :math:`\ell` the logit of p clamped as in :func:`_probs_to_logits` (zero slope
+    outside the clamp and at a NaN p, as the composite's reverse-mode gradient) and
+    :math:`L = \log(1 - u) - \log u`: :math:`s (1 - s) / \tau \cdot (1 / p + 1 / (1 - p))`.
+    """
+    info = torch.finfo(probs.dtype)
+    p = probs.clamp(info.tiny, 1.0 - info.eps)
+    noise = torch.log1p(-u) - torch.log(u.clamp(min=info.tiny))
+    soft = torch.sigmoid((torch.log(p) - torch.log1p(-p) + noise) / tau)
+    slope = soft * (1.0 - soft) / tau * (1.0 / p + 1.0 / (1.0 - p))
+    inside = (probs >= info.tiny) & (probs <= 1.0 - info.eps)
+    return torch.where(inside, slope, 0.0)
+
+
+class _StraightThroughBernoulli(torch.autograd.Function):
+    """1[u < p] forward; the gradient of the binary Concrete sample backward (and forward).
+
+    The composite ``hard + (soft - soft.detach())`` forms the soft sample (about a dozen
+    passes over the draws) in the forward pass only for its gradient; here the forward pass
+    is one comparison and the slope is formed when a gradient asks for it. Works under
+    reverse mode, :func:`torch.func.jvp` and :func:`torch.func.vmap`.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(probs: Tensor, u: Tensor, tau: float) -> Tensor:
+        # A NaN probability gives NaN, as the soft sample does (a failed draw stays visible).
+        return torch.where(torch.isnan(probs), probs, (u < probs).to(probs.dtype))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: Tensor) -> None:
+        probs, u, tau = inputs
+        ctx.save_for_backward(probs, u)
+        ctx.save_for_forward(probs, u)
+        ctx.tau = tau
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        probs, u = ctx.saved_tensors
+        return grad * _soft_slope(probs, u, ctx.tau), None, None
+
+    @staticmethod
+    def jvp(ctx: Any, probs_tangent: Tensor, u_tangent: Any, tau_tangent: Any) -> Tensor:
+        probs, u = ctx.saved_tensors
+        return probs_tangent * _soft_slope(probs, u, ctx.tau)
 
 
 def relaxed_categorical(

@@ -18,7 +18,7 @@ from torch import Tensor
 from gradcal.compat.simulate import compute_loss  # BlackBIRDS' helper, at its path
 from gradcal.models.model import Model
 
-__all__ = ["compute_loss", "run_model", "simulate_and_observe_model"]
+__all__ = ["check_checkpoint_every", "compute_loss", "run_model", "simulate_and_observe_model"]
 
 logger = logging.getLogger("gradcal")
 
@@ -57,46 +57,145 @@ def _as_list(outputs: Any) -> list[Tensor]:
     )
 
 
+def _own_outputs(outputs: Any, x: Any) -> list[Tensor]:
+    """``observe``'s outputs, each a tensor of its own rather than a view into the step ``x``.
+
+    A view such as ``x[:, :, 2, 0]`` (one number per draw) would keep the whole step's state
+    (B, 1, 3, N) alive until the end of the run: T states in memory even where the
+    gradient (forward mode, checkpointing, no gradient) needs none of them.
+    """
+    return [
+        o.clone() if o is not x and (o._base is not None or not o.is_contiguous()) else o
+        for o in _as_list(outputs)
+    ]
+
+
 def _detach_now(t: int, horizon: int | None) -> bool:
     if horizon is None:
         return False
     return horizon == 0 or (t > 0 and t % horizon == 0)
 
 
-def _time_loop(
-    model: Model, params: Tensor, horizon: int | None, record: Callable[[Any], Any]
-) -> list[Any]:
-    """Run the model in its native layout and return ``record`` of every new stretch."""
-    axis = getattr(model, "time_axis", 0)
-    trim = getattr(model, "trim_time_series", lambda x: x)
-    detach = getattr(model, "detach", lambda x: x.detach() if isinstance(x, Tensor) else x)
-    # An overridden trim_time_series decides itself what the next step reads.
-    own_trim = getattr(type(model), "trim_time_series", None) is Model.trim_time_series
-    markov = own_trim and getattr(model, "history_length", None) == 1
-    state = model.initialize(params)
-    records = [record(state)]
-    for t in range(model.n_timesteps):
-        state = trim(state)
-        if _detach_now(t, horizon):
-            state = detach(state)
-        x = model(params, state)
-        records.append(record(x))
-        if markov:  # the next step reads x alone: skip a copy trim would discard
+def check_checkpoint_every(checkpoint_every: Any) -> None:
+    """Raise unless ``checkpoint_every`` is None or an int >= 1 (a public boundary check)."""
+    if checkpoint_every is None:
+        return
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
+        raise TypeError(
+            f"`checkpoint_every` must be None or an int >= 1, got {checkpoint_every!r}."
+        )
+    if checkpoint_every < 1:
+        raise ValueError(f"`checkpoint_every` must be None or >= 1, got {checkpoint_every}.")
+
+
+class _Stepper:
+    """One model's loop body: trim, cut gradients at the horizon, step, record, append."""
+
+    def __init__(self, model: Model, horizon: int | None, record: Callable[[Any], Any]):
+        self.model, self.horizon, self.record = model, horizon, record
+        self.axis = getattr(model, "time_axis", 0)
+        self.trim = getattr(model, "trim_time_series", lambda x: x)
+        self.detach = getattr(
+            model, "detach", lambda x: x.detach() if isinstance(x, Tensor) else x
+        )
+        # An overridden trim_time_series decides itself what the next step reads.
+        own_trim = getattr(type(model), "trim_time_series", None) is Model.trim_time_series
+        self.markov = own_trim and getattr(model, "history_length", None) == 1
+
+    def __call__(self, params: Tensor, state: Any, t: int) -> tuple[Any, Any]:
+        """Step t: the new history and the record of the new step."""
+        state = self.trim(state)
+        if _detach_now(t, self.horizon):
+            state = self.detach(state)
+        x = self.model(params, state)
+        if self.markov:  # the next step reads x alone: skip a copy trim would discard
             state = x
         elif state is not None:
-            state = torch.cat((state, x), dim=axis)
+            state = torch.cat((state, x), dim=self.axis)
+        return state, self.record(x)
+
+    def segment(self, params: Tensor, state: Any, start: int, stop: int) -> tuple[Any, Any]:
+        """Steps start..stop-1: the history after them and their records joined in time.
+
+        Joining makes the records fresh tensors: a record that is a view of a step's state
+        (``x[:, :, 2, 0]``) would otherwise keep every recomputable state alive.
+        """
+        records = []
+        for t in range(start, stop):
+            state, rec = self(params, state, t)
+            records.append(rec)
+        return state, _join(records, self.axis)
+
+
+def _join(records: list[Any], axis: int) -> Any:
+    """Records of consecutive stretches joined along time (list-of-outputs or tensors)."""
+    if isinstance(records[0], list):
+        return [torch.cat(parts, dim=axis) for parts in zip(*records, strict=True)]
+    return torch.cat(records, dim=axis) if records[0] is not None else None
+
+
+def _inside_transform() -> bool:
+    """Whether a torch.func transform (vmap, jvp, grad) is running this code.
+
+    :func:`torch.utils.checkpoint.checkpoint` cannot recompute a stretch that ran under
+    vmap (the backward pass runs outside it), so the time loop runs plainly there.
+    """
+    inside = torch._C._functorch.maybe_current_level() is not None
+    if inside:
+        logger.debug("checkpoint_every is ignored under a torch.func transform.")
+    return inside
+
+
+def _time_loop(
+    model: Model,
+    params: Tensor,
+    horizon: int | None,
+    record: Callable[[Any], Any],
+    checkpoint_every: int | None = None,
+) -> list[Any]:
+    """Run the model in its native layout and return ``record`` of every new stretch.
+
+    With ``checkpoint_every = k`` each stretch of k steps runs under
+    :func:`torch.utils.checkpoint.checkpoint` (non-reentrant, random streams preserved):
+    the forward pass keeps only the history entering each stretch and the stretch's
+    records; the backward pass recomputes one stretch at a time from the same random
+    numbers, so values and gradients are those of the plain loop. Under a torch.func
+    transform (a single-draw loss batched by vmap) the loop runs plainly.
+    """
+    stepper = _Stepper(model, horizon, record)
+    state = model.initialize(params)
+    records = [record(state)]
+    n = model.n_timesteps
+    if checkpoint_every is None or not torch.is_grad_enabled() or _inside_transform():
+        for t in range(n):
+            state, rec = stepper(params, state, t)
+            records.append(rec)
+        return records
+    for start in range(0, n, checkpoint_every):
+        stop = min(start + checkpoint_every, n)
+        state, rec = torch.utils.checkpoint.checkpoint(
+            stepper.segment, params, state, start, stop, use_reentrant=False
+        )
+        records.append(rec)
     return records
 
 
-def _run(model: Model, params: Tensor, horizon: int | None, observe: bool) -> Any:
+def _run(
+    model: Model,
+    params: Tensor,
+    horizon: int | None,
+    observe: bool,
+    checkpoint_every: int | None = None,
+) -> Any:
     """Dispatch on (D,) / (B, D) and the model's layout; ``observe`` picks the result."""
     _check_model(model)
     _check_horizon(horizon)
+    check_checkpoint_every(checkpoint_every)
     if isinstance(params, Tensor) and params.ndim == 0 and getattr(model, "n_params", 0) == 1:
         params = params.reshape(1)  # a 0-d tensor is one draw of a one-parameter model
     Model.check_params(model, params)  # also for duck-typed models
     batched_model = getattr(model, "batched", False)
-    record = (lambda x: _as_list(model.observe(x))) if observe else (lambda x: x)
+    record = (lambda x: _own_outputs(model.observe(x), x)) if observe else (lambda x: x)
     axis = 1 if batched_model else 0
 
     if params.ndim == 2 and not batched_model:
@@ -105,24 +204,23 @@ def _run(model: Model, params: Tensor, horizon: int | None, observe: bool) -> An
             type(model).__name__,
             params.shape[0],
         )
-        runs = [_run(model, p, horizon, observe) for p in params]
+        runs = [_run(model, p, horizon, observe, checkpoint_every) for p in params]
         if observe:
             return [torch.stack(parts) for parts in zip(*runs, strict=True)]
         return torch.stack(runs)
 
     native = params[None] if (batched_model and params.ndim == 1) else params
-    records = _time_loop(model, native, horizon, record)
-    if observe:
-        result = [torch.cat(parts, dim=axis) for parts in zip(*records, strict=True)]
-    else:
-        result = torch.cat(records, dim=axis) if records[0] is not None else None
+    result = _join(_time_loop(model, native, horizon, record, checkpoint_every), axis)
     if batched_model and params.ndim == 1:
         result = [r[0] for r in result] if observe else result[0]
     return result
 
 
 def simulate_and_observe_model(
-    model: Model, params: Tensor, gradient_horizon: int | None = None
+    model: Model,
+    params: Tensor,
+    gradient_horizon: int | None = None,
+    checkpoint_every: int | None = None,
 ) -> list[Tensor]:
     r"""Run ``model`` at ``params`` and return its observed outputs.
 
@@ -131,6 +229,17 @@ def simulate_and_observe_model(
         params: (D,) for one draw or (B, D) for B draws.
         gradient_horizon: None (full gradient through time), 0 (none), or k: the history is
             detached every k steps.
+        checkpoint_every: None (keep the whole graph through time) or k >= 1: checkpointed
+            reverse mode. Only the history entering every k-th step is stored; in the
+            backward pass each stretch of k steps is recomputed with the same random numbers
+            (the CPU stream and that of the device of ``params`` are saved and restored), so
+            values and gradients equal the plain ones while the memory of the graph grows
+            like T / k + k instead of T (k near sqrt(T) is the least). Costs one more
+            forward pass. The model's ``step`` must be a function of its arguments and the
+            random streams only (no state kept on the model between steps). Ignored when
+            gradients are off (forward mode, ``torch.no_grad``) and under torch.func
+            transforms (a single-draw loss batched with vmap): values and gradients are the
+            same, only the memory is not bounded there.
 
     Returns:
         The list ``observe`` defines, concatenated over time: each entry (T_out, ...) for
@@ -143,7 +252,7 @@ def simulate_and_observe_model(
         >>> x.shape
         torch.Size([8, 6, 1])
     """
-    return _run(model, params, gradient_horizon, observe=True)
+    return _run(model, params, gradient_horizon, observe=True, checkpoint_every=checkpoint_every)
 
 
 def run_model(model: Model, params: Tensor, gradient_horizon: int | None = None) -> Any:
