@@ -215,6 +215,28 @@ class ImportanceSampling(Method):
         return MethodOutput(samples=weighted.resample(n_draws, generator))
 
 
+class _NoTracker:
+    """sbi's training tracker protocol, recording nothing (its default writes TensorBoard
+    logs into ``sbi-logs/`` of the working directory)."""
+
+    log_dir = None
+
+    def log_metric(self, name: str, value: float, step: int | None = None) -> None:
+        """Drop one figure."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Drop figures."""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Drop the hyperparameters."""
+
+    def add_figure(self, name: str, figure: Any, step: int | None = None) -> None:
+        """Drop a figure."""
+
+    def flush(self) -> None:
+        """Nothing to write."""
+
+
 class NeuralPosteriorEstimation(Method):
     """sbi's NPE trained on ``sims`` prior simulations of the task's summaries."""
 
@@ -222,7 +244,7 @@ class NeuralPosteriorEstimation(Method):
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("sbi") is None:
-            return "the sbi package is not installed (pip install 'gradcal[bench]')"
+            return "the sbi package (>= 0.27) is not installed (pip install 'gradcal[bench]')"
         return None
 
     def run(
@@ -237,7 +259,7 @@ class NeuralPosteriorEstimation(Method):
             x = task.simulate(theta)
             loss.draws += sims
             keep = torch.isfinite(x).all(-1)
-            inference = NPE(prior=task.prior, show_progress_bars=False)
+            inference = NPE(prior=task.prior, show_progress_bars=False, tracker=_NoTracker())
             inference.append_simulations(theta[keep].float(), x[keep].float())
             density = inference.train(show_train_summary=False, max_num_epochs=200)
             posterior = inference.build_posterior(density)

@@ -255,44 +255,49 @@ def run_bench(
             logger.warning("bench: skipping %s: %s", name, reason)
         else:
             runnable.append(name)
-    references = []
+    references = {name: _reference(name, settings, out) for name in task_names}
+    _write_references(out / "references.csv", references)
     new_file = not results.exists()
+    # Budget and seed outermost: an interrupted run has every task and method at the
+    # smaller budgets and first seeds.
+    grid = [
+        (task, method, budget, seed)
+        for budget in settings.budgets
+        for seed in range(settings.seeds)
+        for task in task_names
+        for method in runnable
+        if (task, method, str(budget), str(seed)) not in done
+    ]
     with results.open("a", newline="") as file:
         writer = csv.DictWriter(file, COLUMNS)
         if new_file:
             writer.writeheader()
-        for task_name in task_names:
-            reference, floor = _reference(task_name, settings, out)
-            references.append((task_name, reference, floor))
-            for method_name in runnable:
-                for budget in settings.budgets:
-                    for seed in range(settings.seeds):
-                        if (task_name, method_name, str(budget), str(seed)) in done:
-                            continue
-                        row = _one(task_name, method_name, budget, seed, settings, reference)
-                        writer.writerow(row)
-                        file.flush()
-                        logger.info("bench: %s", row)
-    _write_references(out / "references.csv", references)
+        for task, method, budget, seed in grid:
+            row = _one(task, method, budget, seed, settings, references[task][0])
+            writer.writerow(row)
+            file.flush()
+            logger.info("bench: %s", row)
     from gradcal.bench.html import write_page
 
     return write_page(out)
 
 
-def _write_references(path: Path, references: list[tuple[str, Reference, Any]]) -> None:
+def _write_references(path: Path, references: dict[str, tuple[Reference, Any]]) -> None:
+    """references.csv: the rows already there, updated with ``references``."""
+    header = ["task", "kind", "draws", "ess", "mmd_floor", "mmd_floor_sd", "note"]
+    rows = {r["task"]: [r[k] for k in header] for r in read_results(path)}
+    for name, (ref, floor) in references.items():
+        ess = "" if ref.ess is None else f"{ref.ess:.1f}"
+        rows[name] = [
+            name,
+            ref.kind,
+            ref.samples.shape[0],
+            ess,
+            f"{floor.mean:.4g}",
+            f"{floor.std:.4g}",
+            ref.note,
+        ]
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["task", "kind", "draws", "ess", "mmd_floor", "mmd_floor_sd", "note"])
-        for name, ref, floor in references:
-            ess = "" if ref.ess is None else f"{ref.ess:.1f}"
-            writer.writerow(
-                [
-                    name,
-                    ref.kind,
-                    ref.samples.shape[0],
-                    ess,
-                    f"{floor.mean:.4g}",
-                    f"{floor.std:.4g}",
-                    ref.note,
-                ]
-            )
+        writer.writerow(header)
+        writer.writerows(rows.values())
