@@ -117,6 +117,7 @@ def _plot(task: str, cells: dict[tuple[str, str, int], dict[str, Any]], path: Pa
                 if pairs:
                     axes[row, col].plot(
                         *zip(*pairs, strict=True),
+                        color=plt.cm.tab20(i % 20),  # one colour per method in every panel
                         marker=markers[i % len(markers)],
                         label=method,
                         linestyle="-" if method.startswith("vi") else "--",
@@ -132,7 +133,7 @@ def _plot(task: str, cells: dict[tuple[str, str, int], dict[str, Any]], path: Pa
             axes[row, 0].set_yscale("log")
     axes[0, 0].axhline(0.5, color="k", lw=0.8)
     axes[0, 1].axhline(0.5, color="k", lw=0.8)
-    axes[0, 1].legend(fontsize=8, loc="best")
+    axes[1, 1].legend(fontsize=8, loc="best")  # every method has a mean error (SMD too)
     fig.suptitle(task)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
