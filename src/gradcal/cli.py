@@ -1,4 +1,4 @@
-"""The ``gradcal`` command: demo, run, check, report, models."""
+"""The ``gradcal`` command: demo, run, check, report, models, bench."""
 
 from __future__ import annotations
 
@@ -84,6 +84,9 @@ EXAMPLES = {
     "check": "gradcal check config.toml",
     "report": "gradcal report runs/a",
     "models": "gradcal models",
+    "bench": "gradcal bench --quick --out bench-quick\n  "
+    "gradcal bench --out bench --seeds 2 --budgets 1000 4000\n  "
+    "gradcal bench --out bench --resume",
 }
 
 
@@ -265,6 +268,33 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _split(values: list[str] | None) -> list[str] | None:
+    """Names given as ``a b`` or ``a,b``."""
+    if values is None:
+        return None
+    return [name for value in values for name in value.split(",") if name]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from gradcal.bench import run_bench
+
+    try:
+        page = run_bench(
+            args.out,
+            "quick" if args.quick else "full",
+            tasks=_split(args.tasks),
+            methods=_split(args.methods),
+            seeds=args.seeds,
+            budgets=args.budgets,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
+    except ValueError as error:  # a bad option or an occupied folder: a user error
+        raise ConfigError([str(error)]) from error
+    print(f"benchmark: {page}")
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradcal",
@@ -334,6 +364,27 @@ def _parser() -> argparse.ArgumentParser:
 
     mod = command("models", "List the built-in models with their parameters.")
     mod.set_defaults(handler=_cmd_models)
+
+    bench = command(
+        "bench",
+        "Benchmark the calibration methods against reference posteriors; write a CSV and "
+        "an HTML page (see docs/bench.md).",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="one seed, tiny budgets (a smoke test, ~1 min)"
+    )
+    bench.add_argument("--out", default="gradcal-bench", help="output folder")
+    bench.add_argument("--tasks", nargs="+", help="task names (default: all)")
+    bench.add_argument("--methods", nargs="+", help="method names (default: all)")
+    bench.add_argument("--seeds", type=int, help="number of seeds (default: the mode's)")
+    bench.add_argument(
+        "--budgets", type=int, nargs="+", help="simulator draws per run (default: the mode's)"
+    )
+    bench.add_argument(
+        "--resume", action="store_true", help="keep the finished rows, run the missing ones"
+    )
+    bench.add_argument("--overwrite", action="store_true", help="replace a benchmark in --out")
+    bench.set_defaults(handler=_cmd_bench)
     return parser
 
 

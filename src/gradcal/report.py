@@ -37,7 +37,15 @@ from gradcal.diagnostics import read_khat
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["REPORT_NAME", "Finding", "Verdict", "assess", "weight_reading", "write_report"]
+__all__ = [
+    "CSS",
+    "REPORT_NAME",
+    "Finding",
+    "Verdict",
+    "assess",
+    "weight_reading",
+    "write_report",
+]
 
 REPORT_NAME = "report.html"
 
@@ -63,7 +71,8 @@ _PPC_SEVERE = 0.01  # ... and below this: the model does not reproduce the featu
 _LEVELS = ("ok", "caution", "bad")  # a finding's levels, from good to bad
 _MAX_PIXELS = 1600  # longest side of an embedded figure
 
-_CSS = """
+# The page style, shared with the benchmark page (gradcal.bench.html).
+CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif;
        max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; line-height: 1.45; }
 h1 { margin-bottom: 0.2rem; }
@@ -955,7 +964,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
 
     page = (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{escape(str(title))}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<title>{escape(str(title))}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
         f"<h1>{escape(str(title))}</h1>\n<p class=meta>{escape(meta)}</p>\n{status}\n"
         f"{_verdict_box(verdict)}\n" + "\n".join(sections) + "\n</body>\n</html>\n"
     )

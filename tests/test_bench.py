@@ -1,0 +1,129 @@
+"""gradcal.bench: the quick benchmark end to end, its metrics and its exact references."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from gradcal.bench import METHODS, TASKS, make_task
+from gradcal.bench.metrics import interval_coverage, mean_error, score
+from gradcal.bench.runner import run_bench
+from gradcal.cli import main
+
+
+def _rows(folder):
+    with (folder / "results.csv").open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_quick_benchmark_runs_every_task_and_method_with_figures_in_range(tmp_path):
+    out = tmp_path / "quick"
+    assert main(["-q", "bench", "--quick", "--out", str(out)]) == 0
+    rows = _rows(out)
+    available = [m for m, method in METHODS.items() if method.unavailable() is None]
+    assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in TASKS for m in available}
+    for r in rows:
+        where = f"{r['task']} / {r['method']}"
+        assert r["status"] == "ok", where
+        budget, sims = int(r["budget"]), int(r["sims"])
+        # MCMC rounds its steps down; HMC's two-step minimum spends 8 + 2 * 8 * 5 = 88
+        assert 0.5 * budget <= sims <= (88 if r["method"] == "hmc" else budget), where
+        assert float(r["wall_s"]) > 0, where
+        assert math.isfinite(float(r["peak_mib"])) and float(r["peak_mib"]) >= 0, where
+        assert 0 <= float(r["mean_error"]) < math.inf, where
+        figures = [float(r[k]) for k in ("c2st", "mmd", "cov50", "cov90")]
+        if METHODS[r["method"]].point:  # SMD: scored on its error only
+            assert all(math.isnan(x) for x in figures), where
+            continue
+        c2st, mmd, cov50, cov90 = figures
+        assert 0 <= c2st <= 1 and math.isfinite(mmd) and 0 <= cov50 <= cov90 <= 1, where
+    page = (out / "bench.html").read_text()
+    assert all(f"<h2>{t}</h2>" in page for t in TASKS)
+    with (out / "references.csv").open(newline="") as file:
+        references = {r["task"]: r for r in csv.DictReader(file)}
+    assert float(references["random_walk"]["ess"]) > 100  # importance sampling's ESS
+    # the folder is never overwritten silently; --resume runs nothing that is done
+    assert main(["-q", "bench", "--quick", "--out", str(out)]) == 2
+    assert main(["-q", "bench", "--quick", "--out", str(out), "--resume"]) == 0
+    assert _rows(out) == rows
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--tasks", "nope"],
+        ["--methods", "vi-reverse-gauss,nope"],
+        ["--seeds", "0"],
+        ["--budgets", "5"],
+        ["--resume", "--overwrite"],
+    ],
+)
+def test_bench_refuses_bad_options_with_exit_code_2(tmp_path, options, capsys):
+    assert main(["bench", "--quick", "--out", str(tmp_path / "b"), *options]) == 2
+    assert "config error" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "results.csv").exists()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    run_bench(tmp_path, "quick", tasks=["bimodal"], methods=["is"])
+    with pytest.raises(ValueError, match="other settings"):
+        run_bench(tmp_path, "quick", tasks=["bimodal"], methods=["is"], seeds=2, resume=True)
+    run_bench(tmp_path, "quick", tasks=["bimodal"], methods=["is", "smd"], resume=True)
+    assert [r["method"] for r in _rows(tmp_path)] == ["is", "smd"]
+
+
+def test_metrics_against_a_known_shift():
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(20_000, 2, generator=generator, dtype=torch.float64)
+    same = torch.randn(4000, 2, generator=generator, dtype=torch.float64)
+    # Coverage of N(0, 1)'s central 90 % interval by n = 4000 draws: binomial sd
+    # sqrt(0.9 * 0.1 / 4000) = 0.0047 per coordinate; the reference's quantiles (m = 20000,
+    # density 0.103 there) add about 0.003: sd < 0.006, so 0.025 is over 4 sd.
+    assert abs(interval_coverage(same, reference, 0.9) - 0.9) < 0.025
+    assert abs(interval_coverage(same, reference, 0.5) - 0.5) < 0.025
+    # shifted by one sd: Phi(1.645 - 1) - Phi(-1.645 - 1) = 0.7365 of the draws inside
+    assert abs(interval_coverage(same + 1, reference, 0.9) - 0.7365) < 0.025
+    # the mean error of a point is exact; of draws, the shift plus the sample mean's noise
+    # (sd 1 / sqrt(4000) = 0.016 per coordinate)
+    shift = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    point = reference.mean(0) + shift * reference.std(0)
+    assert mean_error(point, reference) == pytest.approx(2.0)
+    assert abs(mean_error(same + shift, reference) - 2.0) < 0.07
+    # two sd apart in one coordinate: the classifier tells 200 + 200 draws apart (the Bayes
+    # accuracy is Phi(1) = 0.84; chance gives 0.5 with sd 0.5 / sqrt(400) = 0.025)
+    scores = score(same[:200] + shift, None, reference[:200], folds=2, epochs=10)
+    assert scores.c2st > 0.7 and scores.cov90 < 0.8
+
+
+def test_normal_reference_is_the_conjugate_posterior():
+    task = make_task("normal")
+    posterior = task.prior.posterior(task.data)
+    theta = task.prior.sample((50,))
+    # log posterior - (log prior + log likelihood) is the same constant at every theta
+    difference = posterior.log_prob(theta) - (
+        task.prior.log_prob(theta) - task.loss(theta, task.data)
+    )
+    assert difference.std() < 1e-4 * difference.abs().mean()
+
+
+def test_bimodal_reference_matches_the_posterior_on_a_grid():
+    task = make_task("bimodal")
+    draws = task.reference(4000, False).samples
+    # theta_1 and theta_2 are independent a posteriori: grid each with the other fixed.
+    grid = torch.linspace(-4, 4, 8001)
+    means = []
+    for i in range(2):
+        theta = torch.zeros(grid.numel(), 2)
+        theta[:, i] = grid
+        theta[:, 1 - i] = 1.0
+        log_p = task.prior.log_prob(theta) - task.loss(theta, task.data)
+        p = torch.softmax(log_p.double(), 0)
+        means.append(float((p * (grid.abs() if i == 0 else grid)).sum()))
+    # posterior sd of each coordinate 1 / sqrt(10.25) = 0.31: with 4000 draws the mean's
+    # sd is 0.005; 0.02 is 4 sd. P(theta_1 > 0) = 1/2 with sd 0.008; 0.04 is 5 sd.
+    assert abs(draws[:, 0].abs().mean() - means[0]) < 0.02
+    assert abs(draws[:, 1].mean() - means[1]) < 0.02
+    assert abs((draws[:, 0] > 0).double().mean() - 0.5) < 0.04
