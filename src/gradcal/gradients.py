@@ -39,6 +39,7 @@ __all__ = [
     "PathwiseForward",
     "PathwiseReverse",
     "Score",
+    "check_scalar_loss",
     "loss_and_gradient",
     "make_estimator",
 ]
@@ -107,7 +108,8 @@ def vmap_safe_sampling() -> Iterator[None]:
         torch.distributions.Distribution.set_default_validate_args(saved_validate)
 
 
-def _check_scalar(value: Any) -> Tensor:
+def check_scalar_loss(value: Any) -> Tensor:
+    """``value`` as a 0-d tensor: a one-draw loss must return one number (else ValueError)."""
     if not isinstance(value, Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         raise ValueError(
@@ -154,13 +156,13 @@ class BatchedLoss:
 
     def _vmap(self, theta: Tensor, data: Any) -> Tensor:
         def one(t: Tensor) -> Tensor:
-            return _check_scalar(self.loss(t, data))
+            return check_scalar_loss(self.loss(t, data))
 
         with vmap_safe_sampling():
             return torch.func.vmap(one, randomness="different")(theta)
 
     def _loop(self, theta: Tensor, data: Any) -> Tensor:
-        return torch.stack([_check_scalar(self.loss(t, data)) for t in theta])
+        return torch.stack([check_scalar_loss(self.loss(t, data)) for t in theta])
 
     def resolve(self, theta: Tensor, data: Any) -> None:
         """Settle ``"auto"`` on a first batch of draws, outside any other transform."""
@@ -176,7 +178,7 @@ class BatchedLoss:
         if self.mode == "loop":
             return self._loop(theta, data)
         # auto, single-draw loss: check the contract on one draw, then try vmap once.
-        _check_scalar(self.loss(theta[0], data))
+        check_scalar_loss(self.loss(theta[0], data))
         try:
             out = self._vmap(theta, data)
         except Exception as error:  # any failure of the transform: fall back, say why

@@ -34,7 +34,11 @@ from gradcal.discrepancies import (
 )
 from gradcal.kernels import GaussianKernel, Kernel, LaplaceKernel
 from gradcal.models.model import Model
-from gradcal.simulate import _check_horizon, check_checkpoint_every, simulate_and_observe_model
+from gradcal.simulate import (
+    check_checkpoint_every,
+    check_gradient_horizon,
+    simulate_and_observe_model,
+)
 
 __all__ = [
     "EnergyDistanceLoss",
@@ -85,7 +89,7 @@ class _SimulationLoss:
     ):
         if not all(hasattr(model, m) for m in ("initialize", "step", "observe")):
             raise TypeError(f"`model` must be a gradcal Model, got {type(model).__name__}.")
-        _check_horizon(gradient_horizon)
+        check_gradient_horizon(gradient_horizon)
         check_checkpoint_every(checkpoint_every)
         self.model = model
         self.gradient_horizon = gradient_horizon

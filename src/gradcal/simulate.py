@@ -18,12 +18,19 @@ from torch import Tensor
 from gradcal.compat.simulate import compute_loss  # BlackBIRDS' helper, at its path
 from gradcal.models.model import Model
 
-__all__ = ["check_checkpoint_every", "compute_loss", "run_model", "simulate_and_observe_model"]
+__all__ = [
+    "check_checkpoint_every",
+    "check_gradient_horizon",
+    "compute_loss",
+    "run_model",
+    "simulate_and_observe_model",
+]
 
 logger = logging.getLogger("gradcal")
 
 
-def _check_horizon(gradient_horizon: Any) -> None:
+def check_gradient_horizon(gradient_horizon: Any) -> None:
+    """Raise unless ``gradient_horizon`` is None or an int >= 0 (a public boundary check)."""
     if gradient_horizon is None:
         return
     if isinstance(gradient_horizon, bool) or not isinstance(gradient_horizon, int):
@@ -189,7 +196,7 @@ def _run(
 ) -> Any:
     """Dispatch on (D,) / (B, D) and the model's layout; ``observe`` picks the result."""
     _check_model(model)
-    _check_horizon(horizon)
+    check_gradient_horizon(horizon)
     check_checkpoint_every(checkpoint_every)
     if isinstance(params, Tensor) and params.ndim == 0 and getattr(model, "n_params", 0) == 1:
         params = params.reshape(1)  # a 0-d tensor is one draw of a one-parameter model

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from gradcal.checkpoint import save_checkpoint
 from gradcal.distributed import all_reduce_sum, shard
-from gradcal.gradients import BatchedLoss, Batching, _check_scalar
+from gradcal.gradients import BatchedLoss, Batching, check_scalar_loss
 from gradcal.rng import seeded
-from gradcal.simulate import _check_horizon
+from gradcal.simulate import check_gradient_horizon
 
 __all__ = ["SMD"]
 
@@ -152,7 +152,7 @@ class SMD:
     ):
         if not callable(loss):
             raise TypeError(f"`loss` must be callable, got {type(loss).__name__}.")
-        _check_horizon(gradient_horizon)
+        check_gradient_horizon(gradient_horizon)
         theta = _fitted_tensor(optimizer)
         if multi_start and theta.ndim not in (1, 2):
             raise ValueError(
@@ -184,7 +184,7 @@ class SMD:
             return self._theta.new_zeros(0)
         if self.multi_start:
             return self.batched_loss(self._theta[start : start + count], data)
-        return _check_scalar(self.loss_fn(self._theta, data)).reshape(1)
+        return check_scalar_loss(self.loss_fn(self._theta, data)).reshape(1)
 
     def step(self, data: Any) -> tuple[Tensor, Tensor]:
         """Gradients of one epoch into theta (not yet applied).
