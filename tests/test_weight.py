@@ -273,3 +273,18 @@ def test_calibrated_intervals_cover_at_the_nominal_rate_over_replicates():
     # the median of w over replicates: sd of one w ~ 0.2 (n = 50), of the median ~0.025
     assert 0.9 < float(torch.tensor(ws).median()) < 1.1
     assert 85 <= covered <= 95
+
+
+def test_a_loss_that_fails_away_from_its_start_is_an_error_not_a_nan_w():
+    # the loss is NaN beyond |theta| > 0.5 while the data's mean is 3: every fit runs into
+    # the failing region, so no w can be chosen; VI must not go on with w = NaN
+    y = 3.0 + torch.randn(50, generator=torch.Generator().manual_seed(7))
+
+    def failing(theta, data):
+        value = gaussian_nll(theta, data)
+        return torch.where(theta[..., 0].abs() < 0.5, value, torch.nan)
+
+    failing.batched = True
+    failing.exact = True
+    with pytest.raises(RuntimeError, match="choosing w failed"):
+        WeightCalibration(resample="iid", n_bootstrap=40).choose(failing, PRIOR, y)

@@ -269,6 +269,7 @@ class WeightCalibration:
             estimates[1 : _NOISE_ROWS + 1],
             estimates[_NOISE_ROWS + 1 :],
         )
+        boot = _finite_fits(boot, theta_hat)
         w_info = information_matching(hessian, boot)
         coverage_at = self._coverage_function(prior, theta_hat, hessian, boot)
         ws = w_info * torch.logspace(-4, 4, 401, dtype=torch.float64)
@@ -278,6 +279,12 @@ class WeightCalibration:
             if self.method == "information"
             else _smallest_reaching(ws, cover, coverage_at, self.level)
         )
+        if not (math.isfinite(w) and w > 0):
+            raise RuntimeError(
+                f"choosing w failed: the bootstrap gives w = {w} (information matching "
+                f"{w_info}); the loss may not identify every parameter (a flat or non-convex "
+                "loss at the point estimate): set `w` to a number instead."
+            )
         c = float(coverage_at(w))
         spread = boot.std(0)
         noise_ratio = float((noise.std(0) / spread.clamp(min=1e-300)).max()) if not exact else 0.0
@@ -455,6 +462,11 @@ def _hessian(
         logger.info("choosing w: no second derivative (%s); finite differences instead.", error)
         h = _hessian_differences(rows, theta, scale)
     h = 0.5 * (h + h.T)
+    if not (torch.isfinite(h).all() and bool(h.abs().max() > 0)):
+        raise RuntimeError(
+            "choosing w failed: the loss has no finite curvature at the point estimate "
+            f"{theta.tolist()} (Hessian {h.tolist()}): set `w` to a number instead."
+        )
     values, vectors = torch.linalg.eigh(h)
     if bool((values <= 0).any()):
         logger.warning(
@@ -500,6 +512,25 @@ def _prior_terms(prior: Any, points: Tensor) -> tuple[Tensor, Tensor]:
         grads.append(g if ok else torch.zeros_like(row))
         hessians.append(h if ok else torch.zeros(row.shape[0], row.shape[0], dtype=row.dtype))
     return torch.stack(grads), torch.stack(hessians)
+
+
+def _finite_fits(boot: Tensor, theta_hat: Tensor) -> Tensor:
+    """The bootstrap estimates (B, D) whose fit ended finite; an error when too few did."""
+    finite = torch.isfinite(boot).all(-1)
+    if not torch.isfinite(theta_hat).all() or int(finite.sum()) < max(10, boot.shape[0] // 2):
+        raise RuntimeError(
+            f"choosing w failed: {int((~finite).sum())} of {boot.shape[0]} bootstrap fits "
+            f"(and the point estimate: {theta_hat.tolist()}) ended at NaN or infinite "
+            "parameters, where the simulator or the loss fails: set `w` to a number instead."
+        )
+    if not bool(finite.all()):
+        logger.warning(
+            "choosing w: %d of %d bootstrap fits ended at NaN or infinite parameters and "
+            "were left out.",
+            int((~finite).sum()),
+            boot.shape[0],
+        )
+    return boot[finite]
 
 
 def information_matching(hessian: Tensor, estimates: Tensor) -> float:
