@@ -311,7 +311,10 @@ def test_the_demo_contains_the_truth_and_says_the_fit_can_be_used(tmp_path, seed
     assert khat < 0.7
     page = (out / "report.html").read_text()
     top = page.split("<section>")[0]
-    assert "verdict-trust" in top or "verdict-caution" in top
+    # k-hat's own spread across seeds is about 0.1 (measured 0.25, 0.53, 0.46 on seeds 0-2),
+    # so only the default seed, whose data and stream the README quotes, must read "trust"
+    allowed = ("verdict-trust",) if seed == 0 else ("verdict-trust", "verdict-caution")
+    assert any(level in top for level in allowed)
     assert "Do not trust" not in top
     assert "<td>returns</td>" in page  # the output carries its name
 
