@@ -788,7 +788,7 @@ def assess(
 
     Example:
         >>> verdict = assess({"khat": 0.9}, method={"kind": "vi", "epochs": 250})
-        >>> verdict.level, verdict.findings[0].advice.startswith("train longer")
+        >>> verdict.level, "mass-covering objective" in verdict.findings[0].advice
         ('bad', True)
         >>> assess({"khat": 0.3}, [{"parameter": "a", "q05": 0, "q95": 1, "truth": 0.5}]).level
         'trust'
