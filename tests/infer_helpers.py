@@ -2,7 +2,9 @@
 
 import math
 
+import numpy as np
 import torch
+from scipy.optimize import root
 
 
 def gaussian_nll(scale: float):
@@ -50,9 +52,6 @@ def stationary_gaussian(grid, values, grads, prior_loc, prior_scale, w, kind, st
     the simulator's mean gradient, the fixed point of pathwise VI (which differs from F's
     optimum by the bias of a straight-through gradient).
     """
-    import numpy as np
-    from scipy.optimize import root
-
     grid, values, grads = grid.double(), values.double(), grads.double()
 
     def equations(p):
