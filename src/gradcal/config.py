@@ -25,6 +25,7 @@ from gradcal import models
 from gradcal.infer.weight import CALIBRATE, RESAMPLE
 from gradcal.kernels import GaussianKernel, LaplaceKernel
 from gradcal.losses import EnergyDistanceLoss, MMDLoss, MSELoss, NegativeLogLikelihood
+from gradcal.models.fixed import fix_parameters
 from gradcal.priors import PRIOR_KINDS, Product, marginal, marginal_problems
 from gradcal.rng import seeded
 
@@ -37,6 +38,7 @@ __all__ = [
     "check",
     "checked",
     "dumps",
+    "is_fixed",
     "length_problems",
     "loads_toml",
     "read_data",
@@ -135,6 +137,7 @@ _SCHEMA: dict[str, Any] = {
         "epochs": (int, 300),
         "patience": (int, 100),
         "learning_rate": ((int, float), 1e-2),
+        "learning_rate_schedule": (str, "constant"),  # or "cosine": down to 1 % at the end
         "gradient_clipping_norm": ((int, float), 10.0),
         "n_samples_regularisation": (int, 1000),
         "posterior_samples": (int, 2000),
@@ -173,6 +176,7 @@ _METHOD_KEYS = {
         "epochs",
         "patience",
         "learning_rate",
+        "learning_rate_schedule",
         "gradient_clipping_norm",
         "n_samples_regularisation",
         "posterior_samples",
@@ -191,7 +195,8 @@ _LOSS_KEYS = {
 }
 _PARAMETER_KEYS = {
     "name": (str, _REQUIRED),
-    "prior": (dict, _REQUIRED),
+    "prior": (dict, None),
+    "value": ((int, float), None),  # a fixed parameter: no prior, not calibrated
     "truth": ((int, float), None),
 }
 # lists whose items have a type: (table, key) -> (item type(s), what to say)
@@ -209,6 +214,7 @@ _CHOICES = {
     ("method", "estimator"): ("pathwise", "forward", "score"),
     ("method", "objective"): tuple(OBJECTIVE_OPTIONS),
     ("method", "kernel"): ("mala", "hmc"),
+    ("method", "learning_rate_schedule"): ("constant", "cosine"),
 }
 
 
@@ -340,10 +346,14 @@ def _check_parameters(config: dict[str, Any], problems: list[str]) -> None:
             f"got {_describe(parameters)}"
         )
         return
+    if all(isinstance(p, dict) and is_fixed(p) for p in parameters):
+        problems.append("parameters: every parameter has a fixed value; give one a prior")
     for i, p in enumerate(parameters):
         path = f"parameters[{i}]."
         _check_table(p, _PARAMETER_KEYS, path, problems)
-        prior = p.get("prior") if isinstance(p, dict) else None
+        if not isinstance(p, dict) or _fixed_problems(p, path, problems):
+            continue
+        prior = p.get("prior")
         if not isinstance(prior, dict):
             continue
         kind = prior.get("kind")
@@ -371,6 +381,37 @@ def _check_parameters(config: dict[str, Any], problems: list[str]) -> None:
         truth = p.get("truth")
         if not found and isinstance(truth, int | float) and not isinstance(truth, bool):
             problems += _support_problems(truth, kind, arguments, f"{path}truth")
+
+
+def is_fixed(parameter: dict[str, Any]) -> bool:
+    """Whether a ``[[parameters]]`` table holds its parameter at a ``value`` (no prior).
+
+    Example:
+        >>> is_fixed({"name": "a", "value": 1.0}), is_fixed({"name": "a", "prior": {}})
+        (True, False)
+    """
+    return parameter.get("value") is not None and parameter.get("prior") is None
+
+
+def _fixed_problems(p: dict[str, Any], path: str, problems: list[str]) -> bool:
+    """Problems of a table's prior/value choice; True when the prior needs no checks."""
+    prior, value = p.get("prior"), p.get("value")
+    if prior is not None and value is not None:
+        problems.append(
+            f"{path}value: give either a prior (the parameter is calibrated) or a value "
+            "(it is held fixed), not both"
+        )
+        return True
+    if prior is None and value is None:
+        problems.append(
+            f"{path}prior: missing: give a prior table, or a value to hold the parameter fixed"
+        )
+        return True
+    if value is not None:
+        if isinstance(value, int | float) and not math.isfinite(value):
+            problems.append(f"{path}value: must be a finite number, got {value}")
+        return True
+    return False
 
 
 def _describe(value: Any) -> str:
@@ -420,7 +461,7 @@ def _check_data(config: dict[str, Any], problems: list[str], base: Path) -> None
         at = data.get("at")
         parameters = config.get("parameters")
         parameters = parameters if isinstance(parameters, list) else []
-        truths = [p.get("truth") for p in parameters if isinstance(p, dict)]
+        truths = [p.get("truth", p.get("value")) for p in parameters if isinstance(p, dict)]
         if at is None and any(t is None for t in truths):
             problems.append(
                 "data.at: missing: simulate = true needs data.at or a truth for every parameter"
@@ -599,6 +640,8 @@ def _check_at(config: dict[str, Any], problems: list[str]) -> None:
     if not isinstance(at, list) or len(at) != len(config["parameters"]):
         return
     for i, (value, p) in enumerate(zip(at, config["parameters"], strict=True)):
+        if is_fixed(p):
+            continue
         arguments = {k: v for k, v in p["prior"].items() if k != "kind"}
         problems += _support_problems(value, p["prior"]["kind"], arguments, f"data.at[{i}]")
 
@@ -896,7 +939,9 @@ def build(config: dict[str, Any], base: str | Path = ".") -> Built:
     if problems:
         raise ConfigError(problems)
     model = _make_model(cls, config["model"]["options"], config["model"]["name"])
-    params = config["parameters"]
+    every = config["parameters"]
+    fixed = {i: p["value"] for i, p in enumerate(every) if is_fixed(p)}
+    params = [p for p in every if not is_fixed(p)]
     prior = Product(
         [
             marginal(p["prior"]["kind"], **{k: v for k, v in p["prior"].items() if k != "kind"})
@@ -905,15 +950,19 @@ def build(config: dict[str, Any], base: str | Path = ".") -> Built:
     )
     names, truth = [p["name"] for p in params], [p.get("truth") for p in params]
     data_cfg = config["data"]
-    if data_cfg["simulate"]:
+    if data_cfg["simulate"]:  # the full model, at every parameter (fixed ones included)
         at = torch.tensor(
-            data_cfg["at"] if data_cfg["at"] is not None else truth,
+            data_cfg["at"]
+            if data_cfg["at"] is not None
+            else [p.get("truth", p.get("value")) for p in every],
             dtype=torch.get_default_dtype(),
         )
         with seeded(config["run"]["seed"] + 1, torch.device(config["run"]["device"])):
             data = [y.detach() for y in model.run_and_observe(at)]
     else:
         data = read_data(data_cfg, base)
+    if fixed:
+        model = fix_parameters(model, fixed)
     return Built(model, prior, names, truth, data, _make_loss(config["loss"], model, data, base))
 
 

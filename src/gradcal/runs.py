@@ -42,6 +42,7 @@ __all__ = [
     "make_annealing_from",
     "make_family",
     "make_objective_from",
+    "make_scheduler",
     "output_names",
     "prepare_run_dir",
     "run_calibration",
@@ -213,18 +214,40 @@ def make_annealing_from(method: dict[str, Any]) -> GeometricAnnealing | None:
     return GeometricAnnealing(start, method["anneal_epochs"])
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, method: dict[str, Any]) -> Any:
+    """The learning-rate schedule ``[method]`` asks for: None for "constant"; for "cosine",
+    lr_t = lr_min + (lr - lr_min) (1 + cos(pi t / epochs)) / 2 with lr_min = lr / 100.
+
+    Example:
+        >>> opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> schedule = make_scheduler(opt, {"learning_rate_schedule": "cosine", "epochs": 4,
+        ...                                 "learning_rate": 0.1})
+        >>> for _ in range(4):
+        ...     opt.step(); schedule.step()
+        >>> round(opt.param_groups[0]["lr"], 6)
+        0.001
+    """
+    if method["learning_rate_schedule"] == "constant":
+        return None
+    return torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=method["epochs"], eta_min=method["learning_rate"] / 100
+    )
+
+
 def _run_vi(
     config: dict[str, Any], built: Built, run_dir: Path, resume: bool, progress: bool
 ) -> dict[str, Any]:
     method = config["method"]
     q = make_family(method, built)
     estimator = method["estimator"]
+    optimizer = torch.optim.Adam(q.parameters(), lr=method["learning_rate"])
     vi = VI(
         built.loss,
         built.prior,
         q,
         w=weight_option(method, config["run"]["seed"]),
-        optimizer=torch.optim.Adam(q.parameters(), lr=method["learning_rate"]),
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, method),
         gradient_clipping_norm=method["gradient_clipping_norm"],
         n_samples_per_epoch=method["samples_per_epoch"],
         n_samples_regularisation=method["n_samples_regularisation"],
