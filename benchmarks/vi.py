@@ -1,34 +1,55 @@
-"""Seconds per VI epoch on the BlackBIRDS tutorial's Rama Cont set-up, side by side.
+"""Seconds per VI epoch against BlackBIRDS 1.3, side by side in one run.
 
-    OMP_NUM_THREADS=1 python benchmarks/vi.py [--epochs 6] [--repeats 3]
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/vi.py [--cases rama_cont gaussian_linear]
+        [--epochs 4] [--repeats 3] [--gl-epochs 100] [--draws 10 30]
 
-Set-up: 1000 agents, 100 steps, s = 0.1, sigmoid_k = 5, MMD loss against data simulated at
-the tutorial's truth, the tutorial's normflows affine-coupling flow, w = 0.001, MVN prior,
-Monte Carlo KL with BlackBIRDS' default 10,000 draws. For B = 10 and 30 draws per epoch:
+Times are CPU seconds of this process (one thread), so that other load on the machine
+slows the cases compared alike; each figure is the median over ``--repeats`` fresh runs,
+after one warm-up run, with the cases interleaved.
+
+**rama_cont**: the BlackBIRDS tutorial's set-up: 1000 agents, 100 steps, s = 0.1,
+sigmoid_k = 5, MMD loss against data simulated at the tutorial's truth, the tutorial's
+normflows affine-coupling flow, w = 0.001, MVN prior, Monte Carlo KL with BlackBIRDS'
+default 10,000 draws. For B draws per epoch:
 
 - (i)   gradcal's batched ``RamaCont`` and ``MMDLoss``, pathwise reverse mode;
-- (ii)  the tutorial's own single-draw model and loss (examples/blackbirds_rama_cont.py),
-        batched automatically by vmap, and the same run draw by draw; (ii') the same model
-        with ``trim_time_series`` keeping the last step only (the tutorial keeps all of it);
+- (ii)  the tutorial's own single-draw model and loss (examples/blackbirds_rama_cont.py,
+        ``trim_time_series`` keeping the whole history), batched by vmap; its history grows
+        as a :class:`gradcal.history.LazyHistory`; (ii-eager) the same with
+        ``lazy_history = False`` (the history copied at every step, as before); (ii-loop)
+        draw by draw; (ii') the model keeping the last step only;
 - (iii) as (i) in forward mode;
-- floor: one batched simulation of B draws without gradients.
+- floor: one batched simulation of the same B draws without gradients;
+- BlackBIRDS 1.3 on the tutorial's own model and ``SingleOutput_SimulateAndMMD`` loss,
+  when ``blackbirds`` is importable (else its figures measured on this machine class,
+  1.2 s per epoch at B = 10 and 3.4 s at B = 30, are used).
 
-When ``blackbirds`` is importable the same tutorial configuration runs on it in the same
-process and the ratio is printed; otherwise the BlackBIRDS 1.3 figures measured on this
-machine class (1.2 s per epoch at B = 10, 3.4 s at B = 30) are used for the goal ratios.
+**gaussian_linear**: a user's own family and loss: theta in R^10, prior N(0, 0.1 I), data
+one draw of N(theta, 0.1 I), the exact Gaussian negative log-likelihood written for
+batches, a user-written family around a zuko NSF (3 transforms, hidden 64 x 64) whose
+``sample(n)`` returns ``rsample_and_log_prob``, Adam 1e-3, w = 1, 64 draws per epoch, 256
+for the Monte Carlo KL; gradcal and BlackBIRDS run the same objects.
+
+BlackBIRDS writes checkpoint files into the working directory; it runs in a temporary one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
+import math
+import os
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import zuko
 
 from gradcal.infer.vi import VI
 from gradcal.losses import MMDLoss
@@ -40,102 +61,198 @@ from blackbirds_rama_cont import MMDLoss as TutorialMMDLoss
 
 BLACKBIRDS_SECONDS = {10: 1.2, 30: 3.4}  # BlackBIRDS 1.3, one thread, this machine class
 TRUTH = torch.log10(torch.tensor([1.0, 0.5, 1.0, 0.7]))
+HAS_BLACKBIRDS = importlib.util.find_spec("blackbirds") is not None
 
 
-def seconds_per_epoch(make_vi, data, epochs: int, repeats: int) -> float:
-    """Median over repeats of the mean epoch time of a fresh run (after one warm-up run)."""
-    make_vi().run(data, 2, 10**9)
-    times = []
+@contextlib.contextmanager
+def scratch_directory() -> Iterator[None]:
+    """Run inside a temporary working directory (BlackBIRDS saves files into it)."""
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as folder:
+        os.chdir(folder)
+        try:
+            yield
+        finally:
+            os.chdir(here)
+
+
+def cpu_seconds(run: Callable[[], None]) -> float:
+    start = time.process_time()
+    run()
+    return time.process_time() - start
+
+
+def per_epoch(makers: dict[str, Callable], data, epochs: int, repeats: int) -> dict[str, float]:
+    """Median CPU seconds per epoch of fresh runs of each maker, interleaved."""
+    for make in makers.values():  # warm-up
+        make().run(data, 1, 10**9)
+    times: dict[str, list[float]] = {name: [] for name in makers}
     for _ in range(repeats):
-        vi = make_vi()
-        start = time.perf_counter()
-        vi.run(data, epochs, 10**9)
-        times.append((time.perf_counter() - start) / epochs)
-    return statistics.median(times)
+        for name, make in makers.items():
+            vi = make()
+            times[name].append(cpu_seconds(lambda vi=vi: vi.run(data, epochs, 10**9)) / epochs)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+class _EagerLogModel(LogModel):
+    lazy_history = False  # the history copied at every step, as before LazyHistory
+
+
+def rama_cont(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    builtin = RamaCont(1000, 100, s=0.1, sigmoid_k=5.0, log10_params=True)
+    options = {"n_agents": 1000, "n_timesteps": 100, "s": 0.1, "sigmoid_k": 5.0}
+    tutorial, eager, trimmed = LogModel(**options), _EagerLogModel(**options), LogModel(**options)
+    trimmed.trim_time_series = lambda x: x[-1:]  # all its step reads
+    y = builtin.run_and_observe(TRUTH)[0].detach()
+    prior = torch.distributions.MultivariateNormal(torch.zeros(4), torch.eye(4))
+
+    def make_vi(loss, b: int, options: dict):
+        flow = make_flow(4)
+        kwargs = {
+            "w": 0.001,
+            "gradient_clipping_norm": 1.0,
+            "optimizer": torch.optim.AdamW(flow.parameters(), lr=1e-3),
+            "n_samples_per_epoch": b,
+            "progress_bar": False,
+        }
+        if loss == "blackbirds":
+            from blackbirds.infer.vi import VI as BlackBirdsVI
+            from blackbirds.losses import SingleOutput_SimulateAndMMD
+
+            return BlackBirdsVI(SingleOutput_SimulateAndMMD(y, tutorial), prior, flow, **kwargs)
+        return VI(loss, prior, flow, seed=0, **kwargs, **options)
+
+    for b in args.draws:
+        with torch.no_grad():
+            params = TRUTH.expand(b, -1).clone()
+            builtin.run_and_observe(params)
+            floor = statistics.median(
+                cpu_seconds(lambda p=params: builtin.run_and_observe(p)) for _ in range(5)
+            )
+        configs = {
+            "(i) built-in batched, reverse": (MMDLoss(builtin, y), {}),
+            "(ii) tutorial model, vmap": (TutorialMMDLoss(model=tutorial, y=y), {}),
+            "(ii-eager) tutorial, history copied, vmap": (
+                TutorialMMDLoss(model=eager, y=y),
+                {"batching": "vmap"},
+            ),
+            "(ii-loop) tutorial model, loop": (
+                TutorialMMDLoss(model=tutorial, y=y),
+                {"batching": "loop"},
+            ),
+            "(ii') tutorial model trimmed, vmap": (TutorialMMDLoss(model=trimmed, y=y), {}),
+            "(iii) built-in batched, forward": (MMDLoss(builtin, y), {"diff_mode": "forward"}),
+        }
+        makers = {
+            name: functools.partial(make_vi, loss, b, kwargs)
+            for name, (loss, kwargs) in configs.items()
+        }
+        if HAS_BLACKBIRDS:
+            makers["BlackBIRDS 1.3, tutorial model"] = functools.partial(
+                make_vi, "blackbirds", b, {}
+            )
+        with scratch_directory():
+            rows = per_epoch(makers, y, args.epochs, args.repeats)
+        reference = rows.pop("BlackBIRDS 1.3, tutorial model", BLACKBIRDS_SECONDS.get(b))
+        source = "measured in this run" if HAS_BLACKBIRDS else "earlier figure"
+        print(
+            f"\nRama Cont, B = {b}: CPU s per epoch; BlackBIRDS 1.3 {reference:.3f} s ({source})"
+        )
+        print(f"  {'floor: one batched simulation, no gradient':<45} {floor:8.4f} s")
+        first = rows["(i) built-in batched, reverse"]
+        for name, seconds in rows.items():
+            print(
+                f"  {name:<45} {seconds:8.4f} s   {reference / seconds:6.1f}x faster than "
+                f"BlackBIRDS   {seconds / floor:5.1f}x floor   {seconds / first:5.2f}x (i)"
+            )
+
+
+# --- a user's own family and loss -----------------------------------------------------------
+
+DIM = 10
+
+
+class GaussianNLL:
+    """-log N(y; theta, 0.1 I) for theta (D,) or (B, D), written for batches."""
+
+    def __call__(self, theta: torch.Tensor, data) -> torch.Tensor:
+        y = data[0] if isinstance(data, list | tuple) else data
+        constant = 0.5 * DIM * math.log(2 * math.pi * 0.1)
+        return 0.5 * ((y - theta) ** 2).sum(-1) / 0.1 + constant
+
+
+class UserNSF(torch.nn.Module):
+    """A user's family: a zuko NSF whose ``sample(n)`` returns ``rsample_and_log_prob``."""
+
+    def __init__(self, seed: int = 1):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.flow = zuko.flows.NSF(DIM, transforms=3, hidden_features=(64, 64))
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.flow().rsample_and_log_prob((n,))
+
+    def log_prob(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.flow().log_prob(theta)
+
+
+def gaussian_linear(args: argparse.Namespace) -> None:
+    prior = torch.distributions.MultivariateNormal(torch.zeros(DIM), 0.1 * torch.eye(DIM))
+    torch.manual_seed(0)
+    theta = prior.sample()
+    y = theta + math.sqrt(0.1) * torch.randn(DIM)
+
+    def make_vi(library: str, batched: bool):
+        q = UserNSF()
+        loss = GaussianNLL()
+        loss.batched = batched  # declared: all draws in one call; else vmap-batched
+        kwargs = {
+            "w": 1.0,
+            "optimizer": torch.optim.Adam(q.parameters(), lr=1e-3),
+            "n_samples_per_epoch": 64,
+            "n_samples_regularisation": 256,
+            "progress_bar": False,
+        }
+        if library == "blackbirds":
+            from blackbirds.infer.vi import VI as BlackBirdsVI
+
+            return BlackBirdsVI(loss, prior, q, **kwargs)
+        return VI(loss, prior, q, seed=0, **kwargs)
+
+    makers = {
+        "gradcal, loss declared batched": functools.partial(make_vi, "gradcal", True),
+        "gradcal, loss batched by vmap": functools.partial(make_vi, "gradcal", False),
+    }
+    if HAS_BLACKBIRDS:
+        makers["BlackBIRDS 1.3"] = functools.partial(make_vi, "blackbirds", False)
+    with scratch_directory():
+        rows = per_epoch(makers, [y], args.gl_epochs, args.repeats)
+    print("\nGaussian-linear, 10 dims, user NSF family, 64 + 256 draws: CPU s per epoch")
+    reference = rows.get("BlackBIRDS 1.3")
+    for name, seconds in rows.items():
+        ratio = f"   {reference / seconds:5.2f}x faster than BlackBIRDS" if reference else ""
+        print(f"  {name:<45} {seconds:8.4f} s{ratio}")
+    if reference is None:
+        print("  (blackbirds is not importable: no side-by-side figure)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--cases", nargs="+", default=["rama_cont", "gaussian_linear"])
+    parser.add_argument("--epochs", type=int, default=4, help="Rama Cont epochs per run")
+    parser.add_argument("--gl-epochs", type=int, default=100, help="Gaussian-linear epochs")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--draws", type=int, nargs="+", default=[10, 30])
     args = parser.parse_args()
-    torch.manual_seed(0)
-    builtin = RamaCont(1000, 100, s=0.1, sigmoid_k=5.0, log10_params=True)
-    tutorial = LogModel(n_agents=1000, n_timesteps=100, s=0.1, sigmoid_k=5.0)
-    # The tutorial's trim_time_series keeps the whole history, so every step copies it:
-    # O(T^2) work. The same model keeping only the last step, which is all step() reads:
-    trimmed = LogModel(n_agents=1000, n_timesteps=100, s=0.1, sigmoid_k=5.0)
-    trimmed.trim_time_series = lambda x: x[-1:]
-    y = builtin.run_and_observe(TRUTH)[0].detach()
-    prior = torch.distributions.MultivariateNormal(torch.zeros(4), torch.eye(4))
-
-    def make_vi(loss, b: int, options: dict) -> VI:
-        flow = make_flow(4)
-        return VI(
-            loss,
-            prior,
-            flow,
-            w=0.001,
-            gradient_clipping_norm=1.0,
-            optimizer=torch.optim.AdamW(flow.parameters(), lr=1e-3),
-            n_samples_per_epoch=b,
-            progress_bar=False,
-            seed=0,
-            **options,
-        )
-
-    has_blackbirds = importlib.util.find_spec("blackbirds") is not None
+    torch.set_num_threads(1)
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"{args.epochs} epochs x {args.repeats} runs; blackbirds importable: {has_blackbirds}"
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average "
+        f"{os.getloadavg()[0]:.2f}; blackbirds importable: {HAS_BLACKBIRDS}"
     )
-    for b in (10, 30):
-        rows = {}
-        with torch.no_grad():
-            params = TRUTH.expand(b, -1).clone()
-            builtin.run_and_observe(params)
-            start = time.perf_counter()
-            for _ in range(5):
-                builtin.run_and_observe(params)
-            rows["floor: one batched simulation, no gradient"] = (time.perf_counter() - start) / 5
-        configs = {
-            "(i) built-in batched, reverse": (MMDLoss(builtin, y), {}),
-            "(ii) tutorial model, vmap": (
-                TutorialMMDLoss(model=tutorial, y=y),
-                {"batching": "vmap"},
-            ),
-            "(ii) tutorial model, loop": (
-                TutorialMMDLoss(model=tutorial, y=y),
-                {"batching": "loop"},
-            ),
-            "(ii') tutorial model trimmed, vmap": (
-                TutorialMMDLoss(model=trimmed, y=y),
-                {"batching": "vmap"},
-            ),
-            "(ii') tutorial model trimmed, loop": (
-                TutorialMMDLoss(model=trimmed, y=y),
-                {"batching": "loop"},
-            ),
-            "(iii) built-in batched, forward": (MMDLoss(builtin, y), {"diff_mode": "forward"}),
-        }
-        for name, (loss, kwargs) in configs.items():
-            rows[name] = seconds_per_epoch(
-                functools.partial(make_vi, loss, b, kwargs),
-                y,
-                args.epochs,
-                args.repeats,
-            )
-        reference = BLACKBIRDS_SECONDS[b]
-        floor, first = (
-            rows["floor: one batched simulation, no gradient"],
-            rows["(i) built-in batched, reverse"],
-        )
-        print(f"\nB = {b}: seconds per epoch (BlackBIRDS 1.3 reference {reference} s)")
-        for name, seconds in rows.items():
-            print(
-                f"  {name:<45} {seconds:8.4f} s   {reference / seconds:6.1f}x faster than "
-                f"BlackBIRDS   {seconds / floor:5.1f}x floor   {seconds / first:4.2f}x (i)"
-            )
+    cases = {"rama_cont": rama_cont, "gaussian_linear": gaussian_linear}
+    for case in args.cases:
+        cases[case](args)
 
 
 if __name__ == "__main__":

@@ -557,3 +557,101 @@ def test_a_resumed_run_repeats_no_tensorboard_step(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("Loss/total")] == [0, 1, 2, 3]
+
+
+# --- one sampling and one backward pass per epoch ----------------------------------------
+
+
+class _CountingFamily(torch.nn.Module):
+    """A user-written family, sample(n) -> (theta, log_q), that records each sampling."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = torch.nn.Parameter(torch.tensor([0.3, -0.2], dtype=torch.float64))
+        self.log_scale = torch.nn.Parameter(torch.tensor([-0.5, 0.1], dtype=torch.float64))
+        self.calls = []
+
+    def _q(self):
+        return torch.distributions.Independent(
+            torch.distributions.Normal(self.loc, self.log_scale.exp()), 1
+        )
+
+    def sample(self, n):
+        self.calls.append(n)
+        theta = self._q().rsample((n,))
+        return theta, self._q().log_prob(theta)
+
+    def log_prob(self, theta):
+        return self._q().log_prob(theta)
+
+
+def _quartic(theta, y):
+    return ((theta - y) ** 4).sum(-1)
+
+
+_quartic.batched = True
+
+
+@pytest.mark.parametrize("method", ["pathwise", "score"])
+def test_an_epoch_samples_q_once_and_backpropagates_once(method):
+    """The loss draws and the Monte Carlo KL draws come from one sampling of q, and the two
+    terms go back through q in one pass; the gradient is that of the loss on the first n
+    draws plus w times the KL on the other m, each set of draws used once."""
+    n, m, w = 6, 40, 0.7
+    q = _CountingFamily()
+    prior = torch.distributions.Independent(
+        torch.distributions.Normal(torch.zeros(2, dtype=torch.float64), 2.0), 1
+    )
+    y = torch.tensor([0.5, 0.1], dtype=torch.float64)
+    vi = VI(
+        _quartic,
+        prior,
+        q,
+        w=w,
+        n_samples_per_epoch=n,
+        n_samples_regularisation=m,
+        gradient_estimation_method=method,
+        kl="monte_carlo",
+        progress_bar=False,
+    )
+    passes = []
+    q.loc.register_hook(lambda grad: passes.append(1))
+    q.calls.clear()
+    torch.manual_seed(3)
+    total, loss, reg, _ = vi.step(y)
+    assert q.calls == [n + m] and len(passes) == 1
+    got = [p.grad.clone() for p in q.parameters()]
+    q.zero_grad()
+    torch.manual_seed(3)
+    theta, log_q = q.sample(n + m)
+    losses = _quartic(theta[:n], y)
+    if method == "pathwise":
+        surrogate = losses.mean()
+    else:  # leave-one-out baseline, score at the stopped draws
+        advantage = (losses - (losses.sum() - losses) / (n - 1)).detach()
+        surrogate = (advantage * q.log_prob(theta[:n].detach())).mean()
+    kl = (log_q[n:] - prior.log_prob(theta[n:])).mean()
+    (surrogate + w * kl).backward()
+    for g, p in zip(got, q.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad)
+    assert loss == pytest.approx(losses.mean().item())
+    assert reg == pytest.approx(w * kl.item()) and total == pytest.approx(loss + reg)
+
+
+def test_a_closed_form_kl_draws_only_the_loss_draws():
+    class Counting(DiagonalGaussian):
+        def sample(self, n):
+            calls.append(n)
+            return super().sample(n)
+
+    calls = []
+    vi = VI(
+        gaussian_nll(1.0),
+        normal_prior(0.0, 1.0),
+        Counting(torch.zeros(1)),
+        n_samples_per_epoch=5,
+        progress_bar=False,
+        seed=0,
+    )
+    vi.run(torch.zeros(3), 2)
+    assert calls == [5, 5]

@@ -1,9 +1,13 @@
 r"""Gradient estimators of E_q[l(theta, y)] and the batching of losses over draws.
 
-Each estimator is a small class with one method, ``__call__(family, loss, data, n)``: it
-draws n parameters from the family, evaluates the loss, backpropagates a surrogate into the
-family's parameters (``.grad`` accumulates) and returns an :class:`EpochEstimate`. The VI
-driver (:mod:`gradcal.infer.vi`) adds the KL term and steps the optimiser.
+Each estimator is a small class with two methods. ``surrogate(family, loss, data, n,
+extra)`` draws n parameters from the family (and ``extra`` more in the same call, handed
+back with their graph for a Monte Carlo KL), evaluates the loss and returns an
+:class:`EpochSurrogate`: a 0-d surrogate whose gradient with respect to the family's
+parameters is the estimator's, and the :class:`EpochEstimate`. ``__call__(family, loss,
+data, n)`` backpropagates that surrogate (``.grad`` accumulates) and returns the estimate.
+The VI driver (:mod:`gradcal.infer.vi`) adds the KL term to the surrogate, backpropagates
+both in one pass and steps the optimiser.
 
 - :class:`PathwiseReverse`: reparameterised draws, one backward pass through loss,
   simulator and family.
@@ -36,6 +40,7 @@ from gradcal.relax import relaxed_categorical
 __all__ = [
     "BatchedLoss",
     "EpochEstimate",
+    "EpochSurrogate",
     "PathwiseForward",
     "PathwiseReverse",
     "Score",
@@ -56,6 +61,28 @@ class EpochEstimate:
     loss: float
     n_valid: int
     n_dropped: int
+
+
+@dataclass
+class EpochSurrogate:
+    """An estimator's epoch before its backward pass.
+
+    ``value``: 0-d, with a graph into the family's parameters, whose gradient is the
+    estimator's gradient (None when no draw was kept: nothing to backpropagate).
+    ``estimate``: the :class:`EpochEstimate`. ``extra``: the ``extra`` draws asked for,
+    (theta (m, D), log_q (m,)) with their graph, drawn in the same call as the estimator's
+    own and independent of them (None when none were asked for).
+    """
+
+    value: Tensor | None
+    estimate: EpochEstimate
+    extra: tuple[Tensor, Tensor] | None = None
+
+    def backward(self) -> EpochEstimate:
+        """Backpropagate ``value`` into the family (``.grad`` accumulates); the estimate."""
+        if self.value is not None and self.value.requires_grad:
+            self.value.backward()
+        return self.estimate
 
 
 # --- batching -------------------------------------------------------------------------
@@ -196,19 +223,25 @@ class BatchedLoss:
 # --- estimators -----------------------------------------------------------------------
 
 
-def _sample(family: Any, n: int) -> tuple[Tensor, Tensor]:
-    theta, log_q = family.sample(n)
-    return (theta[:, None] if theta.ndim == 1 else theta), log_q
+def _sample(family: Any, n: int, extra: int = 0) -> tuple[Tensor, Tensor, tuple | None]:
+    """n + extra draws in one call of ``family.sample``, split: (theta (n, D), log_q (n,),
+    (theta (extra, D), log_q (extra,)) or None)."""
+    theta, log_q = family.sample(n + extra)
+    theta = theta[:, None] if theta.ndim == 1 else theta
+    if not extra:
+        return theta, log_q, None
+    return theta[:n], log_q[:n], (theta[n:], log_q[n:])
 
 
-def _backward_through_family(theta: Tensor, grad: Tensor, valid: Tensor, n_valid: int) -> None:
-    """Backpropagate sum_i <grad_i, theta_i> / n_valid over the kept draws into q.
+def _surrogate_through_family(theta: Tensor, grad: Tensor, valid: Tensor, n_valid: int) -> Tensor:
+    """sum_i <grad_i, theta_i> / n_valid over the kept draws: its gradient into q is the
+    pathwise gradient of the mean loss.
 
     ``n_valid`` counts the kept draws of every rank, so summing the ranks' gradients gives
     the gradient of the mean over all of them.
     """
     g = torch.where(valid[:, None], grad, 0.0).detach()
-    ((g * theta).sum() / n_valid).backward()
+    return (g * theta).sum() / n_valid
 
 
 def _finite_rows(values: Tensor, grad: Tensor | None = None) -> Tensor:
@@ -298,18 +331,26 @@ class PathwiseReverse:
     diff_mode = "reverse"
     chunk_size: int | None = None
 
-    def __call__(self, family: Any, loss: BatchedLoss, data: Any, n: int) -> EpochEstimate:
-        theta = losses = valid = grad = error = None
+    def surrogate(
+        self, family: Any, loss: BatchedLoss, data: Any, n: int, extra: int = 0
+    ) -> EpochSurrogate:
+        """This rank's share of the n draws (and ``extra`` more), the loss and its surrogate."""
+        theta = losses = valid = grad = error = more = None
         try:  # this rank's share of the n draws
-            theta, _ = _sample(family, shard(n)[1])
+            theta, _, more = _sample(family, shard(n)[1], extra)
             losses, grad = loss_and_gradient(loss, theta, data, self.diff_mode, self.chunk_size)
             valid = _finite_rows(losses, grad)
         except Exception as caught:  # reported to every rank by _totals
             error = caught
         totals = _totals(losses, valid, error)
+        value = None
         if totals[0] > 0 and bool(valid.any()):
-            _backward_through_family(theta, grad, valid, int(totals[0]))
-        return _estimate(totals)
+            value = _surrogate_through_family(theta, grad, valid, int(totals[0]))
+        return EpochSurrogate(value, _estimate(totals), more)
+
+    def __call__(self, family: Any, loss: BatchedLoss, data: Any, n: int) -> EpochEstimate:
+        """Backpropagate the surrogate of n draws into the family; the estimate."""
+        return self.surrogate(family, loss, data, n).backward()
 
 
 class PathwiseForward(PathwiseReverse):
@@ -344,11 +385,16 @@ class Score:
             )
         self.baseline = baseline
 
-    def __call__(self, family: Any, loss: BatchedLoss, data: Any, n: int) -> EpochEstimate:
-        theta = losses = valid = error = None
+    def surrogate(
+        self, family: Any, loss: BatchedLoss, data: Any, n: int, extra: int = 0
+    ) -> EpochSurrogate:
+        """This rank's share of the n draws (and ``extra`` more), the loss and its surrogate."""
+        theta = losses = valid = error = more = None
         try:
+            with torch.set_grad_enabled(extra > 0):  # only the extra draws keep a graph
+                theta, _, more = _sample(family, shard(n)[1], extra)
             with torch.no_grad():
-                theta, _ = _sample(family, shard(n)[1])
+                theta = theta.detach()
                 losses = loss(theta, data)
                 # log q(theta) is not finite for a draw on a bound of the support (a
                 # constrained map saturated in floating point): dropped, as a failed draw.
@@ -358,13 +404,16 @@ class Score:
         totals = _totals(losses, valid, error)
         m, total = int(totals[0]), float(totals[1])
         if m == 0 or not bool(valid.any()):
-            return _estimate(totals)
+            return EpochSurrogate(None, _estimate(totals), more)
         kept = losses[valid]
         if self.baseline == "leave_one_out" and m > 1:
             kept = kept - (total - kept) / (m - 1)  # the other draws, on every rank
         log_q = family.log_prob(theta[valid])
-        ((kept * log_q).sum() / m).backward()
-        return _estimate(totals)
+        return EpochSurrogate((kept * log_q).sum() / m, _estimate(totals), more)
+
+    def __call__(self, family: Any, loss: BatchedLoss, data: Any, n: int) -> EpochEstimate:
+        """Backpropagate the surrogate of n draws into the family; the estimate."""
+        return self.surrogate(family, loss, data, n).backward()
 
 
 def make_estimator(

@@ -23,9 +23,11 @@ from gradcal.posterior_estimators import as_family, log_prob_stopped
 
 __all__ = [
     "check_prior",
+    "closed_form_kl",
     "compute_regularisation_loss",
     "kl_divergence",
     "kl_estimate",
+    "kl_from_draws",
     "monte_carlo_kl",
     "prior_dim",
     "prior_log_prob",
@@ -105,7 +107,23 @@ def prior_dim(prior: Any) -> int | None:
     return batch[-1] if batch else 1
 
 
-def _analytic(q: Any, prior: Any) -> Tensor | None:
+def closed_form_kl(q: Any, prior: Any) -> Tensor | None:
+    """KL(q || prior) in closed form, differentiable, or None when none is registered.
+
+    ``q`` is a family (:func:`~gradcal.posterior_estimators.as_family` is applied); a prior
+    that is a gradcal family is read through its ``distribution()``; a batch-(D,) pair of
+    independent coordinates gives the sum over them.
+
+    Example:
+        >>> from gradcal.posterior_estimators import DiagonalGaussian
+        >>> prior = torch.distributions.Independent(
+        ...     torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)
+        >>> round(closed_form_kl(DiagonalGaussian(torch.ones(2)), prior).item(), 4)
+        1.0
+        >>> closed_form_kl(DiagonalGaussian(torch.ones(2)), object()) is None
+        True
+    """
+    q = as_family(q)
     if not isinstance(prior, Distribution):
         if not callable(getattr(prior, "distribution", None)):
             return None
@@ -174,7 +192,7 @@ def kl_estimate(
     if d is not None and q.dim != d:
         raise ValueError(f"the prior is over {d} parameter(s) but q draws {q.dim}.")
     if method != "monte_carlo":
-        kl = _analytic(q, prior)
+        kl = closed_form_kl(q, prior)
         if kl is not None:
             return kl, 0
         if method == "analytic":
@@ -213,16 +231,49 @@ def monte_carlo_kl(
     """
     q = as_family(q)
     theta, log_q = q.sample(n_samples)
+    return kl_from_draws(q, prior, theta, log_q, sticking_the_landing)
+
+
+def kl_from_draws(
+    q: Any, prior: Any, theta: Tensor, log_q: Tensor, sticking_the_landing: bool = False
+) -> tuple[Tensor, int]:
+    r"""The Monte Carlo KL(q || prior) over given reparameterised draws of q, and the number
+    dropped (see :func:`monte_carlo_kl`, which draws them).
+
+    Arguments:
+        q: the family the draws come from (its ``log_prob`` is used only with
+            ``sticking_the_landing``).
+        prior: the prior (``log_prob``).
+        theta: (m, D) draws of q, with their graph into q's parameters.
+        log_q: (m,) log q at the draws, with its graph.
+        sticking_the_landing: take log q at q's parameters held fixed.
+
+    Example:
+        >>> from gradcal.posterior_estimators import DiagonalGaussian
+        >>> q = DiagonalGaussian(torch.zeros(1))
+        >>> prior = torch.distributions.Normal(torch.zeros(1), torch.ones(1))
+        >>> kl, dropped = kl_from_draws(q, prior, *q.sample(50))
+        >>> round(kl.item(), 6), dropped     # q = prior: every term is 0
+        (0.0, 0)
+    """
+    theta = theta[:, None] if theta.ndim == 1 else theta
+    log_prior = prior_log_prob(prior, theta)
     with torch.no_grad():
-        ok = torch.isfinite(log_q) & torch.isfinite(prior_log_prob(prior, theta))
-    # The prior is evaluated again on the kept draws only, so that no gradient of it at a
-    # bound (inf times a zero weight) can turn the gradient into NaN.
-    if not bool(ok.any()):  # nothing to average: NaN, without a gradient to apply
+        ok = torch.isfinite(log_q) & torch.isfinite(log_prior)
+    n_ok = int(ok.sum())
+    if n_ok == 0:  # nothing to average: NaN, without a gradient to apply
         return torch.full((), math.nan, dtype=log_q.dtype, device=log_q.device), len(ok)
-    kept = theta[ok]
-    log_q_kept = log_prob_stopped(q, kept) if sticking_the_landing else log_q[ok]
-    kl = (log_q_kept - prior_log_prob(prior, kept)).mean()
-    return kl, int((~ok).sum())
+    if n_ok == len(ok):  # the usual case: every draw kept, the prior evaluated once
+        kept, log_prior_kept, log_q_kept = theta, log_prior, log_q
+    else:
+        # The prior is evaluated again on the kept draws only, so that no gradient of it at
+        # a bound (inf times a zero weight) can turn the gradient into NaN.
+        kept = theta[ok]
+        log_prior_kept, log_q_kept = prior_log_prob(prior, kept), log_q[ok]
+    if sticking_the_landing:
+        log_q_kept = log_prob_stopped(q, kept)
+    kl = (log_q_kept - log_prior_kept).mean()
+    return kl, len(ok) - n_ok
 
 
 def compute_regularisation_loss(posterior_estimator: Any, prior: Any, n_samples: int) -> Tensor:

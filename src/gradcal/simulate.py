@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from gradcal.compat.simulate import compute_loss  # BlackBIRDS' helper, at its path
+from gradcal.history import LazyHistory, append_step, materialise
 from gradcal.models.model import Model
 
 __all__ = [
@@ -107,19 +108,34 @@ class _Stepper:
         )
         # An overridden trim_time_series decides itself what the next step reads.
         own_trim = getattr(type(model), "trim_time_series", None) is Model.trim_time_series
-        self.markov = own_trim and getattr(model, "history_length", None) == 1
+        history_length = getattr(model, "history_length", None)
+        self.markov = own_trim and history_length == 1
+        # A single-draw history grows as a LazyHistory (no copy of it at every step) unless
+        # the model's own default trim would cut it, or the model asks for real tensors.
+        self.lazy = (
+            self.axis == 0
+            and getattr(model, "lazy_history", True)
+            and not (own_trim and history_length is not None)
+        )
 
     def __call__(self, params: Tensor, state: Any, t: int) -> tuple[Any, Any]:
         """Step t: the new history and the record of the new step."""
         state = self.trim(state)
         if _detach_now(t, self.horizon):
-            state = self.detach(state)
+            state = self.detach(materialise(state))
         x = self.model(params, state)
         if self.markov:  # the next step reads x alone: skip a copy trim would discard
             state = x
         elif state is not None:
-            state = torch.cat((state, x), dim=self.axis)
+            state = self.append(state, x)
         return state, self.record(x)
+
+    def append(self, state: Any, x: Any) -> Any:
+        """The history followed by the step ``x`` (a LazyHistory where allowed)."""
+        lazy_ok = isinstance(state, Tensor | LazyHistory) and isinstance(x, Tensor)
+        if self.lazy and lazy_ok:
+            return append_step(state, x)
+        return torch.cat((materialise(state), x), dim=self.axis)
 
     def segment(self, params: Tensor, state: Any, start: int, stop: int) -> tuple[Any, Any]:
         """Steps start..stop-1: the history after them and their records joined in time.
@@ -131,7 +147,7 @@ class _Stepper:
         for t in range(start, stop):
             state, rec = self(params, state, t)
             records.append(rec)
-        return state, _join(records, self.axis)
+        return materialise(state), _join(records, self.axis)
 
 
 def _join(records: list[Any], axis: int) -> Any:

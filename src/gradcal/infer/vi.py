@@ -54,9 +54,11 @@ from gradcal.posterior_estimators import as_family
 from gradcal.priors import distribution_device, distribution_to
 from gradcal.regularisation import (
     check_prior,
+    closed_form_kl,
     compute_regularisation_loss,  # BlackBIRDS' path
     kl_divergence,
     kl_estimate,
+    kl_from_draws,
     prior_dim,
     prior_log_prob,
 )
@@ -303,7 +305,7 @@ class VI:
     # --- one epoch ------------------------------------------------------------------------
 
     def regularisation(self) -> Tensor:
-        """w * KL(q || prior), differentiable (0 when w = 0).
+        """w * KL(q || prior), differentiable (0 when w = 0), on fresh draws of q.
 
         ``kl_dropped`` keeps how many Monte Carlo draws of the KL were dropped (non-finite
         log q or log prior, e.g. a draw on a bound of the prior's support).
@@ -311,7 +313,6 @@ class VI:
         self.kl_dropped = 0
         if self.w == 0.0:
             return torch.zeros((), device=self.device)
-        w = self.current_w
         kl, self.kl_dropped = kl_estimate(
             self.family,
             self.prior,
@@ -319,7 +320,20 @@ class VI:
             self.n_samples_regularisation,
             getattr(self.objective, "sticking_the_landing", False),
         )
-        return w * kl
+        return self.current_w * kl
+
+    def _closed_form_or_draws(self) -> tuple[Tensor | None, int]:
+        """This epoch's w * KL when no Monte Carlo draw is needed (w = 0, or a closed form
+        under ``kl`` "auto" or "analytic"), else None; and the KL draws to ask for."""
+        if self.w == 0.0:
+            return torch.zeros((), device=self.device), 0
+        if self.kl != "monte_carlo":
+            kl = closed_form_kl(self.family, self.prior)
+            if kl is not None:
+                return self.current_w * kl, 0
+            if self.kl == "analytic":  # kl_estimate names the missing closed form
+                kl_estimate(self.family, self.prior, "analytic")
+        return None, self.n_samples_regularisation
 
     @property
     def current_w(self) -> float:
@@ -327,16 +341,33 @@ class VI:
         return self.w if self.anneal is None else self.anneal.w_at(self._epoch, self.w)
 
     def step(self, data: Any) -> tuple[float, float, float, EpochEstimate]:
-        """Gradients of one epoch into q (not yet applied): (total, loss, regularisation, info)."""
+        """Gradients of one epoch into q (not yet applied): (total, loss, regularisation, info).
+
+        The loss draws and the Monte Carlo KL draws come from one call of q's ``sample``
+        (independent draws, split), and the estimator's surrogate and w * KL go back
+        through q in one backward pass.
+        """
         self.optimizer.zero_grad()
         if not self.objective.uses_kl_term:
             return self._weighted_step(data)
-        estimate = self.estimator(self.family, self.batched_loss, data, self.n_samples_per_epoch)
+        self.kl_dropped = 0
+        regularisation, kl_draws = self._closed_form_or_draws()
+        epoch = self.estimator.surrogate(
+            self.family, self.batched_loss, data, self.n_samples_per_epoch, kl_draws
+        )
+        if regularisation is None:  # Monte Carlo, on the extra draws
+            kl, self.kl_dropped = kl_from_draws(
+                self.family,
+                self.prior,
+                *epoch.extra,
+                getattr(self.objective, "sticking_the_landing", False),
+            )
+            regularisation = self.current_w * kl
         # Every rank estimates w * KL on its own draws; the mean over ranks is the estimate.
-        ranks = world_size()
-        regularisation = self.regularisation() / ranks
-        if regularisation.requires_grad:
-            regularisation.backward()
+        regularisation = regularisation / world_size()
+        surrogate = regularisation if epoch.value is None else epoch.value + regularisation
+        if surrogate.requires_grad:
+            surrogate.backward()
         sum_gradients(self.family.parameters())  # the same gradient on every rank
         if math.isfinite(self.gradient_clipping_norm):
             torch.nn.utils.clip_grad_norm_(self.family.parameters(), self.gradient_clipping_norm)
@@ -345,6 +376,7 @@ class VI:
         )
         reg, kl_dropped = (float(x) for x in all_reduce_sum(reg_and_dropped))
         self.kl_dropped = int(kl_dropped)  # over every rank's draws
+        estimate = epoch.estimate
         return estimate.loss + reg, estimate.loss, reg, estimate
 
     def _weighted_step(self, data: Any) -> tuple[float, float, float, EpochEstimate]:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from gradcal.compat.models import detach_gradient_horizon
+from gradcal.history import materialise
 
 __all__ = ["Model", "accepts_one_draw", "accepts_one_history"]
 
@@ -36,6 +37,7 @@ def accepts_one_draw(method: Callable[..., Any]) -> Callable[..., Any]:
         if isinstance(params, Tensor) and params.ndim == 2:
             return method(self, params, *args)
         params = torch.as_tensor(params).reshape(1, -1)
+        args = tuple(materialise(args))  # a single-draw LazyHistory as the tensor it stands for
         args = tuple(a[None] if isinstance(a, Tensor) else a for a in args)
         return method(self, params, *args)[0]
 
@@ -73,6 +75,10 @@ class Model(torch.nn.Module, ABC):
       default keeps the last ``history_length`` steps, or everything when that is None
       (which costs memory and time on long runs). Markov models set ``history_length = 1``,
       which also lets the time loop skip appending to a history it would discard.
+      A single-draw model's history that ``trim_time_series`` keeps whole grows without a
+      copy at every step: ``step`` receives a :class:`~gradcal.history.LazyHistory`, which
+      reads rows (``x[-1]``, ``x[-k:]``) from the step that holds them and behaves as the
+      joined tensor for anything else; set ``lazy_history = False`` for a real tensor.
 
     Two layouts exist, chosen by the class attribute ``batched``:
 
@@ -120,6 +126,7 @@ class Model(torch.nn.Module, ABC):
     batched: bool = False
     n_params: int | None = None
     history_length: int | None = None
+    lazy_history: bool = True
     state_ndim: int = 1
     single_draw_hooks: tuple[str, ...] = SINGLE_DRAW_HOOKS
     n_timesteps: int
