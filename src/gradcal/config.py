@@ -458,11 +458,6 @@ def _check_objective(method: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"method.k: must be >= 1, got {k}")
     n = method.get("samples_per_epoch", 10)
     if objective in ("importance_weighted", "renyi"):
-        if method.get("estimator") == "score":
-            problems.append(
-                f"method.estimator: objective {objective!r} needs the simulator's gradient: "
-                "use 'pathwise' or 'forward' (or objective 'reverse_kl' or 'forward_kl')"
-            )
         k = 8 if k is None else k
         if isinstance(n, int) and isinstance(k, int) and k >= 1 and n % k:
             problems.append(
