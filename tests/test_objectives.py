@@ -456,6 +456,24 @@ def test_config_objective_problems_are_one_line_each(tmp_path):
     ]
 
 
+def test_config_builds_a_flow_mixture_with_its_options(tmp_path):
+    from gradcal.config import build, check, relevant, resolve
+    from gradcal.posterior_estimators import FlowMixture
+    from gradcal.runs import make_family
+
+    raw = _vi_config(
+        tmp_path, family="flow_mixture", components=3, transforms=1, hidden_features=[8]
+    )
+    assert check(raw, tmp_path) == []
+    config = resolve(raw)
+    kept = relevant(config)["method"]
+    assert {"components", "transforms", "hidden_features"} <= set(kept)
+    q = make_family(config["method"], build(config, tmp_path))
+    assert isinstance(q.base, FlowMixture) and q.base.weights.shape == (3,)
+    assert len(q.base.flow.transform().transforms) == 1
+    assert q.sample(4)[0].shape == (4, 2)
+
+
 def test_config_builds_the_objective_and_keeps_only_its_options(tmp_path):
     from gradcal.config import relevant, resolve
     from gradcal.runs import make_objective_from
@@ -585,6 +603,25 @@ def test_forward_kl_with_a_mixture_finds_both_modes_with_their_weights():
     from gradcal.posterior_estimators import GaussianMixture
 
     draws, target = _fit_bimodal("forward_kl", GaussianMixture.spread(2, 4, 1.5, seed=0))
+    weight = float((draws[:, 0] > 0).float().mean())
+    assert abs(weight - bimodal_weight_of_positive_mode()) < 0.05
+    assert c2st(draws[:2000], target.exact(2000, 1), epochs=20) <= 0.60
+
+
+def test_forward_kl_with_a_flow_mixture_finds_both_modes_with_their_weights():
+    """The same bimodal target and settings with a FlowMixture (4 components sharing one
+    spline transform of 16-16 hidden units): the learnt weights put the right mass on each
+    mode (within 0.05; the weight of 4000 draws has sd 0.008) and C2ST <= 0.60 (sd <= 0.008
+    under equal distributions). Measured: weight 0.638 (truth 0.614), C2ST 0.53; with the
+    weights frozen at 1/4 each the fit gives weight 0.500 (the shared transform alone does
+    not move the mass)."""
+    from objective_targets import bimodal_weight_of_positive_mode
+
+    from gradcal.diagnostics import c2st
+    from gradcal.posterior_estimators import FlowMixture
+
+    q = FlowMixture(2, 4, transforms=1, hidden_features=(16, 16), spread=1.5)
+    draws, target = _fit_bimodal("forward_kl", q)
     weight = float((draws[:, 0] > 0).float().mean())
     assert abs(weight - bimodal_weight_of_positive_mode()) < 0.05
     assert c2st(draws[:2000], target.exact(2000, 1), epochs=20) <= 0.60

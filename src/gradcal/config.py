@@ -180,7 +180,7 @@ _METHOD_KEYS = {
     "smd": ("starts", "epochs", "patience", "learning_rate", "gradient_clipping_norm"),
     "mcmc": ("kernel", "w", "w_resample", "chains", "samples", "warmup", "n_leapfrog"),
 }
-_FLOW_KEYS = ("transforms", "hidden_features")  # VI with family "nsf" or "maf" only
+_FLOW_KEYS = ("transforms", "hidden_features")  # VI with family "nsf", "maf", "flow_mixture"
 _SAMPLE_LOSS_KEYS = ("window", "increments", "gradient_horizon", "chunk_size", "checkpoint_every")
 _LOSS_KEYS = {
     "mmd": ("kernel", "bandwidth", "scales", "estimator", *_SAMPLE_LOSS_KEYS),
@@ -205,7 +205,7 @@ _CHOICES = {
     ("loss", "kernel"): ("gaussian", "laplace"),
     ("loss", "estimator"): ("unbiased", "biased", "linear"),
     ("method", "kind"): ("vi", "smd", "mcmc"),
-    ("method", "family"): ("nsf", "maf", "diagonal", "full_rank", "mixture"),
+    ("method", "family"): ("nsf", "maf", "diagonal", "full_rank", "mixture", "flow_mixture"),
     ("method", "estimator"): ("pathwise", "forward", "score"),
     ("method", "objective"): tuple(OBJECTIVE_OPTIONS),
     ("method", "kernel"): ("mala", "hmc"),
@@ -627,9 +627,9 @@ def relevant(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(method, dict) and method.get("kind") in _METHOD_KEYS:
         kind = method["kind"]
         keep = set(_METHOD_KEYS[kind]) | {"kind"}
-        if kind == "vi" and method.get("family") not in ("nsf", "maf"):
+        if kind == "vi" and method.get("family") not in ("nsf", "maf", "flow_mixture"):
             keep -= set(_FLOW_KEYS)
-        if kind == "vi" and method.get("family") != "mixture":
+        if kind == "vi" and method.get("family") not in ("mixture", "flow_mixture"):
             keep.discard("components")
         if kind == "vi" and not method.get("anneal_epochs"):
             keep.discard("anneal_start")

@@ -570,7 +570,8 @@ def _khat_finding(khat: float, method: Mapping[str, Any], exact: bool) -> Findin
         covering = (
             "reverse KL is mode-seeking, so q may sit on one mode only: refit with a "
             'mass-covering objective (method.objective = "renyi" or "forward_kl") and a '
-            'family that holds several modes (method.family = "mixture"); or '
+            'family that holds several modes (method.family = "mixture" or '
+            '"flow_mixture"); or '
         )
     return Finding(
         "bad",

@@ -26,6 +26,7 @@ from gradcal.posterior_estimators import (
     Constrained,
     DiagonalGaussian,
     Flow,
+    FlowMixture,
     FullRankGaussian,
     GaussianMixture,
 )
@@ -193,6 +194,13 @@ def make_family(method: dict[str, Any], built: Built) -> Any:
         base = DiagonalGaussian(torch.zeros(d), 1.0)
     elif kind == "mixture":  # means spread over the prior's unconstrained scale
         base = GaussianMixture.spread(d, method["components"], 1.0, seed=0)
+    elif kind == "flow_mixture":  # a mixture of C NSFs sharing one transform
+        base = FlowMixture(
+            d,
+            method["components"],
+            transforms=method["transforms"],
+            hidden_features=method["hidden_features"],
+        )
     else:
         base = FullRankGaussian(torch.zeros(d), 1.0)
     return Constrained(base, built.prior.supports)

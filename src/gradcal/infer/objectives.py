@@ -594,14 +594,14 @@ def mass_warning(
         advice = (
             "reverse KL is mode-seeking and may have settled on one mode: refit with a "
             "mass-covering objective (objective 'renyi' with alpha 0.2 to 0.5, or "
-            "'forward_kl'), a family that holds several modes (GaussianMixture, family "
-            "'mixture'), or an annealed w"
+            "'forward_kl'), a family that holds several modes (GaussianMixture or "
+            "FlowMixture, family 'mixture' or 'flow_mixture'), or an annealed w"
         )
     else:
         advice = (
             "train longer or with more draws per epoch, use a family that holds several "
-            "modes (GaussianMixture, family 'mixture') or anneal w from a broad start; a "
-            "smaller alpha (renyi) covers more mass"
+            "modes (GaussianMixture or FlowMixture, family 'mixture' or 'flow_mixture') "
+            "or anneal w from a broad start; a smaller alpha (renyi) covers more mass"
         )
     return (
         f"q misses part of the posterior ({'; '.join(found)}): a mode or a tail that q "
