@@ -465,7 +465,8 @@ class FlowMixture(Family):
         loc, scale: the fixed affine map after T, numbers or (D,) (give the prior's
             location and scale).
         spread: the scale over which the initial component means are drawn (in z).
-        seed: seed of the initial component means.
+        seed: seed of the initial component means and the flow's initial weights (private
+            streams: the global random stream is not touched).
         kwargs: passed on to :class:`zuko.flows.NSF` / :class:`zuko.flows.MAF`.
 
     Example:
@@ -500,9 +501,14 @@ class FlowMixture(Family):
             raise ValueError(f"`spread` must be a number > 0, got {spread!r}.")
         self.dim = dim
         self.mixture = GaussianMixture.spread(dim, components, float(spread), seed)
-        self.flow = builders[kind](
-            features=dim, transforms=transforms, hidden_features=tuple(hidden_features), **kwargs
-        )
+        with torch.random.fork_rng(devices=[]):  # the flow's initial weights from `seed`
+            torch.manual_seed(seed)
+            self.flow = builders[kind](
+                features=dim,
+                transforms=transforms,
+                hidden_features=tuple(hidden_features),
+                **kwargs,
+            )
         _zero_last_layers(self.flow)
         scale = _vector(scale, dim, "scale")
         if (scale <= 0).any():
