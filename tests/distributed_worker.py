@@ -101,10 +101,16 @@ def main(scenario: str, out: Path) -> None:
         torch.save(
             {"state": q.state_dict(), "history": dict(vi.losses_hist)}, out / f"vi-{rank()}.pt"
         )
-    elif scenario.startswith("objective-"):  # objective-renyi / objective-forward_kl
-        from gradcal.infer import ForwardKL, Renyi
+    elif scenario.startswith("objective-"):  # objective-NAME, objective-NAME-score
+        from gradcal.infer import ForwardKL, ImportanceWeighted, Renyi
 
-        objective = Renyi(0.5, k=3) if scenario.endswith("renyi") else ForwardKL()
+        name = scenario.removeprefix("objective-").removesuffix("-score")
+        objective = {
+            "renyi": lambda: Renyi(0.5, k=3),  # groups of 3: one per rank
+            "forward_kl": ForwardKL,
+            "iw1": lambda: ImportanceWeighted(k=1),  # score: baselines across ranks
+        }[name]()
+        method = "score" if scenario.endswith("-score") else "pathwise"
         q = FixedDraws()
         vi = VI(
             loss,
@@ -115,6 +121,7 @@ def main(scenario: str, out: Path) -> None:
             seed=0,
             optimizer=torch.optim.SGD(q.parameters(), lr=0.05),
             objective=objective,
+            gradient_estimation_method=method,
         )
         vi.run(y, EPOCHS, 100)
         torch.save(

@@ -120,6 +120,9 @@ def test_run_writes_every_file_and_a_report(tmp_path, method):
         assert rows[0]["rhat"] and rows[0]["ess"]
     if method == "vi":
         assert rows[0]["khat"]
+        assert 0.0 < float(rows[0]["is_ess_fraction"]) <= 1.0 and not rows[1]["is_ess_fraction"]
+        diagnostics = json.loads((out / "diagnostics.json").read_text())
+        assert diagnostics["ess_fraction"] == pytest.approx(float(rows[0]["is_ess_fraction"]))
     with open(out / "posterior_samples.csv") as f:
         assert next(csv.reader(f)) == ["mu", "sigma"]
     html = (out / "report.html").read_text()

@@ -17,6 +17,7 @@ from gradcal.diagnostics import (
     psis_khat,
     read_khat,
     split_half_floor,
+    vi_importance,
     vi_khat,
 )
 from gradcal.models import Model, Normal
@@ -399,6 +400,13 @@ def test_vi_khat_takes_any_object_with_the_sample_protocol():
         theta, log_q = Sampler().sample(4000)
     expected = psis_khat((_log_standard_normal(theta) - log_q).double())[0]
     assert vi_khat(Sampler(), _log_standard_normal, seed=3) == expected
+
+    check = vi_importance(Sampler(), _log_standard_normal, seed=3)
+    assert check.khat == expected  # the same draws as vi_khat
+    weights = (_log_standard_normal(theta) - log_q).double()
+    by_hand = float(weights.logsumexp(0).mul(2).exp() / (2 * weights).logsumexp(0).exp()) / 4000
+    assert check.ess_fraction == pytest.approx(by_hand, rel=1e-9)
+    assert 0.0 < check.ess_fraction < 1.0  # q = N(0, 0.5^2) is too narrow for N(0, 1)
 
     class Broken:
         def sample(self, n):

@@ -67,10 +67,12 @@ def test_two_rank_vi_matches_one_process_on_the_same_global_draws(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["renyi", "forward_kl"])
+@pytest.mark.parametrize("objective", ["renyi", "forward_kl", "renyi-score", "iw1-score"])
 def test_two_rank_weighted_objectives_match_one_process(tmp_path, objective):
     """Renyi (groups of 3, one per rank) and forward KL (weights normalised over both
-    ranks' draws): the same q, totals and ESS as one process on the same global draws."""
+    ranks' draws), and with the score estimator Renyi (VIMCO within each group) and the
+    importance-weighted bound with K = 1 (each draw's baseline the mean of every other
+    rank's terms too): the same q, totals and ESS as one process on the same global draws."""
     scenario = f"objective-{objective}"
     (tmp_path / "one").mkdir()
     _ok(_launch(scenario, tmp_path / "one", nproc=1))

@@ -8,7 +8,7 @@ import torch
 from infer_helpers import gaussian_nll, normal_prior
 from stats import Z_MAX
 
-from gradcal.gradients import BatchedLoss, PathwiseForward
+from gradcal.gradients import BatchedLoss, PathwiseForward, Score
 from gradcal.infer.objectives import (
     ForwardKL,
     ImportanceWeighted,
@@ -151,8 +151,6 @@ def test_failed_draws_are_dropped_and_counted():
 
 def test_bad_choices_are_refused():
     q = DiagonalGaussian(torch.zeros(1))
-    with pytest.raises(ValueError, match="needs the simulator's gradient"):
-        VI(LOSS, PRIOR, q, objective="renyi", gradient_estimation_method="score")
     with pytest.raises(ValueError, match="needs `w` > 0"):
         VI(LOSS, PRIOR, q, objective="forward_kl", w=0.0)
     with pytest.raises(ValueError, match="`objective` must be one of"):
@@ -165,9 +163,9 @@ def test_bad_choices_are_refused():
         make_objective("renyi", beta=2)
     with pytest.raises(ValueError, match="must be a multiple of k"):
         ImportanceWeighted(k=3)(q, BatchedLoss(LOSS), Y, 10, PRIOR, 1.0)
-    # forward KL and reverse KL take the score estimator
-    VI(LOSS, PRIOR, q, objective="forward_kl", gradient_estimation_method="score")
-    VI(LOSS, PRIOR, q, objective=ReverseKL(), gradient_estimation_method="score")
+    # every objective takes the score estimator
+    for objective in ("forward_kl", ReverseKL(), "renyi", "importance_weighted"):
+        VI(LOSS, PRIOR, q, objective=objective, gradient_estimation_method="score")
 
 
 def test_effective_sample_size():
@@ -269,6 +267,125 @@ def test_dreg_inside_the_objective_matches_its_formula():
     torch.testing.assert_close(got, _grads(q), rtol=1e-4, atol=1e-6)
 
 
+def _per_group_score_gradients(objective, n_groups, seed, leave_one_out=True):
+    """As :func:`_per_group_gradients`, for the score estimator: the draws held fixed, log q
+    with its graph, the objective's own score surrogate; a group with one draw (K = 1) takes
+    the mean of the other groups' bounds as its baseline, as the objective does."""
+    gen = torch.Generator().manual_seed(seed)
+    k = objective.group_size
+    loc = torch.full((n_groups, 1), 2.0, dtype=torch.float64, requires_grad=True)
+    scale = torch.full((n_groups, 1), 0.5, dtype=torch.float64, requires_grad=True)
+    theta = (loc + scale * torch.randn(n_groups, k, generator=gen, dtype=torch.float64)).detach()
+    loss = -torch.distributions.Normal(theta[..., None], 1.0).log_prob(Y.double()).sum(-1)
+    log_q = torch.distributions.Normal(loc, scale).log_prob(theta)
+    log_w = -loss + torch.distributions.Normal(0.0, 10.0).log_prob(theta) - log_q
+    valid = torch.ones_like(log_w, dtype=torch.bool)
+    values = objective.term_values(log_w.detach(), valid)
+    baseline = (values.sum() - values) / (n_groups - 1)
+    objective.score_surrogate(log_w, log_q, valid, baseline, leave_one_out).backward()
+    return torch.cat([loc.grad, scale.grad], 1)
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        ImportanceWeighted(k=8),
+        Renyi(alpha=0.5, k=8),
+        ImportanceWeighted(k=1),  # one draw per group: the other groups' mean as baseline
+    ],
+    ids=repr,
+)
+def test_score_gradient_is_unbiased_for_its_bound(objective):
+    """The score-function gradient with VIMCO's leave-one-out control variates has the
+    mean of the pathwise (DReG) gradient of the same bound: z-test of 20 000 groups each,
+    |z| < Z_MAX = 4.5 (the standard error from both samples' variances). Measured at
+    40 000 score groups against 200 000 plain reparameterised ones: |z| < 1.5; the control
+    variates cut the score gradient's variance about 3e5-fold for K = 8 (it is then below
+    the plain reparameterised gradient's) and 35-fold for K = 1."""
+    n = 20_000
+    reference = _per_group_gradients(objective, n, 0)
+    score = _per_group_score_gradients(objective, n, 1)
+    z = (reference.mean(0) - score.mean(0)) / (reference.var(0) / n + score.var(0) / n).sqrt()
+    assert z.abs().max() < Z_MAX, z
+    plain = _per_group_score_gradients(objective, n, 1, leave_one_out=False)
+    assert (plain.var(0) / score.var(0) > 10.0).all()
+
+
+def _vimco_by_hand(log_w, c):
+    """VIMCO's learning signals f - f_{-k} (T, K), written with a loop over k."""
+    k = log_w.shape[1]
+    f = (torch.logsumexp(c * log_w, -1) - math.log(k)) / c
+    signals = []
+    for j in range(k):
+        others = torch.cat([log_w[:, :j], log_w[:, j + 1 :]], 1)
+        swapped = torch.cat([log_w[:, :j], others.mean(1, keepdim=True), log_w[:, j + 1 :]], 1)
+        signals.append(f - (torch.logsumexp(c * swapped, -1) - math.log(k)) / c)
+    return torch.stack(signals, 1), f
+
+
+@pytest.mark.parametrize("objective", [ImportanceWeighted(k=4), Renyi(0.3, k=4)], ids=repr)
+def test_score_estimator_in_the_objective_matches_vimco_by_hand(objective):
+    """Inside the objective, on its own draws: gradient of
+    sum_k (f - f_{-k}) log q(theta_k) + f, f the bound at fixed draws, per group."""
+    q = DiagonalGaussian(torch.tensor([1.5]), 0.6)
+    torch.manual_seed(9)
+    q.zero_grad()
+    estimate = objective(q, BatchedLoss(LOSS), Y, 16, PRIOR, 1.0, Score())
+    got = _grads(q)
+    torch.manual_seed(9)
+    q.zero_grad()
+    with torch.no_grad():
+        theta, _ = q.sample(16)
+    log_q = q.log_prob(theta)
+    log_w = (-LOSS(theta, Y) + PRIOR.log_prob(theta) - log_q).reshape(4, 4)
+    c = 1.0 - getattr(objective, "alpha", 0.0)
+    signals, f = _vimco_by_hand(log_w.detach(), c)
+    bound = (torch.logsumexp(c * log_w, -1) - math.log(4)) / c
+    (-((signals * log_q.reshape(4, 4)).sum() + bound.sum()) / 4).backward()
+    torch.testing.assert_close(got, _grads(q), rtol=1e-4, atol=1e-5)
+    assert estimate.total == pytest.approx(-float(f.mean()), rel=1e-5)
+
+
+def test_score_estimator_drops_failed_draws():
+    def loss(theta, y):
+        return torch.where(theta[:, 0] > 1.5, torch.nan, LOSS(theta, y))
+
+    loss.batched = True
+    q = DiagonalGaussian(torch.tensor([1.5]), 0.6)
+    torch.manual_seed(6)
+    q.zero_grad()
+    estimate = Renyi(0.5, k=4)(q, BatchedLoss(loss), Y, 16, PRIOR, 1.0, Score())
+    assert estimate.n_dropped > 0 and estimate.n_valid + estimate.n_dropped == 16
+    assert torch.isfinite(_grads(q)).all() and _grads(q).abs().sum() > 0
+    assert math.isfinite(estimate.total) and 1.0 <= estimate.ess <= estimate.n_valid
+
+
+@pytest.mark.parametrize(
+    "objective", [ImportanceWeighted(k=4), Renyi(0.5, k=4), ForwardKL()], ids=repr
+)
+def test_vi_with_the_score_estimator_recovers_a_conjugate_posterior(objective):
+    """Score estimator, no simulator gradient: from N(1, 1), 400 epochs of 32 draws at
+    lr 0.02 reach the posterior N(2.03, 0.22^2). Measured over seeds 1 to 8: the last q's
+    mean within 0.065 (sd at most 0.032 per objective) and sd within 0.048 (sd at most
+    0.014); the bounds 0.12 and 0.06 are about 4 of those sds, far below the start's
+    errors (1.03 and 0.78)."""
+    q = DiagonalGaussian(torch.ones(1), 1.0)
+    vi = VI(
+        LOSS,
+        PRIOR,
+        q,
+        n_samples_per_epoch=32,
+        optimizer=torch.optim.Adam(q.parameters(), lr=0.02),
+        progress_bar=False,
+        seed=0,
+        objective=objective,
+        gradient_estimation_method="score",
+    )
+    vi.run(Y, n_epochs=400, max_epochs_without_improvement=400)
+    assert abs(q.loc.item() - POST_MEAN) < 0.12
+    assert abs(q.scale.item() - POST_SD) < 0.06
+
+
 def test_sticking_the_landing_is_unbiased_and_vanishes_at_the_optimum():
     """The STL Monte Carlo KL gradient has the closed-form KL gradient as its mean (z-test
     over 400 estimates of 200 draws, |z| < Z_MAX); at q = prior its variance is exactly 0
@@ -330,13 +447,31 @@ def test_config_objective_problems_are_one_line_each(tmp_path):
         _vi_config(tmp_path, objective="renyi", alpha=1.5, estimator="score", k=8), tmp_path
     )
     assert any(p.startswith("method.alpha: must lie in (0, 1)") for p in problems), problems
-    assert any(p.startswith("method.estimator: objective 'renyi' needs") for p in problems)
+    assert not any(p.startswith("method.estimator") for p in problems)  # score is fine
     assert any(p.startswith("method.samples_per_epoch: must be a multiple") for p in problems)
     problems = check(_vi_config(tmp_path, objective="forward"), tmp_path)
     assert problems == [
         "method.objective: 'forward' is not one of reverse_kl, importance_weighted, renyi, "
         "forward_kl (did you mean 'forward_kl'?)"
     ]
+
+
+def test_config_builds_a_flow_mixture_with_its_options(tmp_path):
+    from gradcal.config import build, check, relevant, resolve
+    from gradcal.posterior_estimators import FlowMixture
+    from gradcal.runs import make_family
+
+    raw = _vi_config(
+        tmp_path, family="flow_mixture", components=3, transforms=1, hidden_features=[8]
+    )
+    assert check(raw, tmp_path) == []
+    config = resolve(raw)
+    kept = relevant(config)["method"]
+    assert {"components", "transforms", "hidden_features"} <= set(kept)
+    q = make_family(config["method"], build(config, tmp_path))
+    assert isinstance(q.base, FlowMixture) and q.base.weights.shape == (3,)
+    assert len(q.base.flow.transform().transforms) == 1
+    assert q.sample(4)[0].shape == (4, 2)
 
 
 def test_config_builds_the_objective_and_keeps_only_its_options(tmp_path):
@@ -473,6 +608,25 @@ def test_forward_kl_with_a_mixture_finds_both_modes_with_their_weights():
     assert c2st(draws[:2000], target.exact(2000, 1), epochs=20) <= 0.60
 
 
+def test_forward_kl_with_a_flow_mixture_finds_both_modes_with_their_weights():
+    """The same bimodal target and settings with a FlowMixture (4 components sharing one
+    spline transform of 16-16 hidden units): the learnt weights put the right mass on each
+    mode (within 0.05; the weight of 4000 draws has sd 0.008) and C2ST <= 0.60 (sd <= 0.008
+    under equal distributions). Measured: weight 0.627 (truth 0.614), C2ST 0.53; with the
+    weights frozen at 1/4 each the same fit gives weight 0.498 (the shared transform alone does
+    not move the mass)."""
+    from objective_targets import bimodal_weight_of_positive_mode
+
+    from gradcal.diagnostics import c2st
+    from gradcal.posterior_estimators import FlowMixture
+
+    q = FlowMixture(2, 4, transforms=1, hidden_features=(16, 16), spread=1.5)
+    draws, target = _fit_bimodal("forward_kl", q)
+    weight = float((draws[:, 0] > 0).float().mean())
+    assert abs(weight - bimodal_weight_of_positive_mode()) < 0.05
+    assert c2st(draws[:2000], target.exact(2000, 1), epochs=20) <= 0.60
+
+
 def test_the_report_suggests_a_mass_covering_objective_after_reverse_kl():
     from gradcal.report import assess
 
@@ -533,3 +687,81 @@ def test_forward_kl_flow_matches_exact_posteriors_where_reverse_kl_does_not(name
         assert abs(weight - bimodal_weight_of_positive_mode()) < 0.05
         collapsed = float((_fit_flow(target, "reverse_kl")[:, 0] > 0).float().mean())
         assert min(collapsed, 1.0 - collapsed) < 0.05
+
+
+# --- a classical posterior with an exact likelihood through the simulator ------------
+
+
+def _fit_brock_hommes(objective, epochs=1500):
+    """1000 draws of q after VI on Brock-Hommes wavy (exact likelihood through the
+    simulator), the settings of ``benchmarks/objectives.py --brock-hommes``."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from gradcal.losses import NegativeLogLikelihood
+    from gradcal.models import BrockHommesBeliefs
+    from gradcal.posterior_estimators import Constrained, Flow
+
+    data = Path(__file__).parent / "data" / "brock_hommes_wavy"
+    obs = torch.tensor(np.loadtxt(data / "obs.txt"), dtype=torch.float32)
+    low, high = torch.tensor([0.0, 0, 0, -1]), torch.tensor([1.0, 1, 1, 0])
+    prior = torch.distributions.Independent(torch.distributions.Uniform(low, high), 1)
+    torch.manual_seed(0)  # the flow's initial weights
+    q = Constrained(Flow(4, transforms=3, hidden_features=(32, 32)), prior)
+    optimizer = torch.optim.Adam(q.parameters(), lr=0.01)
+    vi = VI(
+        NegativeLogLikelihood(BrockHommesBeliefs.wavy()),
+        prior,
+        q,
+        n_samples_per_epoch=64,
+        n_samples_regularisation=256,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs),
+        progress_bar=False,
+        seed=0,
+        objective=objective,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the mass warning: C2ST is what is checked here
+        vi.run(obs, epochs, epochs)
+    with torch.no_grad():
+        return q.sample(1000)[0]
+
+
+@pytest.fixture(scope="module")
+def brock_hommes_reference():
+    """The 1000 exact-likelihood reference draws and reverse KL's C2ST against them."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from gradcal.diagnostics import c2st
+
+    path = Path(__file__).parent / "data" / "brock_hommes_wavy" / "posterior_samples.txt"
+    reference = torch.tensor(np.loadtxt(path)).float()
+    return reference, c2st(_fit_brock_hommes(ReverseKL(sticking_the_landing=True)), reference)
+
+
+@pytest.mark.slow  # about 2 minutes per objective on one core, plus reverse KL's once
+@pytest.mark.parametrize(
+    "objective",
+    [ImportanceWeighted(k=8), Renyi(0.5, k=8), Renyi(0.2, k=8), ForwardKL()],
+    ids=repr,
+)
+def test_new_objectives_are_no_worse_than_reverse_kl_on_brock_hommes(
+    objective, brock_hommes_reference
+):
+    """Brock-Hommes wavy (four parameters, exact likelihood through the simulator path):
+    each objective's flow is as hard to tell from the 1000 reference draws as reverse KL's.
+    C2ST of 1000 draws a side has sd at most 0.5 / sqrt(2000) = 0.011, a difference of two
+    independent ones at most 0.016: the margin 0.05 is about 3 of those. Measured
+    (benchmarks/objectives.py --brock-hommes, 1500 epochs): C2ST reverse KL 0.553,
+    importance-weighted 0.558, Renyi 0.5 0.535, Renyi 0.2 0.548, forward KL 0.540 (squared
+    MMD 5.7e-4, 3.8e-3, 5.5e-4, 4.8e-4, 7.3e-4; the reference's split-half floor 1e-3)."""
+    from gradcal.diagnostics import c2st
+
+    reference, reverse_kl = brock_hommes_reference
+    score = c2st(_fit_brock_hommes(objective), reference)
+    assert score <= reverse_kl + 0.05, (score, reverse_kl)
+    assert score <= 0.60

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradcal.diagnostics import read_khat
+from gradcal.diagnostics import read_ess_fraction, read_khat
 from gradcal.report import assess, write_report
 
 IMAGE = "data:image/png;base64,"
@@ -150,6 +150,21 @@ def test_chains_that_agree_and_a_bad_khat(tmp_path):
     assert "<title>run</title>" in page  # no [run] name: the folder's name
     assert "(largest 1.004): the chains agree" in page
     assert escape(read_khat(0.9)) in page
+
+
+@figures
+def test_the_importance_sampling_ess_stands_next_to_khat(tmp_path):
+    folder = make_run(tmp_path / "run", "vi")
+    data = json.loads((folder / "diagnostics.json").read_text())
+    (folder / "diagnostics.json").write_text(json.dumps(data | {"ess_fraction": 0.04}))
+    page = write_report(str(folder)).read_text(encoding="utf-8")
+    khat_at = page.index(escape(read_khat(0.42)))
+    ess_at = page.index(escape(read_ess_fraction(0.04)))
+    assert "q misses mass" in read_ess_fraction(0.04)
+    assert 0 < ess_at - khat_at < 300  # the next reading in the same list
+    assert "k-hat 0.42 &lt; 0.5: q fits the posterior well (importance-sampling ESS 4.0 %" in page
+    verdict = assess({"khat": 0.3, "ess_fraction": 0.62}, method={"kind": "vi"})
+    assert verdict.findings[0].text.endswith("(importance-sampling ESS 62.0 % of the draws)")
 
 
 @figures

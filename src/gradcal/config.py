@@ -184,7 +184,7 @@ _METHOD_KEYS = {
     "smd": ("starts", "epochs", "patience", "learning_rate", "gradient_clipping_norm"),
     "mcmc": ("kernel", "w", "w_resample", "chains", "samples", "warmup", "n_leapfrog"),
 }
-_FLOW_KEYS = ("transforms", "hidden_features")  # VI with family "nsf" or "maf" only
+_FLOW_KEYS = ("transforms", "hidden_features")  # VI with family "nsf", "maf", "flow_mixture"
 _SAMPLE_LOSS_KEYS = ("window", "increments", "gradient_horizon", "chunk_size", "checkpoint_every")
 _LOSS_KEYS = {
     "mmd": ("kernel", "bandwidth", "scales", "estimator", *_SAMPLE_LOSS_KEYS),
@@ -210,7 +210,7 @@ _CHOICES = {
     ("loss", "kernel"): ("gaussian", "laplace"),
     ("loss", "estimator"): ("unbiased", "biased", "linear"),
     ("method", "kind"): ("vi", "smd", "mcmc"),
-    ("method", "family"): ("nsf", "maf", "diagonal", "full_rank", "mixture"),
+    ("method", "family"): ("nsf", "maf", "diagonal", "full_rank", "mixture", "flow_mixture"),
     ("method", "estimator"): ("pathwise", "forward", "score"),
     ("method", "objective"): tuple(OBJECTIVE_OPTIONS),
     ("method", "kernel"): ("mala", "hmc"),
@@ -499,11 +499,6 @@ def _check_objective(method: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"method.k: must be >= 1, got {k}")
     n = method.get("samples_per_epoch", 10)
     if objective in ("importance_weighted", "renyi"):
-        if method.get("estimator") == "score":
-            problems.append(
-                f"method.estimator: objective {objective!r} needs the simulator's gradient: "
-                "use 'pathwise' or 'forward' (or objective 'reverse_kl' or 'forward_kl')"
-            )
         k = 8 if k is None else k
         if isinstance(n, int) and isinstance(k, int) and k >= 1 and n % k:
             problems.append(
@@ -675,9 +670,9 @@ def relevant(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(method, dict) and method.get("kind") in _METHOD_KEYS:
         kind = method["kind"]
         keep = set(_METHOD_KEYS[kind]) | {"kind"}
-        if kind == "vi" and method.get("family") not in ("nsf", "maf"):
+        if kind == "vi" and method.get("family") not in ("nsf", "maf", "flow_mixture"):
             keep -= set(_FLOW_KEYS)
-        if kind == "vi" and method.get("family") != "mixture":
+        if kind == "vi" and method.get("family") not in ("mixture", "flow_mixture"):
             keep.discard("components")
         if kind == "vi" and not method.get("anneal_epochs"):
             keep.discard("anneal_start")

@@ -32,7 +32,7 @@ import torch
 
 from gradcal import plotting
 from gradcal.config import loads_toml
-from gradcal.diagnostics import read_khat
+from gradcal.diagnostics import read_ess_fraction, read_khat
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -464,6 +464,8 @@ def _diagnostics_section(diagnostics: dict[str, Any] | None, names: list[str], r
         readings.append(
             read_khat(khat) if not math.isnan(khat) else "k-hat could not be computed (NaN)"
         )
+    if diagnostics.get("ess_fraction") is not None:  # next to k-hat, from the same draws
+        readings.append(read_ess_fraction(_float(diagnostics["ess_fraction"])))
     if diagnostics.get("rhat"):
         readings.append(_rhat_reading(list(diagnostics["rhat"]), names))
     if diagnostics.get("ess"):
@@ -568,7 +570,8 @@ def _khat_finding(khat: float, method: Mapping[str, Any], exact: bool) -> Findin
         covering = (
             "reverse KL is mode-seeking, so q may sit on one mode only: refit with a "
             'mass-covering objective (method.objective = "renyi" or "forward_kl") and a '
-            'family that holds several modes (method.family = "mixture"); or '
+            'family that holds several modes (method.family = "mixture" or '
+            '"flow_mixture"); or '
         )
     return Finding(
         "bad",
@@ -777,7 +780,8 @@ def assess(
       model is misspecified; a calibrated w: ok, with its estimated coverage.
 
     Arguments:
-        diagnostics: the contents of ``diagnostics.json`` (``khat``, ``rhat``, ``ess``,
+        diagnostics: the contents of ``diagnostics.json`` (``khat`` and ``ess_fraction``,
+            the importance-sampling ESS per draw, quoted beside it; ``rhat``, ``ess``,
             ``ppc``, ``notes``), or None when the run left none.
         intervals: one mapping per parameter with ``parameter``, ``q05``, ``q95``,
             ``truth`` and optionally ``q005``, ``q995`` (numbers or strings; blanks skip).
@@ -807,7 +811,12 @@ def assess(
             )
         )
     if diagnostics.get("khat") is not None:
-        findings.append(_khat_finding(_float(diagnostics["khat"]), method, exact_loss))
+        finding = _khat_finding(_float(diagnostics["khat"]), method, exact_loss)
+        if diagnostics.get("ess_fraction") is not None:  # the ESS beside k-hat
+            ess = _float(diagnostics["ess_fraction"])
+            text = f"{finding.text} (importance-sampling ESS {100 * ess:.1f} % of the draws)"
+            finding = Finding(finding.level, text, finding.advice)
+        findings.append(finding)
     findings += _chain_findings(diagnostics.get("rhat"), diagnostics.get("ess"), names, method)
     if diagnostics.get("ppc"):
         findings += _ppc_findings(diagnostics["ppc"], method)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from gradcal.config import OBJECTIVE_OPTIONS, Built, ConfigError, build, dumps, length_problems
-from gradcal.diagnostics import loss_check, posterior_predictive, vi_khat
+from gradcal.diagnostics import loss_check, posterior_predictive, vi_importance
 from gradcal.distributed import is_main
 from gradcal.infer.annealing import GeometricAnnealing
 from gradcal.infer.mcmc import HMC, MALA, MCMC
@@ -26,6 +26,7 @@ from gradcal.posterior_estimators import (
     Constrained,
     DiagonalGaussian,
     Flow,
+    FlowMixture,
     FullRankGaussian,
     GaussianMixture,
 )
@@ -194,6 +195,13 @@ def make_family(method: dict[str, Any], built: Built) -> Any:
         base = DiagonalGaussian(torch.zeros(d), 1.0)
     elif kind == "mixture":  # means spread over the prior's unconstrained scale
         base = GaussianMixture.spread(d, method["components"], 1.0, seed=0)
+    elif kind == "flow_mixture":  # a mixture of C NSFs sharing one transform
+        base = FlowMixture(
+            d,
+            method["components"],
+            transforms=method["transforms"],
+            hidden_features=method["hidden_features"],
+        )
     else:
         base = FullRankGaussian(torch.zeros(d), 1.0)
     return Constrained(base, built.prior.supports)
@@ -290,11 +298,16 @@ def _run_vi(
             )
             return prior_log_prob(built.prior, theta) - loss / vi.w
 
-    khat = vi_khat(
+    khat, ess_fraction = vi_importance(
         q, log_target, n_samples=min(1000, method["posterior_samples"]), seed=config["run"]["seed"]
     )
-    result = {"samples": samples, "khat": khat, **_weight_result(vi.weight_choice)}
-    warning = mass_warning(khat, objective=method["objective"])
+    result = {
+        "samples": samples,
+        "khat": khat,
+        "ess_fraction": ess_fraction,  # importance-sampling ESS per draw, same draws
+        **_weight_result(vi.weight_choice),
+    }
+    warning = mass_warning(khat, ess_fraction, objective=method["objective"])
     if warning is not None:  # in the log now, in the report's notes later
         logger.warning(warning)
         result["mass_warning"] = warning
@@ -430,7 +443,19 @@ def write_outputs(
     with open(run_dir / "summary.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["parameter", "mean", "std", "q05", "q50", "q95", "truth", "rhat", "ess", "khat"]
+            [
+                "parameter",
+                "mean",
+                "std",
+                "q05",
+                "q50",
+                "q95",
+                "truth",
+                "rhat",
+                "ess",
+                "khat",
+                "is_ess_fraction",
+            ]
         )
         for i, name in enumerate(built.names):
             writer.writerow(
@@ -443,10 +468,13 @@ def write_outputs(
                     _cell(result["rhat"][i]) if "rhat" in result else "",
                     _cell(result["ess"][i]) if "ess" in result else "",
                     _cell(result.get("khat")) if i == 0 else "",
+                    _cell(result.get("ess_fraction")) if i == 0 else "",
                 ]
             )
     diagnostics: dict[str, Any] = {
-        k: result[k] for k in ("khat", "rhat", "ess", "ess_tail", "weight") if k in result
+        k: result[k]
+        for k in ("khat", "ess_fraction", "rhat", "ess", "ess_tail", "weight")
+        if k in result
     }
     notes = diagnostics.setdefault("notes", [])
     if result.get("mass_warning"):

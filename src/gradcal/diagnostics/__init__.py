@@ -5,7 +5,8 @@ Everything here runs without gradients and returns plain numbers or small result
 - how far apart two sample sets are (:func:`energy_distance_samples`, :func:`mmd_samples`
   against the noise floor :func:`split_half_floor`, and the classifier test :func:`c2st`);
 - whether a variational approximation is good enough to trust (:func:`psis_khat`,
-  :func:`vi_khat`, read by :func:`read_khat`);
+  :func:`vi_khat`, read by :func:`read_khat`; :func:`vi_importance` adds the
+  importance-sampling ESS);
 - whether the calibrated model reproduces the data (:func:`posterior_predictive`, and
   :func:`loss_check` for the loss itself);
 - whether a calibration routine is calibrated over many synthetic data sets
@@ -29,7 +30,15 @@ from gradcal.diagnostics.predictive import (
     loss_check,
     posterior_predictive,
 )
-from gradcal.diagnostics.psis import psis_khat, read_khat, vi_khat
+from gradcal.diagnostics.psis import (
+    VIImportance,
+    importance_ess,
+    psis_khat,
+    read_ess_fraction,
+    read_khat,
+    vi_importance,
+    vi_khat,
+)
 
 __all__ = [
     "DEFAULT_SUMMARIES",
@@ -38,15 +47,19 @@ __all__ = [
     "NoiseFloor",
     "PredictiveCheck",
     "SummaryCheck",
+    "VIImportance",
     "autocorrelation",
     "c2st",
     "coverage",
     "energy_distance_samples",
+    "importance_ess",
     "loss_check",
     "mmd_samples",
     "posterior_predictive",
     "psis_khat",
+    "read_ess_fraction",
     "read_khat",
     "split_half_floor",
+    "vi_importance",
     "vi_khat",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,7 +17,35 @@ from gradcal.diagnostics._checks import (
 )
 from gradcal.rng import seeded
 
-__all__ = ["psis_khat", "read_khat", "vi_khat"]
+ESS_MISSES_MASS = 0.1  # importance-sampling ESS per draw below which q misses mass
+
+__all__ = [
+    "ESS_MISSES_MASS",
+    "VIImportance",
+    "importance_ess",
+    "psis_khat",
+    "read_ess_fraction",
+    "read_khat",
+    "vi_importance",
+    "vi_khat",
+]
+
+
+def importance_ess(log_w: Tensor) -> float:
+    r"""Kish's effective sample size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` of log weights (n,).
+
+    Between 1 (one weight dominates) and n (equal weights); -inf entries count as zero.
+
+    Example:
+        >>> round(importance_ess(torch.zeros(8)), 6)
+        8.0
+        >>> round(importance_ess(torch.tensor([0.0, -50.0])), 6)
+        1.0
+    """
+    if log_w.numel() == 0 or bool((log_w == -math.inf).all()):
+        return math.nan
+    lw = log_w.detach().double()
+    return float(torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)))
 
 
 def _gpd_fit(x: Tensor) -> tuple[float, float]:
@@ -125,6 +153,35 @@ def psis_khat(log_weights: Tensor) -> tuple[float, Tensor]:
     return k_hat, (x - torch.logsumexp(x, 0)).to(log_weights)
 
 
+class VIImportance(NamedTuple):
+    """Importance sampling of the target from q: PSIS k-hat and the ESS per draw."""
+
+    khat: float
+    ess_fraction: float
+
+
+def vi_importance(
+    family: Any,
+    log_target: Callable[[Tensor], Tensor],
+    n_samples: int = 4000,
+    seed: int | None = 0,
+) -> VIImportance:
+    """PSIS k-hat (:func:`vi_khat`) and the importance-sampling ESS divided by the number
+    of draws (:func:`importance_ess`, in [1 / n, 1]) from the same ``n_samples`` draws of
+    q; arguments as :func:`vi_khat`.
+
+    Example:
+        >>> from gradcal.posterior_estimators import DiagonalGaussian
+        >>> def log_target(theta):
+        ...     return torch.distributions.Normal(0.0, 1.0).log_prob(theta).sum(-1)
+        >>> check = vi_importance(DiagonalGaussian(torch.zeros(2), 1.2), log_target)
+        >>> check.khat < 0.5, 0.7 < check.ess_fraction < 0.95
+        (True, True)
+    """
+    log_w = _log_weights(family, log_target, n_samples, seed)
+    return VIImportance(psis_khat(log_w)[0], importance_ess(log_w) / n_samples)
+
+
 def vi_khat(
     family: Any,
     log_target: Callable[[Tensor], Tensor],
@@ -161,6 +218,13 @@ def vi_khat(
         >>> vi_khat(DiagonalGaussian(torch.zeros(2), 0.4), log_target) > 0.7   # too narrow
         True
     """
+    return psis_khat(_log_weights(family, log_target, n_samples, seed))[0]
+
+
+def _log_weights(
+    family: Any, log_target: Callable[[Tensor], Tensor], n_samples: int, seed: int | None
+) -> Tensor:
+    """log p - log q (n_samples,) in float64 at fresh draws of q (NaN read as -inf)."""
     if not callable(getattr(family, "sample", None)):
         raise TypeError(
             f"`family` must have a method sample(n) -> (theta, log_q); "
@@ -190,8 +254,28 @@ def vi_khat(
         log_w = (log_p - log_q).to(torch.float64)
     if (log_w == math.inf).any():
         raise ValueError("log_target(theta) - log_q is +inf for some draws: check `log_target`.")
-    log_w = torch.where(torch.isnan(log_w), -math.inf, log_w)  # e.g. -inf - -inf
-    return psis_khat(log_w)[0]
+    return torch.where(torch.isnan(log_w), -math.inf, log_w)  # e.g. -inf - -inf
+
+
+def read_ess_fraction(fraction: float) -> str:
+    """The plain-words reading of the importance-sampling ESS per draw of q (threshold 0.1,
+    below which q misses mass of the target).
+
+    Example:
+        >>> print(read_ess_fraction(0.45))
+        importance-sampling ESS 45.0 % of the draws: q covers the posterior's mass
+        >>> read_ess_fraction(0.02)[:61]
+        'importance-sampling ESS 2.0 % of the draws: q misses mass of '
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+        raise TypeError(f"`fraction` must be a number, got {type(fraction).__name__}.")
+    if math.isnan(fraction):
+        return "importance-sampling ESS could not be computed (NaN)"
+    if fraction < ESS_MISSES_MASS:
+        verdict = "q misses mass of the posterior (a tail or a whole mode)"
+    else:
+        verdict = "q covers the posterior's mass"
+    return f"importance-sampling ESS {100 * fraction:.1f} % of the draws: {verdict}"
 
 
 def read_khat(k: float) -> str:

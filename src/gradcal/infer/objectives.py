@@ -25,15 +25,24 @@ size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` of each epoch's draws (``ess`` in the
 per-draw weights :math:`\hat w_k(\alpha + (1 - \alpha)\hat w_k)` (alpha = 0 for
 importance-weighted), :math:`\hat w = \mathrm{softmax}((1-\alpha)\log w)` within a group.
 
-Supported gradient estimators: reverse KL works with all three (pathwise reverse and
-forward mode, score). The importance-weighted and Renyi objectives need the simulator's
-gradient, so they take the pathwise estimators (reverse or forward mode) and refuse the
-score estimator. Forward KL never differentiates the simulator (it runs it without
-gradients), so it works with any of them and the choice makes no difference.
+Supported gradient estimators: every objective works with all three (pathwise reverse and
+forward mode, score). With the score estimator the simulator is run without gradients and
+the importance-weighted and Renyi bounds take the score-function gradient of the bound
+:math:`f = \frac1c \log \frac1K \sum_k w_k^c` (c = 1 - alpha; c = 1 importance-weighted)
+of each group, :math:`\sum_k (f - f_{-k}) \nabla_\phi \log q(\theta_k) - \sum_k \hat w_k
+\nabla_\phi \log q(\theta_k)`, with VIMCO's leave-one-out control variate (Mnih & Rezende
+2016): :math:`f_{-k}` is f with :math:`\log w_k` replaced by the mean of the group's other
+log weights, which does not depend on :math:`\theta_k`, so the estimate stays unbiased. A
+group with one kept draw (every group when K = 1) takes the mean of the other groups'
+bounds as its baseline instead; ``score_baseline=None`` uses no control variate. DReG
+(``doubly_reparameterised``) shapes the pathwise gradient only and is ignored by the score
+estimator. Forward KL never differentiates the simulator (it runs it without gradients),
+so it works with any of them and the choice makes no difference.
 
 References:
     Burda, Grosse & Salakhutdinov (2016), Importance weighted autoencoders, ICLR.
     Li & Turner (2016), Renyi divergence variational inference, NeurIPS.
+    Mnih & Rezende (2016), Variational inference for Monte Carlo objectives, ICML.
     Roeder, Wu & Duvenaud (2017), Sticking the landing, NeurIPS.
     Tucker, Lawson, Gu & Maddison (2019), Doubly reparameterized gradient estimators for
     Monte Carlo objectives, ICLR.
@@ -48,12 +57,20 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from gradcal.diagnostics.psis import ESS_MISSES_MASS, importance_ess
 from gradcal.distributed import all_gather_objects, all_reduce_sum, shard, world_size
-from gradcal.gradients import BatchedLoss, EpochEstimate, PathwiseReverse, loss_and_gradient
+from gradcal.gradients import (
+    BatchedLoss,
+    EpochEstimate,
+    PathwiseReverse,
+    Score,
+    loss_and_gradient,
+)
 from gradcal.posterior_estimators import log_prob_stopped
 from gradcal.regularisation import prior_log_prob
 
 __all__ = [
+    "ESS_MISSES_MASS",
     "OBJECTIVES",
     "ForwardKL",
     "ImportanceWeighted",
@@ -68,7 +85,6 @@ __all__ = [
 ]
 
 KHAT_MISSES_MASS = 0.7  # PSIS k-hat at and above which q misses mass (Yao et al. 2018)
-ESS_MISSES_MASS = 0.1  # importance-sampling ESS per draw below which q misses mass
 
 
 @dataclass
@@ -81,23 +97,6 @@ class ObjectiveEstimate(EpochEstimate):
 
     total: float = math.nan
     ess: float = math.nan
-
-
-def importance_ess(log_w: Tensor) -> float:
-    r"""Kish's effective sample size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` of log weights (n,).
-
-    Between 1 (one weight dominates) and n (equal weights); -inf entries count as zero.
-
-    Example:
-        >>> round(importance_ess(torch.zeros(8)), 6)
-        8.0
-        >>> round(importance_ess(torch.tensor([0.0, -50.0])), 6)
-        1.0
-    """
-    if log_w.numel() == 0 or bool((log_w == -math.inf).all()):
-        return math.nan
-    lw = log_w.detach().double()
-    return float(torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)))
 
 
 class ReverseKL:
@@ -133,12 +132,16 @@ class ReverseKL:
 @dataclass
 class _Draws:
     """One rank's draws of an epoch: losses (n,), kept mask (n,), log weights (n,) with graph
-    (-inf where dropped) and, for forward KL, log q at the stopped draws (n,)."""
+    (-inf where dropped) and, for forward KL and the score estimator, log q at the stopped
+    draws (n,) (0 where dropped); ``baseline`` is the score estimator's control variate
+    ("leave_one_out" or None), ``score`` whether the draws are for it."""
 
     losses: Tensor | None = None
     valid: Tensor | None = None
     log_w: Tensor | None = None
     log_q: Tensor | None = None
+    score: bool = False
+    baseline: str | None = None
 
 
 def _check_positive_int(value: Any, name: str) -> int:
@@ -163,19 +166,29 @@ class WeightedObjective:
     stopped_log_q: bool = False  # log q at fixed parameters (DReG)
 
     def check(self, method: str, diff_mode: str) -> None:
-        """Raise ``ValueError`` for an estimator this objective cannot use."""
-        if self.needs_simulator_gradient and method != "pathwise":
-            raise ValueError(
-                f"objective {self.name!r} needs the simulator's gradient: use "
-                f"gradient_estimation_method='pathwise' (diff_mode 'reverse' or 'forward'), "
-                f"got {method!r}; for a simulator without gradients use 'reverse_kl' or "
-                "'forward_kl'."
-            )
+        """Every estimator works: pathwise (reverse or forward mode) or score."""
 
     def surrogate(self, log_w: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """(this rank's sum of term surrogates to backpropagate, sum of term values).
 
         ``log_w`` (T, K) with graph, -inf where dropped; ``valid`` (T, K).
+        """
+        raise NotImplementedError
+
+    def score_surrogate(
+        self,
+        log_w: Tensor,
+        log_q: Tensor,
+        valid: Tensor,
+        baseline: Tensor | None,
+        leave_one_out: bool = True,
+    ) -> Tensor:
+        """The score estimator's surrogate (sum over this rank's terms) to backpropagate.
+
+        ``log_w`` (T, K) with graph through log q only (draws held fixed), -inf where
+        dropped; ``log_q`` (T, K) with graph, any finite value where dropped; ``valid``
+        (T, K); ``baseline`` (T,): the control variate of a term with a single kept draw
+        (the other terms' mean) or None; ``leave_one_out``: use control variates at all.
         """
         raise NotImplementedError
 
@@ -201,6 +214,8 @@ class WeightedObjective:
             valid = torch.isfinite(losses) & torch.isfinite(log_prior) & torch.isfinite(log_q)
             log_w = torch.where(valid, -losses / w + log_prior - log_q.detach(), -math.inf)
             return _Draws(losses, valid, log_w, log_q)
+        if isinstance(estimator, Score):
+            return self._score_draws(family, loss, data, m, prior, w, estimator.baseline)
         theta, log_q = family.sample(m)
         theta = theta[:, None] if theta.ndim == 1 else theta
         diff_mode = getattr(estimator, "diff_mode", "reverse")
@@ -222,6 +237,34 @@ class WeightedObjective:
         log_w = torch.full_like(losses, -math.inf)
         log_w = log_w.index_put((valid.nonzero()[:, 0],), kept_log_w.to(log_w.dtype))
         return _Draws(losses, valid, log_w)
+
+    def _score_draws(
+        self,
+        family: Any,
+        loss: BatchedLoss,
+        data: Any,
+        m: int,
+        prior: Any,
+        w: float,
+        baseline: str | None,
+    ) -> _Draws:
+        """Draws held fixed, the simulator run without gradients; log q with its graph."""
+        with torch.no_grad():
+            theta, _ = family.sample(m)
+            theta = theta[:, None] if theta.ndim == 1 else theta
+            losses = loss(theta, data)
+            log_prior = prior_log_prob(prior, theta)
+            valid = (
+                torch.isfinite(losses)
+                & torch.isfinite(log_prior)
+                & torch.isfinite(family.log_prob(theta))
+            )
+        index = (valid.nonzero()[:, 0],)
+        kept_log_q = family.log_prob(theta[valid])  # graph only on kept draws
+        log_q = torch.zeros_like(losses).index_put(index, kept_log_q.to(losses.dtype))
+        kept_log_w = -losses[valid] / w + log_prior[valid] - kept_log_q
+        log_w = torch.full_like(losses, -math.inf).index_put(index, kept_log_w.to(losses.dtype))
+        return _Draws(losses, valid, log_w, log_q, score=True, baseline=baseline)
 
     def __call__(
         self,
@@ -290,19 +333,55 @@ class WeightedObjective:
         valid = draws.valid.reshape(-1, k)
         has = valid.any(-1)
         local = torch.zeros(2, dtype=torch.float64)
-        surrogate = value = None
+        surrogate = values = None
         if bool(has.any()):
-            surrogate, value = self.surrogate(log_w[has], valid[has])
-            local[0], local[1] = float(has.sum()), float(value)
+            values = self.term_values(log_w[has].detach(), valid[has])
+            local[0], local[1] = float(has.sum()), float(values.sum())
         n_terms, value_sum = (float(x) for x in all_reduce_sum(local))
+        if values is not None and draws.score:
+            # a term's baseline: the mean of every other term, on every rank
+            others = (value_sum - values) / (n_terms - 1) if n_terms > 1 else None
+            surrogate = self.score_surrogate(
+                log_w[has],
+                draws.log_q.reshape(-1, k)[has],
+                valid[has],
+                None if others is None else others.to(log_w.dtype),
+                draws.baseline == "leave_one_out",
+            )
+        elif values is not None:
+            surrogate, _ = self.surrogate(log_w[has], valid[has])
         if surrogate is not None and surrogate.requires_grad:
             (-w * surrogate / n_terms).backward()
         return -w * value_sum / n_terms
+
+    def term_values(self, log_w: Tensor, valid: Tensor) -> Tensor:
+        """Each term's value (T,) from log weights (T, K) (-inf where dropped), no graph."""
+        raise NotImplementedError
 
 
 def _group_log_mean(log_w: Tensor, valid: Tensor) -> Tensor:
     """log of the mean of exp(log_w) over each row's kept entries: (T,)."""
     return torch.logsumexp(log_w, -1) - valid.sum(-1).to(log_w.dtype).log()
+
+
+def _leave_one_out_bounds(log_w: Tensor, valid: Tensor, c: float) -> Tensor:
+    r"""VIMCO's :math:`f_{-k}` (T, K): the group bound :math:`\frac1c \log \frac1n \sum_j
+    w_j^c` over its n kept draws with :math:`\log w_k` replaced by the mean of the other kept
+    log weights (no graph; entries of dropped draws or of groups with one kept draw are
+    meaningless).
+
+    Example:
+        >>> lw = torch.log(torch.tensor([[1.0, 4.0]]))
+        >>> _leave_one_out_bounds(lw, torch.ones(1, 2, dtype=torch.bool), 1.0).exp()
+        tensor([[4., 1.]])
+    """
+    k = log_w.shape[-1]
+    finite = torch.where(valid, log_w, 0.0)
+    n = valid.sum(-1, keepdim=True).to(log_w.dtype)
+    others = (finite.sum(-1, keepdim=True) - finite) / (n - 1).clamp_min(1.0)  # (T, K)
+    eye = torch.eye(k, dtype=torch.bool, device=log_w.device)
+    replaced = torch.where(eye, others[..., None], log_w[:, None, :])  # (T, K, K)
+    return (torch.logsumexp(c * replaced, -1) - n.log()) / c
 
 
 class ImportanceWeighted(WeightedObjective):
@@ -332,6 +411,31 @@ class ImportanceWeighted(WeightedObjective):
     def exponent(self) -> float:
         """1 - alpha of the group weights softmax((1 - alpha) log w): 1 here."""
         return 1.0
+
+    def term_values(self, log_w: Tensor, valid: Tensor) -> Tensor:
+        c = self.exponent
+        return (_group_log_mean(c * log_w, valid) / c).detach().double()
+
+    def score_surrogate(
+        self,
+        log_w: Tensor,
+        log_q: Tensor,
+        valid: Tensor,
+        baseline: Tensor | None,
+        leave_one_out: bool = True,
+    ) -> Tensor:
+        c = self.exponent
+        bound = _group_log_mean(c * log_w, valid) / c  # (T,), graph through log q at fixed draws
+        f = bound.detach()
+        signal = f[:, None].expand_as(log_w)
+        if leave_one_out:
+            n_kept = valid.sum(-1)
+            signal = f[:, None] - _leave_one_out_bounds(log_w.detach(), valid, c)
+            single = (n_kept == 1)[:, None]
+            fallback = f[:, None] - (0.0 if baseline is None else baseline[:, None])
+            signal = torch.where(single, fallback, signal)
+        kept_log_q = torch.where(valid, log_q, 0.0)
+        return (torch.where(valid, signal, 0.0) * kept_log_q).sum() + bound.sum()
 
     def surrogate(self, log_w: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         c = self.exponent
@@ -490,14 +594,14 @@ def mass_warning(
         advice = (
             "reverse KL is mode-seeking and may have settled on one mode: refit with a "
             "mass-covering objective (objective 'renyi' with alpha 0.2 to 0.5, or "
-            "'forward_kl'), a family that holds several modes (GaussianMixture, family "
-            "'mixture'), or an annealed w"
+            "'forward_kl'), a family that holds several modes (GaussianMixture or "
+            "FlowMixture, family 'mixture' or 'flow_mixture'), or an annealed w"
         )
     else:
         advice = (
             "train longer or with more draws per epoch, use a family that holds several "
-            "modes (GaussianMixture, family 'mixture') or anneal w from a broad start; a "
-            "smaller alpha (renyi) covers more mass"
+            "modes (GaussianMixture or FlowMixture, family 'mixture' or 'flow_mixture') "
+            "or anneal w from a broad start; a smaller alpha (renyi) covers more mass"
         )
     return (
         f"q misses part of the posterior ({'; '.join(found)}): a mode or a tail that q "
