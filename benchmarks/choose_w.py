@@ -1,10 +1,13 @@
 """Does a calibrated w give intervals that mean what they say? Coverage over replicated data.
 
-The studies (``python benchmarks/choose_w.py [normal|ar1|exact|cost|all] [--replicates N]``):
+The studies (``python benchmarks/choose_w.py STUDY [--replicates N]``):
 
 - ``normal``: well specified. y_i ~ N(1, 1), n = 50, loss the negative log-likelihood with
   known scale, prior N(0, 10^2). Calibration (i.i.d. bootstrap) should give w ~ 1, and 90%
-  intervals of pi_w should cover the true mean ~90% of the time.
+  intervals of pi_w should cover the true mean ~90% of the time (pi_w exact: Gaussian).
+- ``normal-vi``: the same data sets, the intervals VI itself reports at the calibrated w
+  (``VI(w=WeightCalibration(...))``, a Gaussian q; its best state, its last state, and the
+  best state of a fit with ``stopping="smoothed"``).
 - ``ar1``: misspecified. Data from x_t = 0.5 x_{t-1} + e_t with contaminated noise
   e_t ~ 0.9 N(0, 1) + 0.1 N(0, 5^2) (T = 60); model the Gaussian AR(1) (phi, sigma), loss
   the MMD of lag-2 windows (Gaussian kernel, fixed bandwidth 1.5). The target is the
@@ -15,9 +18,12 @@ The studies (``python benchmarks/choose_w.py [normal|ar1|exact|cost|all] [--repl
   exact pi_w's central 90% intervals (the expected loss in closed form on a grid, no
   Laplace or variational approximation) at each calibrated w, at w = 1 and at w = 0.001.
 - ``cost``: one calibration against one Gaussian VI fit of the same problem, side by side.
+- ``brock-hommes``: the same for ``examples/brock_hommes/config.toml`` (VI with the
+  example's settings), and the share of each step of the calibration in a profiled run.
 
-The intervals are those of the Laplace approximation of pi_w at the point estimate
-(precision H / w + prior's, the construction the calibration itself uses); ``--vi K`` also
+In ``ar1`` the intervals are those of the Laplace approximation of pi_w at the point
+estimate (precision H / w + prior's, the construction the calibration itself uses), and
+in ``exact`` those of the exact pi_w; neither is a VI fit. ``--vi K`` also
 fits Gaussian VI at the chosen w for the first K replicates and prints its sds beside them.
 Monte Carlo error of a coverage p over R replicates: sqrt(p (1 - p) / R) (0.03 at R = 100,
 0.042 at R = 50 for p = 0.9).

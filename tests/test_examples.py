@@ -67,7 +67,7 @@ def test_brock_hommes_example_checks_and_asks_for_a_calibrated_w(tmp_path):
 
 @pytest.mark.slow
 def test_brock_hommes_example_reports_the_chosen_w_with_its_coverage(tmp_path):
-    """``gradcal run`` of the example (about a minute of CPU): the report names the chosen
+    """``gradcal run`` of the example (1.5-2 minutes of CPU): the report names the chosen
     w, its bootstrap coverage estimate and the cost, and the run's diagnostics hold them."""
     out = tmp_path / "run"
     result = _gradcal("run", BROCK_HOMMES, "--out", out, cwd=tmp_path)
