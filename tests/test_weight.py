@@ -211,6 +211,13 @@ def test_config_accepts_w_calibrate_only():
     problems = [p for p in check(base) if p.startswith("method")]
     assert any(p.startswith('method.w: must be a number > 0 or "calibrate"') for p in problems)
     assert any(p.startswith("method.w_resample: must be one of") for p in problems)
+    # annealing's default start, 100 w, does not exist before w is chosen: ask for one
+    base["method"].update(w="calibrate", w_resample="block", anneal_epochs=10)
+    problems = [p for p in check(base) if p.startswith("method")]
+    assert problems == [p for p in problems if p.startswith("method.anneal_start: needed")]
+    assert len(problems) == 1
+    base["method"]["anneal_start"] = 1.0
+    assert not [p for p in check(base) if p.startswith("method")]
 
 
 # --- the loss check and the report -------------------------------------------------------------
