@@ -1,10 +1,13 @@
 """Does a calibrated w give intervals that mean what they say? Coverage over replicated data.
 
-The studies (``python benchmarks/choose_w.py [normal|ar1|exact|cost|all] [--replicates N]``):
+The studies (``python benchmarks/choose_w.py STUDY [--replicates N]``):
 
 - ``normal``: well specified. y_i ~ N(1, 1), n = 50, loss the negative log-likelihood with
   known scale, prior N(0, 10^2). Calibration (i.i.d. bootstrap) should give w ~ 1, and 90%
-  intervals of pi_w should cover the true mean ~90% of the time.
+  intervals of pi_w should cover the true mean ~90% of the time (pi_w exact: Gaussian).
+- ``normal-vi``: the same data sets, the intervals VI itself reports at the calibrated w
+  (``VI(w=WeightCalibration(...))``, a Gaussian q; its best state, its last state, and the
+  best state of a fit with ``stopping="smoothed"``).
 - ``ar1``: misspecified. Data from x_t = 0.5 x_{t-1} + e_t with contaminated noise
   e_t ~ 0.9 N(0, 1) + 0.1 N(0, 5^2) (T = 60); model the Gaussian AR(1) (phi, sigma), loss
   the MMD of lag-2 windows (Gaussian kernel, fixed bandwidth 1.5). The target is the
@@ -15,9 +18,12 @@ The studies (``python benchmarks/choose_w.py [normal|ar1|exact|cost|all] [--repl
   exact pi_w's central 90% intervals (the expected loss in closed form on a grid, no
   Laplace or variational approximation) at each calibrated w, at w = 1 and at w = 0.001.
 - ``cost``: one calibration against one Gaussian VI fit of the same problem, side by side.
+- ``brock-hommes``: the same for ``examples/brock_hommes/config.toml`` (VI with the
+  example's settings), and the share of each step of the calibration in a profiled run.
 
-The intervals are those of the Laplace approximation of pi_w at the point estimate
-(precision H / w + prior's, the construction the calibration itself uses); ``--vi K`` also
+In ``ar1`` the intervals are those of the Laplace approximation of pi_w at the point
+estimate (precision H / w + prior's, the construction the calibration itself uses), and
+in ``exact`` those of the exact pi_w; neither is a VI fit. ``--vi K`` also
 fits Gaussian VI at the chosen w for the first K replicates and prints its sds beside them.
 Monte Carlo error of a coverage p over R replicates: sqrt(p (1 - p) / R) (0.03 at R = 100,
 0.042 at R = 50 for p = 0.9).
@@ -36,7 +42,7 @@ from gradcal.infer import VI
 from gradcal.infer.weight import WeightCalibration
 from gradcal.losses import GaussianKernel, MMDLoss
 from gradcal.models import AR1
-from gradcal.posterior_estimators import FullRankGaussian
+from gradcal.posterior_estimators import DiagonalGaussian, FullRankGaussian
 
 torch.set_num_threads(1)
 LEVEL = 0.9
@@ -79,6 +85,76 @@ def normal_study(replicates: int, n: int = 50) -> None:
         f"intervals {p:.3f} +- {math.sqrt(p * (1 - p) / replicates):.3f}; "
         f"{sum(seconds) / replicates:.2f} s per calibration"
     )
+
+
+def _vi_normal(prior, w, epochs: int, seed: int, stopping: str = "blackbirds") -> VI:
+    q = DiagonalGaussian(torch.zeros(1))
+    optimizer = torch.optim.Adam(q.parameters(), lr=0.05)
+    return VI(
+        normal_nll,
+        prior,
+        q,
+        w=w,
+        n_samples_per_epoch=20,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.01, epochs),
+        progress_bar=False,
+        seed=seed,
+        stopping=stopping,
+    )
+
+
+def normal_vi_study(replicates: int, n: int = 50, epochs: int = 600) -> None:
+    """The intervals VI reports at the calibrated w: ``VI(w=WeightCalibration(...))`` with a
+    Gaussian q per replicate (w chosen inside ``VI.run``), the intervals the 5% and 95%
+    quantiles of 4000 draws of q.
+
+    Three states of q are scored: the best one under the default rule (lowest total of an
+    epoch: what ``gradcal run`` reports), the last one (the learning rate decayed 100-fold
+    by then), and the best one under ``stopping="smoothed"`` (a second fit at the same w).
+    Step size and draws as in tests/test_weight.py; the data sets are ``normal``'s.
+    """
+    prior = torch.distributions.Normal(torch.zeros(1), 10.0 * torch.ones(1))
+    generator = torch.Generator().manual_seed(2026)  # the data sets of ``normal_study``
+    states = ("best", "last", "smoothed")
+    hits = {state: [] for state in states}
+    ratios = {state: [] for state in states}
+    ws, started = [], time.perf_counter()
+    for r in range(replicates):
+        y = 1.0 + torch.randn(n, generator=generator)
+        calibration = WeightCalibration(resample="iid", n_bootstrap=200, seed=r)
+        vi = _vi_normal(prior, calibration, epochs, r)
+        vi.run(y, n_epochs=epochs, max_epochs_without_improvement=epochs)
+        smoothed = _vi_normal(prior, vi.w, epochs, r, stopping="smoothed")
+        smoothed.run(y, n_epochs=epochs, max_epochs_without_improvement=epochs)
+        exact_sd = 1 / math.sqrt(n / vi.w + 1 / 100)
+        for state in ("last", "best", "smoothed"):  # the last state before loading the best
+            q = (smoothed if state == "smoothed" else vi).posterior_estimator
+            if state != "last":
+                fit = smoothed if state == "smoothed" else vi
+                q.load_state_dict(fit.best_estimator_state_dict)
+            with torch.no_grad():
+                draws = q.sample(4000)[0][:, 0]
+            low, high = draws.quantile(torch.tensor([0.05, 0.95], dtype=draws.dtype)).tolist()
+            hits[state].append(low <= 1.0 <= high)
+            ratios[state].append(float(draws.std()) / exact_sd)
+        ws.append(vi.w)
+    seconds = (time.perf_counter() - started) / replicates
+    ws_t = torch.tensor(ws)
+    print(
+        f"normal, VI at the calibrated w (n={n}, {replicates} replicates, {epochs} epochs x 20 "
+        f"draws, load {os.getloadavg()[0]:.1f}): w median {ws_t.median():.3f}; "
+        f"{seconds:.2f} s per calibration and two fits"
+    )
+    for state in states:
+        p = sum(hits[state]) / replicates
+        ratio = torch.tensor(ratios[state])
+        print(
+            f"  {state:>8} state of q: coverage of its 90% intervals {p:.3f} +- "
+            f"{math.sqrt(p * (1 - p) / replicates):.3f}; its sd / the exact pi_w's sd: median "
+            f"{ratio.median():.3f}, quartiles {ratio.quantile(0.25):.3f}-"
+            f"{ratio.quantile(0.75):.3f}"
+        )
 
 
 # --- the misspecified AR(1) ---------------------------------------------------------------
@@ -260,6 +336,71 @@ def cost_study(n_bootstrap: int) -> None:
     )
 
 
+BROCK_HOMMES = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "examples", "brock_hommes", "config.toml"
+)
+STAGES = {  # the steps of WeightCalibration.choose, by the function that runs each
+    "point estimate (Adam, 4 starts)": "_fit_point",
+    "Hessian (64 simulations)": "_hessian",
+    "bootstrap Newton fits": "_bootstrap_fits",
+    "coverage curve c(w)": "_coverage_function",
+}
+
+
+def brock_hommes_cost(path: str = BROCK_HOMMES) -> None:
+    """The example's calibration against one VI fit with its settings, side by side, and
+    the share of each step of the calibration in a second, profiled calibration."""
+    import cProfile
+    import pstats
+
+    from gradcal.config import build, checked, read_toml
+    from gradcal.runs import make_family, make_objective_from, weight_option
+
+    config = checked(read_toml(path), os.path.dirname(path))
+    built, method = build(config, os.path.dirname(path)), config["method"]
+    calibration = weight_option(method, config["run"]["seed"])
+    started = time.perf_counter()
+    choice = calibration.choose(built.loss, built.prior, built.observed)
+    calibrate = time.perf_counter() - started
+    profile = cProfile.Profile()  # a second, profiled calibration: the share of each step
+    profile.enable()
+    calibration.choose(built.loss, built.prior, built.observed)
+    profile.disable()
+    stats = pstats.Stats(profile).stats
+    stages = {
+        stage: sum(v[3] for k, v in stats.items() if k[2] == name)
+        for stage, name in STAGES.items()
+    }
+    profiled = sum(stages.values())
+    q = make_family(method, built)
+    vi = VI(
+        built.loss,
+        built.prior,
+        q,
+        w=choice.w,
+        optimizer=torch.optim.Adam(q.parameters(), lr=method["learning_rate"]),
+        gradient_clipping_norm=method["gradient_clipping_norm"],
+        n_samples_per_epoch=method["samples_per_epoch"],
+        n_samples_regularisation=method["n_samples_regularisation"],
+        objective=make_objective_from(method),
+        progress_bar=False,
+        seed=config["run"]["seed"],
+    )
+    started = time.perf_counter()
+    vi.run(built.observed, method["epochs"], method["patience"])
+    fit = time.perf_counter() - started
+    print(
+        f"Brock-Hommes example (load {os.getloadavg()[0]:.1f}): calibration {calibrate:.1f} s "
+        f"({choice.simulations} simulated series; {choice.summary()}), one VI fit of "
+        f"{method['epochs']} epochs x {method['samples_per_epoch']} draws {fit:.1f} s "
+        f"({method['epochs'] * method['samples_per_epoch']} series): ratio {calibrate / fit:.2f}"
+    )
+    print(
+        "  calibration by step (share of a profiled run): "
+        + "; ".join(f"{stage} {100 * t / profiled:.0f}%" for stage, t in stages.items())
+    )
+
+
 def exact_intervals(y: torch.Tensor, w: float, around: torch.Tensor, half: torch.Tensor):
     """Central 90% intervals of the exact pi_w (uniform prior) on an 81 x 81 grid.
 
@@ -327,7 +468,11 @@ def exact_study(log_paths: list[str]) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", choices=("normal", "ar1", "exact", "cost", "all"), default="all")
+    parser.add_argument(
+        "study",
+        choices=("normal", "normal-vi", "ar1", "exact", "cost", "brock-hommes", "all"),
+        default="all",
+    )
     parser.add_argument("--logs", nargs="*", default=[], help="ar1 logs read by 'exact'")
     parser.add_argument("--replicates", type=int, default=None)
     parser.add_argument("--bootstrap", type=int, default=100)
@@ -337,9 +482,13 @@ if __name__ == "__main__":
     print(f"load average {os.getloadavg()}", flush=True)
     if args.study in ("normal", "all"):
         normal_study(args.replicates or 100)
+    if args.study in ("normal-vi", "all"):
+        normal_vi_study(args.replicates or 100)
     if args.study in ("ar1", "all"):
         ar1_study(args.replicates or 50, args.vi, args.first)
     if args.study == "exact":
         exact_study(args.logs)
     if args.study in ("cost", "all"):
         cost_study(args.bootstrap)
+    if args.study in ("brock-hommes", "all"):
+        brock_hommes_cost()

@@ -211,6 +211,13 @@ def test_config_accepts_w_calibrate_only():
     problems = [p for p in check(base) if p.startswith("method")]
     assert any(p.startswith('method.w: must be a number > 0 or "calibrate"') for p in problems)
     assert any(p.startswith("method.w_resample: must be one of") for p in problems)
+    # annealing's default start, 100 w, does not exist before w is chosen: ask for one
+    base["method"].update(w="calibrate", w_resample="block", anneal_epochs=10)
+    problems = [p for p in check(base) if p.startswith("method")]
+    assert problems == [p for p in problems if p.startswith("method.anneal_start: needed")]
+    assert len(problems) == 1
+    base["method"]["anneal_start"] = 1.0
+    assert not [p for p in check(base) if p.startswith("method")]
 
 
 # --- the loss check and the report -------------------------------------------------------------
@@ -288,3 +295,34 @@ def test_a_loss_that_fails_away_from_its_start_is_an_error_not_a_nan_w():
     failing.exact = True
     with pytest.raises(RuntimeError, match="choosing w failed"):
         WeightCalibration(resample="iid", n_bootstrap=40).choose(failing, PRIOR, y)
+
+
+def test_bootstrap_refits_that_end_at_nan_are_an_error_naming_them():
+    # finite on the observed data (no ties), so the point estimate and its Hessian are fine;
+    # NaN in value and gradient on every i.i.d. bootstrap data set (each has tied values), so
+    # every bootstrap refit ends at NaN: the refit guard, not the curvature guard, must stop
+    y = torch.randn(50, generator=torch.Generator().manual_seed(7))
+
+    def fails_on_ties(theta, data):
+        ties = (data.sort(-1).values.diff(dim=-1) == 0).any(-1)
+        return gaussian_nll(theta, data) + torch.where(ties, torch.nan, 0.0) * theta[..., 0]
+
+    fails_on_ties.batched = True
+    fails_on_ties.exact = True
+    with pytest.raises(RuntimeError, match=r"40 of 40 bootstrap fits .* ended at NaN"):
+        WeightCalibration(resample="iid", n_bootstrap=40).choose(fails_on_ties, PRIOR, y)
+
+
+def test_a_loss_blind_to_the_data_is_an_error_not_w_zero():
+    # curvature 50 at theta = 1 whatever the data: the point estimate and the Hessian are
+    # fine, every bootstrap refit is exactly theta_hat, so the bootstrap shows no spread
+    # (information matching w = 0) and the final guard on w must stop
+    y = torch.randn(50, generator=torch.Generator().manual_seed(7))
+
+    def blind(theta, data):
+        return 25.0 * ((theta - 1.0) ** 2).sum(-1) + 0.0 * data.sum(-1)
+
+    blind.batched = True
+    blind.exact = True
+    with pytest.raises(RuntimeError, match=r"the bootstrap gives w = 0\.0 .* do not vary"):
+        WeightCalibration(resample="iid", n_bootstrap=40).choose(blind, PRIOR, y)

@@ -493,6 +493,11 @@ def _check_objective(method: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"method.anneal_epochs: must be >= 0, got {epochs}")
     if isinstance(start, int | float) and not isinstance(start, bool) and not start > 0:
         problems.append(f"method.anneal_start: must be > 0, got {start}")
+    if method.get("w") == CALIBRATE and start is None and isinstance(epochs, int) and epochs > 0:
+        problems.append(
+            f'method.anneal_start: needed with w = "{CALIBRATE}" and anneal_epochs > 0 (its '
+            "default, 100 w, is unknown before w is chosen): give a number"
+        )
     if isinstance(alpha, int | float) and not isinstance(alpha, bool) and not 0 < alpha < 1:
         problems.append(f"method.alpha: must lie in (0, 1), got {alpha}")
     if isinstance(k, int) and not isinstance(k, bool) and k < 1:

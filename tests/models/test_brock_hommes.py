@@ -101,6 +101,11 @@ def test_free_and_fixed_coefficients_are_configurable():
     assert g.flatten().tolist() == pytest.approx([0.0, 0.7])
     assert b.flatten().tolist() == pytest.approx([0.0, 0.1])
     assert model.run_and_observe(torch.tensor([0.7]))[0].shape == (10,)
+    # "free" (what a TOML file can write) is None; the parameters keep g before b per type
+    text = BrockHommesBeliefs(n_timesteps=10, g=(0.0, "free"), b=(0.0, "free"), beta=5.0)
+    g, b = text.coefficients(torch.tensor([[0.7, -0.2]]))
+    assert g.flatten().tolist() == pytest.approx([0.0, 0.7])
+    assert b.flatten().tolist() == pytest.approx([0.0, -0.2])
 
 
 def test_bad_configuration_is_rejected():
@@ -108,6 +113,8 @@ def test_bad_configuration_is_rejected():
         BrockHommesBeliefs(g=(0.0, None), b=(0.0,))
     with pytest.raises(ValueError, match="sigma"):
         BrockHommesBeliefs(sigma=0.0)
+    with pytest.raises(ValueError, match="`b` entries must be numbers, None or 'free'"):
+        BrockHommesBeliefs(g=(0.0, None), b=(0.0, "fre"))
     with pytest.raises(ValueError, match=r"\(4,\)"):
         BrockHommesBeliefs.wavy().log_likelihood(torch.zeros(3), torch.zeros(97))
 

@@ -280,10 +280,16 @@ class WeightCalibration:
             else _smallest_reaching(ws, cover, coverage_at, self.level)
         )
         if not (math.isfinite(w) and w > 0):
+            cause = (
+                "the bootstrap estimates do not vary in some direction: the loss does not "
+                "depend on the data there"
+                if w_info == 0
+                else "the loss may not identify every parameter (a flat or non-convex loss "
+                "at the point estimate)"
+            )
             raise RuntimeError(
                 f"choosing w failed: the bootstrap gives w = {w} (information matching "
-                f"{w_info}); the loss may not identify every parameter (a flat or non-convex "
-                "loss at the point estimate): set `w` to a number instead."
+                f"{w_info}); {cause}: set `w` to a number instead."
             )
         c = float(coverage_at(w))
         spread = boot.std(0)
@@ -538,15 +544,21 @@ def information_matching(hessian: Tensor, estimates: Tensor) -> float:
     bootstrap estimates (B, D); in one dimension w = H Sigma.
 
     It matches the Fisher information of the generalised posterior, H / w, to that of the
-    bootstrap, Sigma^{-1}, in trace.
+    bootstrap, Sigma^{-1}, in trace. Estimates that do not vary in some direction (a loss
+    blind to the data there) have infinite information: w = 0.
 
     Example:
         >>> est = torch.tensor([[-1.0], [1.0], [-1.0], [1.0]])        # variance 4/3
         >>> round(information_matching(torch.tensor([[3.0]]), est), 6)
         4.0
+        >>> information_matching(torch.tensor([[3.0]]), torch.ones(4, 1))
+        0.0
     """
     sigma = torch.atleast_2d(torch.cov(estimates.T.to(torch.float64)))
-    return float(torch.trace(hessian.to(torch.float64)) / torch.trace(torch.linalg.inv(sigma)))
+    inverse, singular = torch.linalg.inv_ex(sigma)
+    if bool(singular) or not torch.isfinite(inverse).all():
+        return 0.0 if bool(torch.isfinite(sigma).all()) else math.nan
+    return float(torch.trace(hessian.to(torch.float64)) / torch.trace(inverse))
 
 
 def _smallest_reaching(ws: Tensor, cover: Tensor, coverage_at: Any, level: float) -> float:

@@ -11,9 +11,10 @@ from torch import Tensor
 from gradcal.models.model import Model, accepts_one_draw, accepts_one_history
 from gradcal.relax import soft_maximum, soft_minimum
 
-__all__ = ["BrockHommes", "BrockHommesBeliefs", "belief_mean"]
+__all__ = ["FREE", "BrockHommes", "BrockHommesBeliefs", "belief_mean"]
 
 _N_LAGS = 3  # x_{t-1}, x_{t-2}, x_{t-3} enter the step
+FREE = "free"  # a belief coefficient that is a parameter (as None), as TOML can write it
 
 
 def belief_mean(beta: Tensor, g: Tensor, b: Tensor, R: Tensor | float, lags: Tensor) -> Tensor:
@@ -128,14 +129,15 @@ class BrockHommesBeliefs(Model):
         U_{h,t} = (x_{t-1} - R x_{t-2}) (g_h x_{t-3} + b_h - R x_{t-2}),
 
     with :math:`R = 1 + r` and :math:`x_0 = x_1 = x_2 = 0`. Each trend coefficient
-    :math:`g_h` and bias :math:`b_h` is fixed (a number) or free (``None``); the free ones
-    are the parameters, ordered by belief type, :math:`g_h` before :math:`b_h`.
+    :math:`g_h` and bias :math:`b_h` is fixed (a number) or free (``None``, or ``"free"``,
+    which a TOML configuration can write); the free ones are the parameters, ordered by
+    belief type, :math:`g_h` before :math:`b_h`.
     The transition is Gaussian, so :meth:`log_likelihood` is exact.
 
     Arguments:
         n_timesteps: number of simulated values; the output is :math:`x_3, \dots, x_{T+2}`.
-        g: the H trend coefficients, ``None`` marking free ones.
-        b: the H biases, ``None`` marking free ones.
+        g: the H trend coefficients, ``None`` or ``"free"`` marking free ones.
+        b: the H biases, ``None`` or ``"free"`` marking free ones.
         beta: intensity of choice.
         sigma: noise scale.
         r: risk-free rate.
@@ -157,6 +159,8 @@ class BrockHommesBeliefs(Model):
         >>> model = BrockHommesBeliefs.wavy()
         >>> model.n_params, model.run_and_observe(model.true_params)[0].shape
         (4, torch.Size([97]))
+        >>> BrockHommesBeliefs(50, b=(0.0, "free", "free", 0.0), g=(0, -0.7, 0.5, 1.01)).n_params
+        2
     """
 
     batched = True
@@ -166,8 +170,8 @@ class BrockHommesBeliefs(Model):
     def __init__(
         self,
         n_timesteps: int = 97,
-        g: Sequence[float | None] = (0.0, None, None, 1.01),
-        b: Sequence[float | None] = (0.0, None, None, 0.0),
+        g: Sequence[float | str | None] = (0.0, None, None, 1.01),
+        b: Sequence[float | str | None] = (0.0, None, None, 0.0),
         beta: float = 120.0,
         sigma: float = 0.04,
         r: float = 0.01,
@@ -190,7 +194,7 @@ class BrockHommesBeliefs(Model):
 
     @staticmethod
     def _coefficient_maps(
-        g: Sequence[float | None], b: Sequence[float | None]
+        g: Sequence[float | str | None], b: Sequence[float | str | None]
     ) -> tuple[Tensor, Tensor]:
         h = len(g)
         # float64 so that float64 runs see the coefficients exactly (1.01 is not a float32)
@@ -198,10 +202,15 @@ class BrockHommesBeliefs(Model):
         free = []
         for i in range(h):
             for row, value in ((0, g[i]), (1, b[i])):
-                if value is None:
+                if value is None or value == FREE:
                     free.append((row, i))
-                else:
+                elif isinstance(value, int | float) and not isinstance(value, bool):
                     fixed[row, i] = float(value)
+                else:
+                    raise ValueError(
+                        f"BrockHommesBeliefs: `{'gb'[row]}` entries must be numbers, None or "
+                        f"{FREE!r}, got {value!r}."
+                    )
         select = torch.zeros(len(free), 2, h, dtype=torch.float64)
         for d, (row, i) in enumerate(free):
             select[d, row, i] = 1.0
