@@ -320,13 +320,15 @@ def test_the_demo_contains_the_truth_and_says_the_fit_can_be_used(tmp_path, seed
     for row in rows:
         assert float(row["q05"]) <= float(row["truth"]) <= float(row["q95"]), row
     khat = json.loads((out / "diagnostics.json").read_text())["khat"]
-    assert khat < 0.7
     page = (out / "report.html").read_text()
     top = page.split("<section>")[0]
-    # k-hat moves by about 0.15 between seeds here (0.25 to 0.64 measured, see the README),
-    # so either "the fit can be used" or "use with care"; never "do not trust"
+    # k-hat from 4000 draws measured 0.43, 0.33, 0.48 on seeds 0, 1, 2 (the README): the
+    # default seed, what `make demo` runs, must read "the fit can be used"; a code change
+    # may move the others across 0.5 (caution) but never to "do not trust"
+    if seed == 0:
+        assert khat < 0.5 and "verdict-trust" in top
+    assert khat < 0.7 and "Do not trust" not in top
     assert "verdict-trust" in top or "verdict-caution" in top
-    assert "Do not trust" not in top
     assert "<td>returns</td>" in page  # the output carries its name
 
 

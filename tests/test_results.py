@@ -110,7 +110,14 @@ def test_run_object_holds_config_summary_history_and_data(runs):
     assert run.summary["parameter"] == ["mu", "sigma"]
     assert run.summary.row("mu")["mean"] == pytest.approx(run.samples[:, 0].mean().item(), 1e-4)
     assert math.isnan(run.summary.row("mu")["rhat"])  # empty cell
-    assert run.history.columns == ["epoch", "total", "loss", "regularisation", "dropped"]
+    assert run.history.columns == [
+        "epoch",
+        "total",
+        "loss",
+        "regularisation",
+        "dropped",
+        "smoothed",  # the moving average behind the default stopping rule
+    ]
     assert run.history["epoch"][:3] == [0, 1, 2] and len(run.history) == 150
     assert len(run.data) == 1 and run.data[0].shape == (T,)
     assert "khat" in run.diagnostics

@@ -52,7 +52,7 @@ patience = 400
 learning_rate = 0.01
 gradient_clipping_norm = 1.0
 n_samples_regularisation = 100
-posterior_samples = 2000
+posterior_samples = 4000  # also the draws behind k-hat: fewer make it noisy
 
 [[parameters]]
 name = "log10_gamma_0"

@@ -138,6 +138,7 @@ _SCHEMA: dict[str, Any] = {
         "patience": (int, 100),
         "learning_rate": ((int, float), 1e-2),
         "learning_rate_schedule": (str, "constant"),  # or "cosine": down to 1 % at the end
+        "stopping": (str, "smoothed"),  # or "blackbirds": the best single epoch's q
         "gradient_clipping_norm": ((int, float), 10.0),
         "n_samples_regularisation": (int, 1000),
         "posterior_samples": (int, 2000),
@@ -177,6 +178,7 @@ _METHOD_KEYS = {
         "patience",
         "learning_rate",
         "learning_rate_schedule",
+        "stopping",
         "gradient_clipping_norm",
         "n_samples_regularisation",
         "posterior_samples",
@@ -215,6 +217,7 @@ _CHOICES = {
     ("method", "objective"): tuple(OBJECTIVE_OPTIONS),
     ("method", "kernel"): ("mala", "hmc"),
     ("method", "learning_rate_schedule"): ("constant", "cosine"),
+    ("method", "stopping"): ("smoothed", "blackbirds"),
 }
 
 

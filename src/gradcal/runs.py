@@ -256,6 +256,7 @@ def _run_vi(
         w=weight_option(method, config["run"]["seed"]),
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, method),
+        stopping=method["stopping"],
         gradient_clipping_norm=method["gradient_clipping_norm"],
         n_samples_per_epoch=method["samples_per_epoch"],
         n_samples_regularisation=method["n_samples_regularisation"],
@@ -299,7 +300,12 @@ def _run_vi(
             return prior_log_prob(built.prior, theta) - loss / vi.w
 
     khat, ess_fraction = vi_importance(
-        q, log_target, n_samples=min(1000, method["posterior_samples"]), seed=config["run"]["seed"]
+        # every posterior draw: k-hat from 1000 draws of one fitted q measured 0.28 to 0.72
+        # over draw seeds on the demo, from 4000 draws 0.27 and 0.28
+        q,
+        log_target,
+        n_samples=method["posterior_samples"],
+        seed=config["run"]["seed"],
     )
     result = {
         "samples": samples,
@@ -384,7 +390,8 @@ def _run_mcmc(
 
 
 def _write_history(run_dir: Path, history: dict[str, list[float]]) -> None:
-    keys = [k for k in ("total", "loss", "regularisation", "dropped", "ess", "w") if k in history]
+    keys = ["total", "loss", "regularisation", "dropped", "ess", "w", "smoothed"]
+    keys = [k for k in keys if k in history]
     if not keys or not history[keys[0]]:
         return
     with open(run_dir / "history.csv", "w", newline="") as f:
