@@ -2,6 +2,7 @@
 
 from gradcal.models.ar1 import AR1
 from gradcal.models.brock_hommes import BrockHommes, BrockHommesBeliefs
+from gradcal.models.fixed import FixedParameters, fix_parameters
 from gradcal.models.model import Model
 from gradcal.models.normal import Normal, NormalDraws
 from gradcal.models.rama_cont import RamaCont
@@ -13,9 +14,11 @@ __all__ = [
     "SIR",
     "BrockHommes",
     "BrockHommesBeliefs",
+    "FixedParameters",
     "Model",
     "Normal",
     "NormalDraws",
     "RamaCont",
     "RandomWalk",
+    "fix_parameters",
 ]
