@@ -371,6 +371,30 @@ def _zero_last_layers(flow: torch.nn.Module) -> None:
                     p.zero_()
 
 
+def _zuko_flow(
+    kind: str, dim: int, transforms: int, hidden_features: Sequence[int], **kwargs: Any
+) -> torch.nn.Module:
+    """A zuko NSF or MAF on ``dim`` features whose last layers start at zero (the
+    identity map on the base distribution)."""
+    builders = {"nsf": zuko.flows.NSF, "maf": zuko.flows.MAF}
+    if kind not in builders:
+        raise ValueError(f"`kind` must be one of {sorted(builders)}, got {kind!r}.")
+    flow = builders[kind](
+        features=dim, transforms=transforms, hidden_features=tuple(hidden_features), **kwargs
+    )
+    _zero_last_layers(flow)
+    return flow
+
+
+def _loc_and_scale(module: torch.nn.Module, loc: Any, scale: Any, dim: int) -> None:
+    """Register ``loc`` and ``scale`` (> 0), each a number or a (dim,) vector, as buffers."""
+    scale = _vector(scale, dim, "scale")
+    if (scale <= 0).any():
+        raise ValueError(f"`scale` must be > 0, got {scale}.")
+    module.register_buffer("loc", _vector(loc, dim, "loc"))
+    module.register_buffer("scale", scale)
+
+
 class Flow(Family):
     r"""Normalising flow (zuko) followed by a fixed affine map: theta = loc + scale * f(z).
 
@@ -407,21 +431,11 @@ class Flow(Family):
         **kwargs: Any,
     ):
         super().__init__()
-        builders = {"nsf": zuko.flows.NSF, "maf": zuko.flows.MAF}
-        if kind not in builders:
-            raise ValueError(f"`kind` must be one of {sorted(builders)}, got {kind!r}.")
         if dim < 1:
             raise ValueError(f"`dim` must be >= 1, got {dim}.")
         self.dim = dim
-        self.flow = builders[kind](
-            features=dim, transforms=transforms, hidden_features=tuple(hidden_features), **kwargs
-        )
-        _zero_last_layers(self.flow)
-        scale = _vector(scale, dim, "scale")
-        if (scale <= 0).any():
-            raise ValueError(f"`scale` must be > 0, got {scale}.")
-        self.register_buffer("loc", _vector(loc, dim, "loc"))
-        self.register_buffer("scale", scale)
+        self.flow = _zuko_flow(kind, dim, transforms, hidden_features, **kwargs)
+        _loc_and_scale(self, loc, scale, dim)
 
     def distribution(self) -> Distribution:
         return torch.distributions.TransformedDistribution(
@@ -492,9 +506,6 @@ class FlowMixture(Family):
         **kwargs: Any,
     ):
         super().__init__()
-        builders = {"nsf": zuko.flows.NSF, "maf": zuko.flows.MAF}
-        if kind not in builders:
-            raise ValueError(f"`kind` must be one of {sorted(builders)}, got {kind!r}.")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"`dim` must be an int >= 1, got {dim!r}.")
         if isinstance(spread, bool) or not isinstance(spread, int | float) or not spread > 0:
@@ -503,18 +514,8 @@ class FlowMixture(Family):
         self.mixture = GaussianMixture.spread(dim, components, float(spread), seed)
         with torch.random.fork_rng(devices=[]):  # the flow's initial weights from `seed`
             torch.manual_seed(seed)
-            self.flow = builders[kind](
-                features=dim,
-                transforms=transforms,
-                hidden_features=tuple(hidden_features),
-                **kwargs,
-            )
-        _zero_last_layers(self.flow)
-        scale = _vector(scale, dim, "scale")
-        if (scale <= 0).any():
-            raise ValueError(f"`scale` must be > 0, got {scale}.")
-        self.register_buffer("loc", _vector(loc, dim, "loc"))
-        self.register_buffer("scale", scale)
+            self.flow = _zuko_flow(kind, dim, transforms, hidden_features, **kwargs)
+        _loc_and_scale(self, loc, scale, dim)
 
     @property
     def weights(self) -> Tensor:
