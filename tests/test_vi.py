@@ -548,11 +548,16 @@ def test_a_resumed_run_repeats_no_tensorboard_step(tmp_path):
                   checkpoint_dir=tmp_path / "checkpoints", resume=resume,
                   log_tensorboard=True, tensorboard_log_dir=str(tmp_path / "tb"))  # fmt: skip
 
+    # TensorBoard reads event files in name order, "...tfevents.<second>.<host>.<pid>.<n>":
+    # two writers of one second sort by n as text (10 before 9), so the runs below start in
+    # different seconds, as a real resumed run does
     y = torch.zeros(5)
     vi(False).run(y, 2, 100)
     shutil.copy(tmp_path / "checkpoints" / "last.pt", tmp_path / "epoch2.pt")
+    time.sleep(1.05)
     vi(True).run(y, 3, 100)  # step 2 written, then as if killed before its checkpoint:
     shutil.copy(tmp_path / "epoch2.pt", tmp_path / "checkpoints" / "last.pt")
+    time.sleep(1.05)
     vi(True).run(y, 4, 100)  # redoes step 2
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
