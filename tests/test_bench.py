@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -153,6 +154,11 @@ def test_merge_combines_parts_dedupes_and_refuses_other_columns(tmp_path, capsys
         assert sorted(r["task"] for r in csv.DictReader(file)) == ["bimodal", "normal"]
     page = (out / "bench.html").read_text()
     assert "<h2>bimodal</h2>" in page and "<h2>normal</h2>" in page
+    # a merged folder is a part like any other; its own parts are carried over
+    again = tmp_path / "again"
+    assert main(["-q", "bench", "--merge", str(out), parts[1], "--out", str(again)]) == 0
+    assert len(_rows(again)) == 3
+    assert len(json.loads((again / "settings.json").read_text())["parts"]) == 3
     # an occupied output is refused; a part with other columns: exit 2, one line
     assert main(["-q", "bench", "--merge", *parts, "--out", str(out)]) == 2
     capsys.readouterr()

@@ -95,7 +95,12 @@ def _settings(parts: Sequence[Path]) -> dict[str, Any] | None:
     return {
         "settings": settings,
         "machine": first["machine"],
-        "parts": [{"folder": str(p), "machine": i["machine"]} for p, i in infos],
+        # a part that is itself a merge contributes its own parts
+        "parts": [
+            part
+            for p, i in infos
+            for part in i.get("parts", [{"folder": str(p), "machine": i["machine"]}])
+        ],
     }
 
 
