@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, constraints
 
-from gradcal.infer.reference import importance_sampling
+from gradcal.infer.reference import ImportanceSamples, importance_sampling
 from gradcal.losses import EnergyDistanceLoss, MMDLoss, NegativeLogLikelihood
 from gradcal.models import SIR, BrockHommesBeliefs, NormalDraws, RamaCont, RandomWalk
 from gradcal.models.fixed import FixedParameters
@@ -487,7 +487,7 @@ def simulated_reference(
     ]
     theta = torch.cat([h.theta for h in halves])
     log_w = torch.cat([h.log_weights for h in halves])
-    pooled = type(halves[0])(theta, log_w)
+    pooled = ImportanceSamples(theta, log_w)
     weights = pooled.weights[:, None]
     mean = (weights * theta).sum(0)
     sd = ((weights * (theta - mean) ** 2).sum(0)).sqrt()
