@@ -168,7 +168,12 @@ def test_merge_combines_parts_dedupes_and_refuses_other_columns(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "bad.csv has columns" in err[0]
     assert not (tmp_path / "c").exists()
-    assert main(["-q", "bench", "--merge", parts[0], parts[1], "--quick", "--out", "x"]) == 2
+    assert (
+        main(
+            ["-q", "bench", "--merge", parts[0], parts[1], "--quick", "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
 
 
 @pytest.mark.parametrize(("name", "n"), [("rama_cont", 300), ("sir", 600)])
