@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from gradcal.bench import METHODS, TASKS, make_task
 from gradcal.bench.metrics import interval_coverage, mean_error, score
 from gradcal.bench.runner import run_bench
+from gradcal.bench.tasks import simulated_reference, stored_reference
 from gradcal.cli import main
 
 
@@ -45,6 +47,7 @@ def test_quick_benchmark_runs_every_task_and_method_with_figures_in_range(tmp_pa
     with (out / "references.csv").open(newline="") as file:
         references = {r["task"]: r for r in csv.DictReader(file)}
     assert float(references["random_walk"]["ess"]) > 100  # importance sampling's ESS
+    assert float(references["rama_cont"]["ess"]) > 1000 < float(references["sir"]["ess"])
     # the folder is never overwritten silently; --resume runs nothing that is done
     assert main(["-q", "bench", "--quick", "--out", str(out)]) == 2
     assert main(["-q", "bench", "--quick", "--out", str(out), "--resume"]) == 0
@@ -127,3 +130,71 @@ def test_bimodal_reference_matches_the_posterior_on_a_grid():
     assert abs(draws[:, 0].abs().mean() - means[0]) < 0.02
     assert abs(draws[:, 1].mean() - means[1]) < 0.02
     assert abs((draws[:, 0] > 0).double().mean() - 0.5) < 0.04
+
+
+def test_merge_combines_parts_dedupes_and_refuses_other_columns(tmp_path, capsys):
+    # two processes' parts (one per method), sharing one task x method row that a part
+    # holds as failed: the merge keeps every row once, the ok one
+    run_bench(tmp_path / "a", "quick", tasks=["bimodal"], methods=["is", "smd"])
+    run_bench(tmp_path / "b", "quick", tasks=["bimodal", "normal"], methods=["is"])
+    part_b = _rows(tmp_path / "b")
+    part_b[0]["status"] = "failed: made up"
+    with (tmp_path / "b" / "results.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, list(part_b[0]))
+        writer.writeheader()
+        writer.writerows(part_b)
+    out = tmp_path / "merged"
+    parts = [str(tmp_path / "b"), str(tmp_path / "a")]
+    assert main(["-q", "bench", "--merge", *parts, "--out", str(out)]) == 0
+    rows = _rows(out)
+    keys = [(r["task"], r["method"]) for r in rows]
+    assert sorted(keys) == [("bimodal", "is"), ("bimodal", "smd"), ("normal", "is")]
+    assert all(r["status"] == "ok" for r in rows)
+    with (out / "references.csv").open(newline="") as file:
+        assert sorted(r["task"] for r in csv.DictReader(file)) == ["bimodal", "normal"]
+    page = (out / "bench.html").read_text()
+    assert "<h2>bimodal</h2>" in page and "<h2>normal</h2>" in page
+    # a merged folder is a part like any other; its own parts are carried over
+    again = tmp_path / "again"
+    assert main(["-q", "bench", "--merge", str(out), parts[1], "--out", str(again)]) == 0
+    assert len(_rows(again)) == 3
+    assert len(json.loads((again / "settings.json").read_text())["parts"]) == 3
+    # an occupied output is refused; a part with other columns: exit 2, one line
+    assert main(["-q", "bench", "--merge", *parts, "--out", str(out)]) == 2
+    capsys.readouterr()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("task,method,budget\nbimodal,is,60\n")
+    code = main(["-q", "bench", "--merge", parts[0], str(bad), "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "bad.csv has columns" in err[0]
+    assert not (tmp_path / "c").exists()
+    assert (
+        main(
+            ["-q", "bench", "--merge", parts[0], parts[1], "--quick", "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
+
+
+@pytest.mark.parametrize(("name", "n"), [("rama_cont", 300), ("sir", 600)])
+def test_stored_reference_converged_and_matches_a_fresh_small_one(name, n):
+    draws, evidence = stored_reference(name)
+    assert draws.shape == (1000, 2) and torch.isfinite(draws).all()
+    # convergence evidence: a high ESS, and two independent halves whose means differ by
+    # less than 4 Monte Carlo scales sqrt(1/ESS_1 + 1/ESS_2) (in posterior sd)
+    assert evidence["ess"] > 1000
+    assert evidence["half_gap"] < 4 * evidence["half_gap_scale"]
+    # the stored draws are the task's posterior: a fresh, smaller importance sample (other
+    # seed) has the same weighted mean within 4 Monte Carlo scales (its ESS and the
+    # stored one's); the two draws of one seed are identical (deterministic)
+    task = make_task(name)
+    _, small = simulated_reference(task, n, 50, seed=1000)
+    again, _ = simulated_reference(task, 20, 5, seed=7)
+    assert torch.equal(again, simulated_reference(task, 20, 5, seed=7)[0])
+    scale = math.sqrt(1 / small["ess"] + 1 / evidence["ess"])
+    gap = (torch.tensor(small["mean"]) - torch.tensor(evidence["mean"])).abs()
+    assert (gap / torch.tensor(evidence["sd"]) < 4 * scale).all(), (gap, scale)
+    # and the same sd: an sd estimate's relative sd is about 1 / sqrt(2 ESS) for a
+    # near-Normal posterior, so 4 such scales
+    ratio = torch.tensor(small["sd"]) / torch.tensor(evidence["sd"])
+    assert ((ratio - 1).abs() < 4 * scale / math.sqrt(2)).all(), ratio

@@ -86,7 +86,8 @@ EXAMPLES = {
     "models": "gradcal models",
     "bench": "gradcal bench --quick --out bench-quick\n  "
     "gradcal bench --out bench --seeds 2 --budgets 1000 4000\n  "
-    "gradcal bench --out bench --resume",
+    "gradcal bench --out bench --resume\n  "
+    "gradcal bench --merge part-a part-b --out bench",
 }
 
 
@@ -277,8 +278,22 @@ def _split(values: list[str] | None) -> list[str] | None:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from gradcal.bench import run_bench
+    from gradcal.bench.merge import merge_bench
 
     try:
+        if args.merge:
+            given = [
+                name
+                for name in ("quick", "tasks", "methods", "seeds", "budgets", "resume")
+                if getattr(args, name) not in (None, False)
+            ]
+            if given:
+                raise ValueError(
+                    f"--merge takes only --out and --overwrite, got --{', --'.join(given)}."
+                )
+            page = merge_bench(args.out, args.merge, overwrite=args.overwrite)
+            print(f"benchmark: {page}")
+            return EXIT_OK
         page = run_bench(
             args.out,
             "quick" if args.quick else "full",
@@ -384,6 +399,12 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="keep the finished rows, run the missing ones"
     )
     bench.add_argument("--overwrite", action="store_true", help="replace a benchmark in --out")
+    bench.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="PART",
+        help="merge these benchmark folders (or results.csv files) into --out; run nothing",
+    )
     bench.set_defaults(handler=_cmd_bench)
     return parser
 
