@@ -433,9 +433,12 @@ def brock_hommes_cost(path: str = BROCK_HOMMES) -> None:
     )
 
 
+GRID = 121  # points per axis of the exact pi_w's grid
+
+
 def exact_grid(y: torch.Tensor, w: float, around: torch.Tensor, half: torch.Tensor):
-    """The exact pi_w (uniform prior) on an 81 x 81 grid: phis (81,), sigmas (81,), the
-    normalised cell masses (81, 81), and the log density (up to the same constant) as a
+    """The exact pi_w (uniform prior) on a GRID x GRID grid: phis (GRID,), sigmas (GRID,), the
+    normalised cell masses (GRID, GRID), and the log density (up to the same constant) as a
     function of theta (2,) -> 0-d.
 
     The expected loss over simulations is computed in closed form for this data set (the
@@ -446,10 +449,10 @@ def exact_grid(y: torch.Tensor, w: float, around: torch.Tensor, half: torch.Tens
     windows = torch.stack([y[:-1], y[1:]], -1).double()
     lows = torch.maximum(around - half, torch.tensor([-0.99, 0.05])).double()
     highs = torch.minimum(around + half, torch.tensor([0.99, 5.0])).double()
-    phis = torch.linspace(float(lows[0]), float(highs[0]), 81, dtype=torch.float64)
-    sigmas = torch.linspace(float(lows[1]), float(highs[1]), 81, dtype=torch.float64)
-    grid = torch.cartesian_prod(phis, sigmas)  # (81 * 81, 2), sigma fastest
-    loss = torch.cat([expected_loss(g, windows, T) for g in grid.split(2000)]).reshape(81, 81)
+    phis = torch.linspace(float(lows[0]), float(highs[0]), GRID, dtype=torch.float64)
+    sigmas = torch.linspace(float(lows[1]), float(highs[1]), GRID, dtype=torch.float64)
+    grid = torch.cartesian_prod(phis, sigmas)  # (GRID * GRID, 2), sigma fastest
+    loss = torch.cat([expected_loss(g, windows, T) for g in grid.split(2000)]).reshape(GRID, GRID)
     least = loss.min()
 
     def log_density(theta: torch.Tensor) -> torch.Tensor:
@@ -474,7 +477,9 @@ def exact_regions(
     for marginal, values in ((post.sum(1), phis), (post.sum(0), sigmas)):
         cdf = marginal.cumsum(0)
         lo = values[int(torch.searchsorted(cdf, torch.tensor(0.05, dtype=cdf.dtype)))]
-        hi = values[min(int(torch.searchsorted(cdf, torch.tensor(0.95, dtype=cdf.dtype))), 80)]
+        hi = values[
+            min(int(torch.searchsorted(cdf, torch.tensor(0.95, dtype=cdf.dtype))), GRID - 1)
+        ]
         out.append((float(lo), float(hi)))
     masses = post.reshape(-1).sort(descending=True).values
     cut = int(torch.searchsorted(masses.cumsum(0), torch.tensor(LEVEL, dtype=masses.dtype)))
@@ -492,10 +497,11 @@ def exact_intervals(y: torch.Tensor, w: float, around: torch.Tensor, half: torch
 
 
 def exact_half(w: float) -> torch.Tensor:
-    """The grid's half-width: several sds of pi_w (the whole prior box for w > 0.05)."""
+    """The grid's half-width: several sds of pi_w, which grow as sqrt(w) (the whole prior
+    box for w > 0.05)."""
     if w > 0.05:
         return torch.tensor([2.0, 5.0])
-    return torch.tensor([0.6, 0.9]) * min(1.0, math.sqrt(w / 0.004))
+    return torch.tensor([1.0, 1.5]) * math.sqrt(w / 0.004)
 
 
 def exact_study(log_paths: list[str]) -> None:
