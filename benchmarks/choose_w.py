@@ -14,9 +14,15 @@ The studies (``python benchmarks/choose_w.py STUDY [--replicates N]``):
   pseudo-true parameter, the minimiser of the expected loss, computed here in closed form
   (Gaussian integrals) with the data's law by a Monte Carlo of 1.2 x 10^6 windows. Intervals
   at the calibrated w (moving-block bootstrap), at w = 1 and at BlackBIRDS' tutorial w = 0.001.
+  ``--region marginal`` (default) calibrates w for the marginal intervals and scores them;
+  ``--region joint`` calibrates w for the joint 90% region (``WeightCalibration``'s
+  default) and scores the Laplace ellipse (theta* - theta_hat)' (w H^-1)^-1 (.) <= chi2_2(0.9),
+  the exact pi_w's 90% highest-density region and both constructions' marginal intervals.
+  ``--first``/``--replicates`` split the data sets (seeds 2027 + r, the same for both).
 - ``exact``: for the ar1 replicates of the logs given (``--logs``), the coverage of the
-  exact pi_w's central 90% intervals (the expected loss in closed form on a grid, no
-  Laplace or variational approximation) at each calibrated w, at w = 1 and at w = 0.001.
+  exact pi_w's central 90% intervals and of its 90% highest-density region (the expected
+  loss in closed form on a grid, no Laplace or variational approximation) at each
+  calibrated w, at w = 1 and at w = 0.001.
 - ``cost``: one calibration against one Gaussian VI fit of the same problem, side by side.
 - ``brock-hommes``: the same for ``examples/brock_hommes/config.toml`` (VI with the
   example's settings), and the share of each step of the calibration in a profiled run.
@@ -26,7 +32,7 @@ estimate (precision H / w + prior's, the construction the calibration itself use
 in ``exact`` those of the exact pi_w; neither is a VI fit. ``--vi K`` also
 fits Gaussian VI at the chosen w for the first K replicates and prints its sds beside them.
 Monte Carlo error of a coverage p over R replicates: sqrt(p (1 - p) / R) (0.03 at R = 100,
-0.042 at R = 50 for p = 0.9).
+0.042 at R = 50, 0.021 at R = 200 for p = 0.9).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import time
 import torch
 
 from gradcal.infer import VI
-from gradcal.infer.weight import WeightCalibration
+from gradcal.infer.weight import WeightCalibration, chi2_quantile
 from gradcal.losses import GaussianKernel, MMDLoss
 from gradcal.models import AR1
 from gradcal.posterior_estimators import DiagonalGaussian, FullRankGaussian
@@ -245,46 +251,78 @@ def ar1_problem(y: torch.Tensor) -> tuple[MMDLoss, torch.distributions.Distribut
     return loss, prior
 
 
-def ar1_study(replicates: int, n_vi: int, first: int = 0) -> None:
+def ar1_study(replicates: int, n_vi: int, first: int = 0, region: str = "marginal") -> None:
+    """Coverage over replicates ``first``.. of the data sets seeded 2027 + r.
+
+    ``region="marginal"``: w calibrated for the marginal 90% intervals; scored, the
+    Laplace intervals of phi and sigma. ``region="joint"`` (``WeightCalibration``'s
+    default): w calibrated for the joint 90% region; scored, per w, whether the pseudo-true
+    theta* lies in the Laplace region (theta* - mean)' Sigma^-1 (theta* - mean) <=
+    chi2_2(0.9) (mean theta_hat, Sigma = w H^-1: the prior is flat), in the exact pi_w's 90%
+    highest-density region (``exact_regions``), and in both constructions' marginal
+    intervals. Data sets and calibration seeds are the same for both regions.
+    """
     target = pseudo_true().float()
-    compared = {"calibrated": [], "w = 1": [], "w = 0.001": []}
+    names = ("calibrated", "w = 1", "w = 0.001")
+    compared = {name: [] for name in names}
+    exact = {name: [] for name in names}
+    edges = {name: [] for name in names}  # the exact grids' mass on their edge
+    radius = chi2_quantile(LEVEL, 2)
     ws, seconds, sims = [], [], []
     for r in range(first, first + replicates):
         y = contaminated_ar1(T, torch.Generator().manual_seed(2027 + r)).float()
         loss, prior = ar1_problem(y)
-        calibration = WeightCalibration(resample="block", region="marginal", seed=r, **CHEAP)
+        calibration = WeightCalibration(resample="block", region=region, seed=r, **CHEAP)
         choice = calibration.choose(loss, prior, y)
         ws.append(choice.w)
         seconds.append(choice.seconds)
         sims.append(choice.simulations)
         sd1 = torch.linalg.inv(choice.hessian).diagonal().sqrt()  # the w = 1 sds
-        for name, w in (("calibrated", choice.w), ("w = 1", 1.0), ("w = 0.001", 1e-3)):
+        gap = choice.estimate - target
+        distance1 = float(
+            gap.double() @ choice.hessian.double() @ gap.double()
+        )  # the w = 1 Mahalanobis distance
+        for name, w in zip(names, (choice.w, 1.0, 1e-3), strict=True):
             half = Z * sd1 * math.sqrt(w)
-            compared[name].append(((choice.estimate - target).abs() <= half).tolist())
+            hits = (gap.abs() <= half).tolist()
+            if region == "joint":
+                hits.append(distance1 / w <= radius)
+                intervals, joint, edge = exact_regions(y, w, target, exact_half(w), target)
+                edges[name].append(edge)
+                marginal = [
+                    lo <= float(t) <= hi for (lo, hi), t in zip(intervals, target, strict=True)
+                ]
+                exact[name].append([*marginal, joint])
+            compared[name].append(hits)
         if r - first < n_vi:
             _vi_check(loss, prior, y, choice)
         done = torch.tensor(compared["calibrated"], dtype=torch.float64).mean(0).tolist()
+        extra = ""
+        if region == "joint":
+            extra = f", exact {exact['calibrated'][-1]} (edge mass {edges['calibrated'][-1]:.1e})"
         print(
             f"  replicate {r}: w {choice.w:.4g} (info {choice.w_information:.4g}), "
-            f"covered {compared['calibrated'][-1]}, w=1 {compared['w = 1'][-1]}, "
+            f"covered {compared['calibrated'][-1]}{extra}, w=1 {compared['w = 1'][-1]}, "
             f"w=0.001 {compared['w = 0.001'][-1]}; coverage so far {done}, "
-            f"noise {choice.noise_ratio:.2f}, {choice.seconds:.0f} s",
+            f"noise {choice.noise_ratio:.2f}, {choice.seconds:.0f} s, "
+            f"load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
     ws_t = torch.tensor(ws)
     print(
-        f"ar1 ({replicates} replicates, {CHEAP}): w median {ws_t.median():.4g}, "
-        f"quartiles {ws_t.quantile(0.25):.4g}-{ws_t.quantile(0.75):.4g}; "
-        f"{sum(seconds) / replicates:.0f} s and {sum(sims) / replicates:.0f} simulated series "
-        "per calibration"
+        f"ar1, region={region} (replicates {first}-{first + replicates - 1}, {CHEAP}): "
+        f"w median {ws_t.median():.4g}, quartiles {ws_t.quantile(0.25):.4g}-"
+        f"{ws_t.quantile(0.75):.4g}; {sum(seconds) / replicates:.0f} s and "
+        f"{sum(sims) / replicates:.0f} simulated series per calibration"
     )
-    for name, rows in compared.items():
-        p = torch.tensor(rows, dtype=torch.float64).mean(0)
-        err = (p * (1 - p) / replicates).sqrt()
-        print(
-            f"  {name:>10}: coverage of 90% intervals (phi, sigma) = "
-            f"({p[0]:.3f} +- {err[0]:.3f}, {p[1]:.3f} +- {err[1]:.3f})"
-        )
+    scored = [("Laplace", compared)] + ([("exact pi_w", exact)] if region == "joint" else [])
+    for label, table in scored:
+        for name, rows in table.items():
+            p = torch.tensor(rows, dtype=torch.float64).mean(0)
+            err = (p * (1 - p) / replicates).sqrt()
+            parts = [f"{q:.3f} +- {e:.3f}" for q, e in zip(p.tolist(), err.tolist(), strict=True)]
+            head = "(phi, sigma, joint)" if region == "joint" else "(phi, sigma)"
+            print(f"  {label}, {name:>10}: coverage of 90% sets {head} = ({', '.join(parts)})")
 
 
 def _vi_check(loss, prior, y, choice) -> None:
@@ -401,8 +439,13 @@ def brock_hommes_cost(path: str = BROCK_HOMMES) -> None:
     )
 
 
-def exact_intervals(y: torch.Tensor, w: float, around: torch.Tensor, half: torch.Tensor):
-    """Central 90% intervals of the exact pi_w (uniform prior) on an 81 x 81 grid.
+GRID = 121  # points per axis of the exact pi_w's grid
+
+
+def exact_grid(y: torch.Tensor, w: float, around: torch.Tensor, half: torch.Tensor):
+    """The exact pi_w (uniform prior) on a GRID x GRID grid: phis (GRID,), sigmas (GRID,), the
+    normalised cell masses (GRID, GRID), and the log density (up to the same constant) as a
+    function of theta (2,) -> 0-d.
 
     The expected loss over simulations is computed in closed form for this data set (the
     cross term averaged over its own windows), so this is the posterior VI aims at, with no
@@ -412,21 +455,59 @@ def exact_intervals(y: torch.Tensor, w: float, around: torch.Tensor, half: torch
     windows = torch.stack([y[:-1], y[1:]], -1).double()
     lows = torch.maximum(around - half, torch.tensor([-0.99, 0.05])).double()
     highs = torch.minimum(around + half, torch.tensor([0.99, 5.0])).double()
-    phis = torch.linspace(float(lows[0]), float(highs[0]), 81, dtype=torch.float64)
-    sigmas = torch.linspace(float(lows[1]), float(highs[1]), 81, dtype=torch.float64)
-    grid = torch.cartesian_prod(phis, sigmas)  # (81 * 81, 2), sigma fastest
-    loss = torch.cat([expected_loss(g, windows, T) for g in grid.split(2000)]).reshape(81, 81)
-    log_post = -(loss - loss.min()) / w
-    post = torch.exp(log_post - log_post.max())
-    post = post / post.sum()
+    phis = torch.linspace(float(lows[0]), float(highs[0]), GRID, dtype=torch.float64)
+    sigmas = torch.linspace(float(lows[1]), float(highs[1]), GRID, dtype=torch.float64)
+    grid = torch.cartesian_prod(phis, sigmas)  # (GRID * GRID, 2), sigma fastest
+    loss = torch.cat([expected_loss(g, windows, T) for g in grid.split(2000)]).reshape(GRID, GRID)
+    least = loss.min()
+
+    def log_density(theta: torch.Tensor) -> torch.Tensor:
+        return -(expected_loss(theta.double(), windows, T) - least) / w
+
+    post = torch.exp(-(loss - least) / w)
+    return phis, sigmas, post / post.sum(), log_density
+
+
+def exact_regions(
+    y: torch.Tensor, w: float, around: torch.Tensor, half: torch.Tensor, point: torch.Tensor
+) -> tuple[list[tuple[float, float]], bool, float]:
+    """The exact pi_w's central 90% intervals for (phi, sigma), whether ``point`` (2,) lies
+    in its 90% highest-density region, and the mass on the grid's edge.
+
+    The region is {theta: pi_w(theta) >= c}, c the density at which the grid's cells,
+    taken from the densest down, first hold 90% of the mass; the density at ``point`` is
+    computed exactly (the closed-form expected loss there), not read off the grid.
+    """
+    phis, sigmas, post, log_density = exact_grid(y, w, around, half)
     out = []
     for marginal, values in ((post.sum(1), phis), (post.sum(0), sigmas)):
         cdf = marginal.cumsum(0)
         lo = values[int(torch.searchsorted(cdf, torch.tensor(0.05, dtype=cdf.dtype)))]
-        hi = values[min(int(torch.searchsorted(cdf, torch.tensor(0.95, dtype=cdf.dtype))), 80)]
+        hi = values[
+            min(int(torch.searchsorted(cdf, torch.tensor(0.95, dtype=cdf.dtype))), GRID - 1)
+        ]
         out.append((float(lo), float(hi)))
+    masses = post.reshape(-1).sort(descending=True).values
+    cut = int(torch.searchsorted(masses.cumsum(0), torch.tensor(LEVEL, dtype=masses.dtype)))
+    threshold = masses[min(cut, masses.numel() - 1)]  # a cell mass: density x cell area
+    peak = post.max()  # exp(log_density) is 1 at the grid's best cell, whose mass is peak
+    covered = bool(torch.exp(log_density(point)) * peak >= threshold)
     edge = float(post[0].sum() + post[-1].sum() + post[:, 0].sum() + post[:, -1].sum())
+    return out, covered, edge
+
+
+def exact_intervals(y: torch.Tensor, w: float, around: torch.Tensor, half: torch.Tensor):
+    """Central 90% intervals of the exact pi_w (see ``exact_grid``) and the edge's mass."""
+    out, _, edge = exact_regions(y, w, around, half, around)
     return out, edge
+
+
+def exact_half(w: float) -> torch.Tensor:
+    """The grid's half-width: several sds of pi_w, which grow as sqrt(w) (the whole prior
+    box for w > 0.05)."""
+    if w > 0.05:
+        return torch.tensor([2.0, 5.0])
+    return torch.tensor([1.0, 1.5]) * math.sqrt(w / 0.004)
 
 
 def exact_study(log_paths: list[str]) -> None:
@@ -445,24 +526,22 @@ def exact_study(log_paths: list[str]) -> None:
     for r, w_cal in rows:
         y = contaminated_ar1(T, torch.Generator().manual_seed(2027 + r)).float()
         for name, w in (("calibrated", w_cal), ("w = 1", 1.0), ("w = 0.001", 1e-3)):
-            # the grid spans several sds of pi_w (the whole prior box for w = 1)
-            half = torch.tensor([0.6, 0.9]) * min(1.0, math.sqrt(w / 0.004))
-            half = torch.tensor([2.0, 5.0]) if w > 0.05 else half
-            intervals, edge = exact_intervals(y, w, target.float(), half)
+            intervals, joint, edge = exact_regions(y, w, target.float(), exact_half(w), target)
             hit = [lo <= float(t) <= hi for (lo, hi), t in zip(intervals, target, strict=True)]
-            counts[name].append(hit)
+            counts[name].append([*hit, joint])
             if name == "calibrated":
                 print(
                     f"  replicate {r}: w {w:.4g}, exact intervals {intervals}, {hit}, "
-                    f"mass on the grid's edge {edge:.1e}",
+                    f"in the 90% HPD region {joint}, mass on the grid's edge {edge:.1e}",
                     flush=True,
                 )
     for name, hits in counts.items():
         p = torch.tensor(hits, dtype=torch.float64).mean(0)
         err = (p * (1 - p) / len(hits)).sqrt()
         print(
-            f"  exact pi_w, {name:>10}: coverage (phi, sigma) = "
-            f"({p[0]:.3f} +- {err[0]:.3f}, {p[1]:.3f} +- {err[1]:.3f}) over {len(hits)}"
+            f"  exact pi_w, {name:>10}: coverage (phi, sigma, joint HPD) = "
+            f"({p[0]:.3f} +- {err[0]:.3f}, {p[1]:.3f} +- {err[1]:.3f}, "
+            f"{p[2]:.3f} +- {err[2]:.3f}) over {len(hits)}"
         )
 
 
@@ -478,6 +557,12 @@ if __name__ == "__main__":
     parser.add_argument("--bootstrap", type=int, default=100)
     parser.add_argument("--vi", type=int, default=0, help="replicates also fitted by VI")
     parser.add_argument("--first", type=int, default=0, help="index of the first replicate")
+    parser.add_argument(
+        "--region",
+        choices=("marginal", "joint"),
+        default="marginal",
+        help="ar1: the region w is calibrated for and scored by",
+    )
     args = parser.parse_args()
     print(f"load average {os.getloadavg()}", flush=True)
     if args.study in ("normal", "all"):
@@ -485,7 +570,7 @@ if __name__ == "__main__":
     if args.study in ("normal-vi", "all"):
         normal_vi_study(args.replicates or 100)
     if args.study in ("ar1", "all"):
-        ar1_study(args.replicates or 50, args.vi, args.first)
+        ar1_study(args.replicates or 50, args.vi, args.first, args.region)
     if args.study == "exact":
         exact_study(args.logs)
     if args.study in ("cost", "all"):
