@@ -52,8 +52,9 @@ def _run(cls, n_agents, options, dtype=torch.float32):
     return returns.detach(), theta.grad
 
 
-# 200 agents x 6 draws take the sparse (scatter) reset path, 20 agents the dense one.
-@pytest.mark.parametrize("n_agents", [20, 200])
+# 1000 agents x 6 draws take the sparse (scatter) reset path (>= 4096 thresholds), 20 the
+# dense one.
+@pytest.mark.parametrize("n_agents", [20, 1000])
 @pytest.mark.parametrize(
     "options",
     [
@@ -88,3 +89,19 @@ def test_a_step_changed_in_place_is_read_by_indexing():
     new = model.step(params, x)
     assert torch.equal(model.observe(new)[0], new[:, :, 2, 0])
     assert model._parts(x.detach()) is None  # a detached step carries nothing
+
+
+def test_the_time_loop_reads_the_parts_at_every_step(monkeypatch):
+    """Without this the equality tests above could pass with the shortcut never taken."""
+    read = RamaCont._parts
+    hits = []
+
+    def counting(x):
+        parts = read(x)
+        hits.append(parts is not None)
+        return parts
+
+    monkeypatch.setattr(RamaCont, "_parts", staticmethod(counting))
+    model = RamaCont(20, 30, s=0.1, sigmoid_k=5.0, log10_params=True)
+    simulate_and_observe_model(model, THETA.expand(3, 4).clone().requires_grad_())
+    assert sum(hits) == 2 * 30 + 1  # each step's step and observe, and the first observe
