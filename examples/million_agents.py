@@ -70,14 +70,15 @@ def reuse_freed_memory() -> bool:
     """Ask glibc to keep freed memory for reuse; False where the C library is not glibc.
 
     ``mallopt(M_MMAP_MAX, 0)``: no block is mapped from the kernel on its own (by default
-    every block over 32 MiB is, and unmapped when freed); ``mallopt(M_TRIM_THRESHOLD, 2 GiB)``:
-    the top of the heap is not given back unless more than 2 GiB of it is free.
+    every block over 32 MiB is, and unmapped when freed); ``mallopt(M_TRIM_THRESHOLD, 512 MiB)``:
+    the top of the heap is not given back unless more than 512 MiB of it is free (at 30 steps
+    this peaked 11 % lower than 2 GiB, at the same speed).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 2**31 - 1))
+    return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 512 * 2**20))
 
 
 def peak_memory_gib(device: torch.device) -> float:
