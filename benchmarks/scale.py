@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/scale.py [--sizes 1e3 1e4 1e5 1e6]
         [--models rama_cont sir] [--modes plain checkpointed forward horizon]
         [--steps 100] [--draws 10] [--epochs 2] [--devices auto] [--max-gib 6]
+        [--measures memory time] [--glibc-default-malloc]
 
 One VI epoch: draw ``--draws`` parameters from a neural spline flow (zuko NSF, 4 or 3
 parameters), simulate them in one batch for ``--steps`` steps, MMD loss against data
@@ -32,6 +33,13 @@ case whose memory, extrapolated linearly from the previous size, would pass ``--
 (or whose time would pass ``--max-seconds``) is skipped and says so. Finally, for each
 model, mode and device, the least-squares slope of log(time) and log(memory) against log N
 over the sizes measured (goal for time: at most 1.1).
+
+Time runs set glibc's ``MALLOC_MMAP_MAX_=0`` and ``MALLOC_TRIM_THRESHOLD_`` = 16 GiB (unless
+``--glibc-default-malloc``): by default glibc maps every block over 32 MiB afresh from the
+kernel and unmaps it when freed, so at 10^6 agents and 10 draws every (B, N) tensor (40 MB)
+costs page faults (the kernel zeroing it) on each allocation; that made one epoch 3 to 4
+times slower per agent than at 10^5 agents. With the setting, freed memory is reused. The
+same applies to any large run on the CPU (``examples/million_agents.py`` sets it too).
 """
 
 from __future__ import annotations
@@ -163,13 +171,26 @@ def one_case(
     return {"peak_bytes": peak}
 
 
-def _run_case(model: str, mode: str, n: int, device: str, argv: list[str]) -> dict | str:
-    result = {}
-    for measure in ("memory", "time"):
+REUSE_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30)}
+
+
+def _run_case(
+    model: str,
+    mode: str,
+    n: int,
+    device: str,
+    argv: list[str],
+    measures: list[str],
+    reuse_memory: bool,
+) -> dict | str:
+    result: dict[str, float] = {}
+    for measure in measures:
         command = [sys.executable, __file__, "--one", measure, model, mode, str(n), device]
         env = dict(os.environ)
         if measure == "memory":
             env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+        elif reuse_memory:
+            env.update(REUSE_FREED_MEMORY)
         done = subprocess.run([*command, *argv], capture_output=True, text=True, env=env)
         if done.returncode != 0:
             return "failed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:80]
@@ -196,6 +217,8 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=["auto"])
     parser.add_argument("--max-gib", type=float, default=6.0)
     parser.add_argument("--max-seconds", type=float, default=120.0)
+    parser.add_argument("--measures", nargs="+", default=["memory", "time"])
+    parser.add_argument("--glibc-default-malloc", action="store_true")
     parser.add_argument("--one", nargs=5, metavar=("MEASURE", "MODEL", "MODE", "N", "DEVICE"))
     args = parser.parse_args()
     for model in args.models:
@@ -204,6 +227,9 @@ def main() -> None:
     for mode in args.modes:
         if mode not in ("plain", "checkpointed", "forward", "horizon"):
             parser.error(f"--modes: expected plain, checkpointed, forward, horizon; got {mode!r}")
+    for measure in args.measures:
+        if measure not in ("memory", "time"):
+            parser.error(f"--measures: expected memory or time, got {measure!r}")
     if args.one:
         measure, model, mode, n, device = args.one
         print(json.dumps(one_case(measure, model, mode, int(n), device, args)))
@@ -216,7 +242,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, threads {os.environ.get('OMP_NUM_THREADS', '?')}, "
         f"{args.steps} steps, {args.draws} draws per epoch, median of {args.epochs} epochs, "
-        f"load average {os.getloadavg()[0]:.2f}"
+        f"load average {os.getloadavg()[0]:.2f}, "
+        f"malloc: {'glibc default' if args.glibc_default_malloc else 'freed memory reused'}"
     )
     print(f"{'model':<10}{'device':<7}{'mode':<13}{'N':>9}{'s/epoch':>10}{'peak MiB':>10}")
     summary = []
@@ -227,29 +254,37 @@ def main() -> None:
                 for n in sizes:
                     if measured:
                         n0, s0, b0 = measured[-1]
-                        gib, sec = b0 * n / n0 / 2**30, s0 * n / n0
+                        gib, sec = b0 * n / n0 / 2**30, s0 * n / n0  # 0 when not measured
                         if gib > args.max_gib or sec > args.max_seconds:
                             print(
                                 f"{model:<10}{device:<7}{mode:<13}{n:>9}  skipped: "
                                 f"predicted {gib:.1f} GiB, {sec:.0f} s"
                             )
                             continue
-                    result = _run_case(model, mode, n, device, argv)
+                    result = _run_case(
+                        model, mode, n, device, argv, args.measures, not args.glibc_default_malloc
+                    )
                     if isinstance(result, str):
                         print(f"{model:<10}{device:<7}{mode:<13}{n:>9}  {result}")
                         continue
-                    sec, peak = result["seconds"], max(result["peak_bytes"], 1)
+                    sec, peak = result.get("seconds", 0.0), max(result.get("peak_bytes", 0), 1)
                     measured.append((n, sec, peak))
+                    shown_sec = f"{sec:>10.3f}" if "seconds" in result else f"{'-':>10}"
+                    shown_mib = (
+                        f"{peak / 2**20:>10.1f}" if "peak_bytes" in result else f"{'-':>10}"
+                    )
                     print(
-                        f"{model:<10}{device:<7}{mode:<13}{n:>9}{sec:>10.3f}{peak / 2**20:>10.1f}",
-                        flush=True,
+                        f"{model:<10}{device:<7}{mode:<13}{n:>9}{shown_sec}{shown_mib}", flush=True
                     )
                 if len(measured) >= 2:
                     ns, secs, peaks = zip(*measured, strict=True)
-                    summary.append((model, device, mode, slope(ns, secs), slope(ns, peaks)))
+                    s_time = slope(ns, secs) if "time" in args.measures else math.nan
+                    s_mem = slope(ns, peaks) if "memory" in args.measures else math.nan
+                    summary.append((model, device, mode, s_time, s_mem))
     print("\nlog-log slopes against N (goal for time: <= 1.1)")
     for model, device, mode, s_time, s_mem in summary:
         print(f"  {model:<10}{device:<7}{mode:<13} time {s_time:5.2f}   memory {s_mem:5.2f}")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -171,6 +171,8 @@ class Model(torch.nn.Module, ABC):
         """The last ``history_length`` steps of the history (all when it is None)."""
         if self.history_length is None or not isinstance(x, Tensor):
             return x
+        if x.shape[self.time_axis] <= self.history_length:
+            return x  # nothing to cut: the step itself, not a view of it
         return x.narrow(
             self.time_axis,
             -min(self.history_length, x.shape[self.time_axis]),

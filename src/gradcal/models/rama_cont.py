@@ -9,6 +9,7 @@ from gradcal.models.model import SINGLE_DRAW_HOOKS, Model, accepts_one_draw, acc
 from gradcal.relax import bernoulli_mask, bernoulli_positions
 
 _HELPERS = ("compute_order_soft", "compute_order_hard", "compute_order", "compute_returns")
+_PARTS = "_gradcal_rama_cont_parts"  # attribute of a step: (its version, nu, r)
 
 __all__ = ["RamaCont"]
 
@@ -184,9 +185,31 @@ class RamaCont(Model):
         ).to(nu)
 
     def _state(self, nu: Tensor, eps: Tensor, r: Tensor) -> Tensor:
-        """One step of history (B, 1, 3, N) from nu (B, N), eps and r (B, 1)."""
+        """One step of history (B, 1, 3, N) from nu (B, N), eps and r (B, 1).
+
+        The step keeps ``nu`` and ``r`` as they were computed, for :meth:`_parts`.
+        """
         n = self.n_agents
-        return torch.stack((nu, eps.expand(-1, n), r.expand(-1, n)), dim=1)[:, None]
+        x = torch.stack((nu, eps.expand(-1, n), r.expand(-1, n)), dim=1)[:, None]
+        setattr(x, _PARTS, (x._version, nu, r))
+        return x
+
+    @staticmethod
+    def _parts(x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The thresholds (B, N) and return (B, 1) that :meth:`_state` built the step ``x``
+        from, or None when ``x`` is not such a step or was changed in place since.
+
+        Reading them equals reading ``x[:, -1, 0]`` and ``x[:, :, 2, 0]`` in value and
+        gradient, but the gradient skips the backward of indexing into ``x``, which fills a
+        zero tensor of x's size (B, 1, 3, N) per read. A step that was detached (gradient
+        horizon), copied, joined with other steps or batched by vmap is a new tensor
+        without them, and is read by indexing.
+        """
+        parts = getattr(x, _PARTS, None)
+        if parts is None or parts[0] != x._version:
+            return None
+        _, nu, r = parts
+        return (nu, r) if nu.dtype == r.dtype == x.dtype else None
 
     @accepts_one_draw
     def initialize(self, params: Tensor) -> Tensor:
@@ -204,7 +227,8 @@ class RamaCont(Model):
         """The next step from the history (B, T, 3, N): (B, 1, 3, N)."""
         scales = 10.0 ** params[:, 2:] if self.log10_params else params[:, 2:]
         sigma, eta = scales[:, 0:1], scales[:, 1:2]
-        nu = x[:, -1, 0]
+        parts = self._parts(x)
+        nu = x[:, -1, 0] if parts is None else parts[0]
         eps = sigma * torch.randn_like(sigma)
         r = self._returns(eps, nu, eta)
         return self._state(self._new_thresholds(nu, r), eps, r)
@@ -216,4 +240,5 @@ class RamaCont(Model):
     @accepts_one_history
     def observe(self, x: Tensor) -> list[Tensor]:
         """The returns: [(B, T)]."""
-        return [x[:, :, 2, 0]]
+        parts = self._parts(x)
+        return [x[:, :, 2, 0] if parts is None else parts[1]]
