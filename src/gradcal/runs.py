@@ -246,7 +246,8 @@ def _run_vi(
     config: dict[str, Any], built: Built, run_dir: Path, resume: bool, progress: bool
 ) -> dict[str, Any]:
     method = config["method"]
-    q = make_family(method, built)
+    with seeded(config["run"]["seed"], _device(config)):  # a flow's initial weights
+        q = make_family(method, built)
     estimator = method["estimator"]
     optimizer = torch.optim.Adam(q.parameters(), lr=method["learning_rate"])
     vi = VI(
@@ -283,7 +284,7 @@ def _run_vi(
         q.load_state_dict(vi.best_estimator_state_dict)
     if not is_main():  # every rank holds the same q; rank 0 summarises it
         return {}
-    with torch.no_grad():
+    with seeded(config["run"]["seed"], _device(config)), torch.no_grad():
         samples = q.sample(method["posterior_samples"])[0]
     batched = vi.batched_loss
     repeats = 1 if getattr(built.loss, "exact", False) else KHAT_SIMULATIONS
