@@ -308,7 +308,7 @@ def test_models_help_report_and_failures(tmp_path):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_demo_contains_the_truth_and_says_the_fit_can_be_used(tmp_path, seed):
     # Each seed simulates its own data set and runs its own VI stream. A correct 90 %
-    # interval misses a truth 1 time in 10 per parameter, so 4 parameters on 3 seeds could
+    # interval misses a truth 1 time in 10 per parameter, so 2 parameters on 3 seeds could
     # fail by chance; the demo's w = 0.01 gives intervals that are wide for the loss's noise
     # (measured on these seeds: every truth inside, see the README), so a miss here means the
     # settings no longer work, not bad luck.
@@ -316,19 +316,15 @@ def test_the_demo_contains_the_truth_and_says_the_fit_can_be_used(tmp_path, seed
     _gradcal("demo", "--seed", seed, "--out", out, cwd=tmp_path, check=True, timeout=1800)
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4
+    assert [row["parameter"] for row in rows] == ["log10_sigma", "log10_eta"]  # gammas held
     for row in rows:
         assert float(row["q05"]) <= float(row["truth"]) <= float(row["q95"]), row
     khat = json.loads((out / "diagnostics.json").read_text())["khat"]
     page = (out / "report.html").read_text()
     top = page.split("<section>")[0]
-    # k-hat from 4000 draws measured 0.43, 0.33, 0.48 on seeds 0, 1, 2 (the README): the
-    # default seed, what `make demo` runs, must read "the fit can be used"; a code change
-    # may move the others across 0.5 (caution) but never to "do not trust"
-    if seed == 0:
-        assert khat < 0.5 and "verdict-trust" in top
-    assert khat < 0.7 and "Do not trust" not in top
-    assert "verdict-trust" in top or "verdict-caution" in top
+    # k-hat from 4000 draws measured 0.31, 0.17, 0.19 on seeds 0-2 (the README): well below
+    # 0.5, so every seed must read "the fit can be used"
+    assert khat < 0.5 and "verdict-trust" in top
     assert "<td>returns</td>" in page  # the output carries its name
 
 
