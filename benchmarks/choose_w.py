@@ -325,19 +325,24 @@ def ar1_study(replicates: int, n_vi: int, first: int = 0, region: str = "margina
             print(f"  {label}, {name:>10}: coverage of 90% sets {head} = ({', '.join(parts)})")
 
 
-def _vi_check(loss, prior, y, choice) -> None:
-    """Gaussian VI at the chosen w: its sds beside the Laplace ones."""
-    q = FullRankGaussian(choice.estimate.clone(), 0.05)
-    vi = VI(
+def _ar1_vi(loss, prior, q, w: float) -> VI:
+    """The Gaussian VI both AR(1) comparisons fit: 10 draws an epoch, Adam at 5e-3."""
+    return VI(
         loss,
         prior,
         q,
-        w=choice.w,
+        w=w,
         n_samples_per_epoch=10,
         optimizer=torch.optim.Adam(q.parameters(), lr=5e-3),
         progress_bar=False,
         seed=0,
     )
+
+
+def _vi_check(loss, prior, y, choice) -> None:
+    """Gaussian VI at the chosen w: its sds beside the Laplace ones."""
+    q = FullRankGaussian(choice.estimate.clone(), 0.05)
+    vi = _ar1_vi(loss, prior, q, choice.w)
     vi.run(y, n_epochs=1000, max_epochs_without_improvement=200)
     q.load_state_dict(vi.best_estimator_state_dict)
     with torch.no_grad():
@@ -354,16 +359,7 @@ def cost_study(n_bootstrap: int) -> None:
     choice = WeightCalibration(resample="block", n_bootstrap=n_bootstrap).choose(loss, prior, y)
     calibrate = time.perf_counter() - started
     q = FullRankGaussian(torch.tensor([0.0, 1.0]), 0.1)
-    vi = VI(
-        loss,
-        prior,
-        q,
-        w=choice.w,
-        n_samples_per_epoch=10,
-        optimizer=torch.optim.Adam(q.parameters(), lr=5e-3),
-        progress_bar=False,
-        seed=0,
-    )
+    vi = _ar1_vi(loss, prior, q, choice.w)
     started = time.perf_counter()
     vi.run(y, n_epochs=1000, max_epochs_without_improvement=1000)
     fit = time.perf_counter() - started

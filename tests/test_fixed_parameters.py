@@ -63,6 +63,14 @@ def test_a_single_draw_model_keeps_its_own_history_trimming():
     assert torch.equal(ours, theirs)
 
 
+def test_the_wrapper_keeps_the_models_choice_of_a_real_history_tensor():
+    class _EagerWalk(_Walk):
+        lazy_history = False  # its step needs isinstance(x, torch.Tensor)
+
+    assert fix_parameters(_Walk(), {1: 0.5}).lazy_history is True
+    assert fix_parameters(_EagerWalk(), {1: 0.5}).lazy_history is False
+
+
 def test_the_log_likelihood_is_the_full_models():
     model = Normal(n_timesteps=5)
     y = torch.tensor([0.0, 0.3, -1.2, 0.5, 2.0, 0.1])[:, None]

@@ -61,8 +61,9 @@ class FixedParameters(Model):
         self.batched = getattr(model, "batched", False)
         self.history_length = getattr(model, "history_length", None)
         self.state_ndim = getattr(model, "state_ndim", 1)
+        self.lazy_history = getattr(model, "lazy_history", True)
+        self._layouts: dict[int, tuple[Tensor, Tensor]] = {}
         self.n_timesteps = model.n_timesteps
-        self._size = size
 
     def full(self, params: Tensor) -> Tensor:
         """The model's parameter vector: (..., F) -> (..., D), fixed values inserted.
@@ -73,12 +74,20 @@ class FixedParameters(Model):
         params = torch.as_tensor(params)
         if params.ndim == 0:
             params = params.reshape(1)
-        d = params.shape[-1] + len(self.fixed)
-        values = torch.tensor(list(self.fixed.values()), dtype=params.dtype, device=params.device)
-        free = [i for i in range(d) if i not in self.fixed]
-        order = torch.tensor(free + list(self.fixed)).argsort()
+        values, order = self._layout(params.shape[-1] + len(self.fixed))
+        values = values.to(dtype=params.dtype, device=params.device)
         joined = torch.cat((params, values.expand(*params.shape[:-1], -1)), dim=-1)
         return joined.index_select(-1, order.to(params.device))
+
+    def _layout(self, d: int) -> tuple[Tensor, Tensor]:
+        """The fixed values (float64) and the permutation that puts [free, fixed] in the
+        model's order, for D = d parameters: built once per d, not at every step."""
+        if d not in self._layouts:
+            free = [i for i in range(d) if i not in self.fixed]
+            order = torch.tensor(free + list(self.fixed)).argsort()
+            values = torch.tensor(list(self.fixed.values()), dtype=torch.float64)
+            self._layouts[d] = (values, order)
+        return self._layouts[d]
 
     def initialize(self, params: Tensor) -> Any:
         return self.model.initialize(self.full(params))
