@@ -131,6 +131,12 @@ def _plot(task: str, cells: dict[tuple[str, str, int], dict[str, Any]], path: Pa
             ax.grid(alpha=0.3)
         if row == 1:
             axes[row, 0].set_yscale("log")
+    # The budgets as plain ticks (a log axis over one or two decades labels its minor
+    # ticks too, and they overlap).
+    budgets = sorted({b for (t, _, b) in cells if t == task})
+    for ax in axes[:, 0]:
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
     axes[0, 0].axhline(0.5, color="k", lw=0.8)
     axes[0, 1].axhline(0.5, color="k", lw=0.8)
     axes[1, 1].legend(fontsize=8, loc="best")  # every method has a mean error (SMD too)
