@@ -8,6 +8,7 @@ from stats import Z_MAX, z_proportion
 from torch.func import jvp
 
 from gradcal import utils
+from gradcal.models import RamaCont
 from gradcal.relax import (
     bernoulli_mask,
     relaxed_bernoulli,
@@ -306,8 +307,6 @@ def test_order_sum_forward_mode_vmap_and_second_derivative():
 
 
 def test_rama_cont_runs_the_same_with_and_without_gradients():
-    from gradcal.models import RamaCont
-
     model = RamaCont(200, 30, s=0.1, sigmoid_k=5.0, log10_params=True)
     theta = torch.log10(torch.tensor([1.0, 0.5, 1.0, 0.7])).expand(3, 4).clone()
     torch.manual_seed(3)
