@@ -154,6 +154,7 @@ def test_merge_combines_parts_dedupes_and_refuses_other_columns(tmp_path, capsys
         assert sorted(r["task"] for r in csv.DictReader(file)) == ["bimodal", "normal"]
     page = (out / "bench.html").read_text()
     assert "<h2>bimodal</h2>" in page and "<h2>normal</h2>" in page
+    assert "Merged from 2 part(s)" in page and str(tmp_path / "a") in page  # each part's date
     # a merged folder is a part like any other; its own parts are carried over
     again = tmp_path / "again"
     assert main(["-q", "bench", "--merge", str(out), parts[1], "--out", str(again)]) == 0

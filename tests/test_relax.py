@@ -8,6 +8,7 @@ from stats import Z_MAX, z_proportion
 from torch.func import jvp
 
 from gradcal import utils
+from gradcal.models import RamaCont
 from gradcal.relax import (
     bernoulli_mask,
     relaxed_bernoulli,
@@ -16,6 +17,7 @@ from gradcal.relax import (
     soft_minimum,
     straight_through_sign,
     straight_through_threshold,
+    threshold_order_sum,
 )
 
 
@@ -243,3 +245,73 @@ def test_fused_bernoulli_under_vmap_of_jvp():
         randomness="same",
     )(torch.ones(2, 3, 50))
     assert grads.shape == (2,) and torch.equal(grads[0], grads[1]) and grads[0] > 0
+
+
+def _composite_order_sum(eps, nu, k):
+    hard = ((eps > nu).to(nu.dtype) - (eps < -nu).to(nu.dtype)).sum(-1, keepdim=True)
+    soft = (torch.sigmoid(k * (eps - nu)) - torch.sigmoid(-k * (eps + nu))).sum(-1, keepdim=True)
+    return hard + (soft - soft.detach())
+
+
+def _order_inputs(dtype=torch.float64):
+    generator = torch.Generator().manual_seed(7)
+    eps = torch.randn(6, 1, dtype=dtype, generator=generator)
+    nu = torch.rand(6, 40, dtype=dtype, generator=generator) * 2.0  # thresholds >= 0
+    return eps, nu
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_order_sum_has_the_composite_value_and_gradients(dtype):
+    eps, nu = _order_inputs(dtype)
+    weights = torch.randn(6, 1, dtype=dtype, generator=torch.Generator().manual_seed(8))
+    grads = []
+    for f in (threshold_order_sum, _composite_order_sum):
+        e, n = eps.clone().requires_grad_(), nu.clone().requires_grad_()
+        value = f(e, n, 5.0)
+        grads.append((value.detach(), *torch.autograd.grad((weights * value).sum(), (e, n))))
+    (v1, ge1, gn1), (v2, ge2, gn2) = grads
+    assert torch.equal(v1, v2)  # the exact net orders
+    assert ge1.abs().min() > 0 and gn1.abs().max() > 0  # the slopes are not empty
+    tol = 1e-5 if dtype == torch.float32 else 1e-12  # the same formula in another order
+    torch.testing.assert_close(ge1, ge2, rtol=tol, atol=tol)
+    torch.testing.assert_close(gn1, gn2, rtol=tol, atol=tol)
+
+
+def test_order_sum_forward_mode_vmap_and_second_derivative():
+    eps, nu = _order_inputs()
+    tangents = (torch.randn_like(eps), torch.randn_like(nu))
+    outs = [
+        jvp(lambda e, n, f=f: f(e, n, 5.0), (eps, nu), tangents)[1]
+        for f in (threshold_order_sum, _composite_order_sum)
+    ]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    # each input alone: a tangent of eps only, of nu only
+    for t in ((tangents[0], torch.zeros_like(nu)), (torch.zeros_like(eps), tangents[1])):
+        a = jvp(lambda e, n: threshold_order_sum(e, n, 5.0), (eps, nu), t)[1]
+        b = jvp(lambda e, n: _composite_order_sum(e, n, 5.0), (eps, nu), t)[1]
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    jac = [
+        torch.func.vmap(torch.func.jacrev(lambda e, n, f=f: f(e, n, 5.0), argnums=(0, 1)))(
+            eps[:, None], nu[:, None]
+        )
+        for f in (threshold_order_sum, _composite_order_sum)
+    ]
+    for a, b in zip(*jac, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    hessians = [
+        torch.autograd.functional.hessian(lambda e, f=f: f(e, nu, 5.0).sum(), eps)
+        for f in (threshold_order_sum, _composite_order_sum)
+    ]
+    assert hessians[0].abs().max() > 0
+    torch.testing.assert_close(hessians[0], hessians[1], rtol=1e-12, atol=1e-12)
+
+
+def test_rama_cont_runs_the_same_with_and_without_gradients():
+    model = RamaCont(200, 30, s=0.1, sigmoid_k=5.0, log10_params=True)
+    theta = torch.log10(torch.tensor([1.0, 0.5, 1.0, 0.7])).expand(3, 4).clone()
+    torch.manual_seed(3)
+    with torch.no_grad():  # threshold_order_sum
+        quiet = model.run_and_observe(theta)[0]
+    torch.manual_seed(3)
+    loud = model.run_and_observe(theta.requires_grad_())[0]  # the composite
+    assert torch.equal(quiet, loud.detach())

@@ -24,6 +24,7 @@ __all__ = [
     "soft_minimum",
     "straight_through_sign",
     "straight_through_threshold",
+    "threshold_order_sum",
 ]
 
 
@@ -232,6 +233,88 @@ def straight_through_sign(x: Tensor, k: float = 1.0) -> Tensor:
         [-1.0, 0.0, 1.0]
     """
     return _straight_through(torch.sign(x), torch.tanh(0.5 * k * x))
+
+
+def _order_slopes(eps: Tensor, nu: Tensor, k: float, scale: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``scale`` times :math:`k \sigma'(k(\epsilon - \nu_i))` and
+    :math:`k \sigma'(k(\epsilon + \nu_i))`: (B, N) each from eps, scale (B, 1), nu (B, N),
+    the slopes of the two soft orders (each slope one fused pass over the sigmoid)."""
+    k_eps, k_nu, k_scale = k * eps, k * nu, (k * scale).expand_as(nu)
+    below = torch.ops.aten.sigmoid_backward(k_scale, torch.sigmoid(k_eps - k_nu))
+    above = torch.ops.aten.sigmoid_backward(k_scale, torch.sigmoid(k_eps + k_nu))
+    return below, above
+
+
+class _ThresholdOrderSum(torch.autograd.Function):
+    r"""The straight-through sum of threshold orders: (B, 1) from eps (B, 1), nu (B, N).
+
+    Value: :math:`\sum_i 1[\epsilon > \nu_i] - 1[\epsilon < -\nu_i]`
+    :math:`= \mathrm{sign}(\epsilon) \, \#\{i : \nu_i < |\epsilon|\}` (thresholds are never
+    negative, so at most one order fires). Gradient: that of the soft orders' sum
+    :math:`S = \sum_i \sigma(k(\epsilon - \nu_i)) + \sigma(k(\epsilon + \nu_i)) - 1`:
+    :math:`\partial S / \partial \epsilon = \sum_i k\sigma'_- + k\sigma'_+`,
+    :math:`\partial S / \partial \nu_i = k\sigma'_+ - k\sigma'_-`.
+
+    Equal in value and gradient (up to rounding) to ``hard + (soft - soft.detach())``, but
+    the soft orders are formed only when a gradient asks for them (in the backward pass,
+    or the tangent in forward mode), so the forward pass, with or without gradients, is one
+    comparison and one sum over (B, N). Works under reverse mode, :func:`torch.func.jvp`
+    and :func:`torch.func.vmap`.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(eps: Tensor, nu: Tensor, k: float) -> Tensor:
+        return torch.sign(eps) * (nu < eps.abs()).sum(-1, keepdim=True)  # float: promoted
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: Tensor) -> None:
+        eps, nu, k = inputs
+        ctx.save_for_backward(eps, nu)
+        ctx.save_for_forward(eps, nu)
+        ctx.k = k
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        eps, nu = ctx.saved_tensors
+        below, above = _order_slopes(eps, nu, ctx.k, grad)
+        return below.sum(-1, keepdim=True) + above.sum(-1, keepdim=True), above - below, None
+
+    @staticmethod
+    def jvp(ctx: Any, eps_tangent: Tensor | None, nu_tangent: Tensor | None, _: Any) -> Tensor:
+        eps, nu = ctx.saved_tensors
+        below, above = _order_slopes(eps, nu, ctx.k, torch.ones_like(eps))
+        tangent = torch.zeros_like(eps)
+        if eps_tangent is not None:
+            tangent = tangent + eps_tangent * (below + above).sum(-1, keepdim=True)
+        if nu_tangent is not None:
+            tangent = tangent + (nu_tangent * (above - below)).sum(-1, keepdim=True)
+        return tangent
+
+
+def threshold_order_sum(signal: Tensor, thresholds: Tensor, k: float) -> Tensor:
+    r"""Net orders of threshold traders with the gradient of the soft orders.
+
+    Value :math:`\sum_i 1[\epsilon > \nu_i] - 1[\epsilon < -\nu_i]`; gradient that of
+    :math:`\sum_i \sigma(k(\epsilon - \nu_i)) - \sigma(-k(\epsilon + \nu_i))`.
+
+    ``signal`` (..., 1) and non-negative ``thresholds`` (..., N) give (..., 1). The value
+    is exact; the soft orders (two sigmoids per agent) are formed only when a gradient
+    asks for them, so a simulation without gradients pays one comparison and one sum per
+    agent. Same value and gradient as summing :func:`straight_through_sign`-style orders
+    ``hard + (soft - soft.detach())`` (up to rounding); works under reverse mode (also
+    twice), :func:`torch.func.jvp` and :func:`torch.func.vmap`. With a reverse-mode
+    gradient wanted, that composite is as fast or faster in forward + backward (its
+    backward reuses the forward's sigmoids, this one forms them again), so
+    :class:`~gradcal.models.RamaCont` uses this function only under ``torch.no_grad()``.
+
+    Example:
+        >>> eps = torch.tensor([[0.5]], requires_grad=True)
+        >>> threshold_order_sum(eps, torch.tensor([[0.1, 0.2, 0.9]]), k=5.0).item()
+        2.0
+    """
+    return _ThresholdOrderSum.apply(signal, thresholds, k)
 
 
 def soft_maximum(a: Tensor, b: Tensor | float, k: float) -> Tensor:

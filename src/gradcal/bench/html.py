@@ -131,6 +131,12 @@ def _plot(task: str, cells: dict[tuple[str, str, int], dict[str, Any]], path: Pa
             ax.grid(alpha=0.3)
         if row == 1:
             axes[row, 0].set_yscale("log")
+    # The budgets as plain ticks (a log axis over one or two decades labels its minor
+    # ticks too, and they overlap).
+    budgets = sorted({b for (t, _, b) in cells if t == task})
+    for ax in axes[:, 0]:
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
     axes[0, 0].axhline(0.5, color="k", lw=0.8)
     axes[0, 1].axhline(0.5, color="k", lw=0.8)
     axes[1, 1].legend(fontsize=8, loc="best")  # every method has a mean error (SMD too)
@@ -152,6 +158,27 @@ def _references(folder: Path) -> dict[str, dict[str, str]]:
         return {row["task"]: row for row in csv.DictReader(file)}
 
 
+def _parts_line(parts: list[dict[str, Any]]) -> list[str]:
+    """One paragraph naming each merged part's date and load average; none unmerged.
+
+    Example:
+        >>> _parts_line([{"folder": "a", "machine": {"date": "d", "load_average_at_start": [1]}}])
+        ['<p class="meta">Merged from 1 part(s): a (d, load average 1 at start).</p>']
+    """
+    if not parts:
+        return []
+    described = []
+    for part in parts:
+        machine = part.get("machine", {})
+        load = machine.get("load_average_at_start", ["?"])[0]
+        end = machine.get("load_average_at_end")
+        span = f"load average {load} at start" + (f", {end[0]} at end" if end else "")
+        described.append(f"{part.get('folder', '?')} ({machine.get('date', '?')}, {span})")
+    return [
+        f'<p class="meta">Merged from {len(parts)} part(s): {escape("; ".join(described))}.</p>'
+    ]
+
+
 def write_page(folder: str | os.PathLike[str]) -> Path:
     """Write ``bench.html`` (and ``plots/``) for the benchmark in ``folder``; its path."""
     folder = Path(folder)
@@ -168,6 +195,7 @@ def write_page(folder: str | os.PathLike[str]) -> Path:
         f"{escape(str(machine['load_average_at_start']))}; mode {escape(settings['mode'])}, "
         f"budgets {escape(str(settings['budgets']))} simulator draws, "
         f"{settings['seeds']} seed(s), {settings['n_draws']} draws scored per run.</p>",
+        *_parts_line(info.get("parts", [])),
         "<p>C2ST: accuracy of a classifier telling the method's draws from the reference's "
         "(0.5: indistinguishable, 1: disjoint). MMD²: against the reference's split-half "
         "noise floor. Mean error: the largest over the parameters of |mean - reference "

@@ -74,7 +74,7 @@ class Settings:
 
 MODES = {
     "quick": Settings("quick", (60,), 1, 100, 200, c2st_folds=2, c2st_epochs=10),
-    "full": Settings("full", (1000, 4000, 16000), 3, 500, 1000),
+    "full": Settings("full", (250, 1000, 4000), 3, 500, 1000),
 }
 
 
@@ -229,7 +229,7 @@ def run_bench(
     Arguments:
         out: the output folder (created).
         mode: ``"quick"`` (one seed, 60 draws a run, small reference; about a minute on
-            two cores) or ``"full"`` (three seeds, budgets 1000, 4000 and 16000).
+            two cores) or ``"full"`` (three seeds, budgets 250, 1000 and 4000).
         tasks, methods: subsets by name (default: all; a method whose package is missing
             is skipped with a log line).
         seeds: the number of seeds (seeds 0..seeds-1), overriding the mode's.
