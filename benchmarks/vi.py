@@ -19,7 +19,8 @@ default 10,000 draws. For B draws per epoch:
         ``lazy_history = False`` (the history copied at every step, as before); (ii-loop)
         draw by draw; (ii') the model keeping the last step only;
 - (iii) as (i) in forward mode;
-- floor: one batched simulation of the same B draws without gradients;
+- floor: one batched simulation of the same B draws without gradients, timed three times
+  after every epoch run (interleaved with them, median);
 - BlackBIRDS 1.3 on the tutorial's own model and ``SingleOutput_SimulateAndMMD`` loss,
   when ``blackbirds`` is importable (else its figures measured on this machine class,
   1.2 s per epoch at B = 10 and 3.4 s at B = 30, are used).
@@ -82,16 +83,31 @@ def cpu_seconds(run: Callable[[], None]) -> float:
     return time.process_time() - start
 
 
-def per_epoch(makers: dict[str, Callable], data, epochs: int, repeats: int) -> dict[str, float]:
-    """Median CPU seconds per epoch of fresh runs of each maker, interleaved."""
+def per_epoch(
+    makers: dict[str, Callable],
+    data,
+    epochs: int,
+    repeats: int,
+    floor: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Median CPU seconds per epoch of fresh runs of each maker, interleaved; with
+    ``floor``, also the median CPU seconds of ``floor()`` measured in the same rounds
+    (three calls a round), under the name "floor", so that a ratio to it compares times
+    taken under the same conditions."""
     for make in makers.values():  # warm-up
         make().run(data, 1, 10**9)
     times: dict[str, list[float]] = {name: [] for name in makers}
+    floors: list[float] = []
     for _ in range(repeats):
         for name, make in makers.items():
             vi = make()
             times[name].append(cpu_seconds(lambda vi=vi: vi.run(data, epochs, 10**9)) / epochs)
-    return {name: statistics.median(values) for name, values in times.items()}
+            if floor is not None:
+                floors.extend(cpu_seconds(floor) for _ in range(3))
+    result = {name: statistics.median(values) for name, values in times.items()}
+    if floors:
+        result["floor"] = statistics.median(floors)
+    return result
 
 
 class _EagerLogModel(LogModel):
@@ -124,12 +140,12 @@ def rama_cont(args: argparse.Namespace) -> None:
         return VI(loss, prior, flow, seed=0, **kwargs, **options)
 
     for b in args.draws:
-        with torch.no_grad():
-            params = TRUTH.expand(b, -1).clone()
-            builtin.run_and_observe(params)
-            floor = statistics.median(
-                cpu_seconds(lambda p=params: builtin.run_and_observe(p)) for _ in range(5)
-            )
+        params = TRUTH.expand(b, -1).clone()
+
+        @torch.no_grad()
+        def simulate(p: torch.Tensor = params) -> None:
+            builtin.run_and_observe(p)
+
         configs = {
             "(i) built-in batched, reverse": (MMDLoss(builtin, y), {}),
             "(ii) tutorial model, vmap": (TutorialMMDLoss(model=tutorial, y=y), {}),
@@ -153,7 +169,8 @@ def rama_cont(args: argparse.Namespace) -> None:
                 make_vi, "blackbirds", b, {}
             )
         with scratch_directory():
-            rows = per_epoch(makers, y, args.epochs, args.repeats)
+            rows = per_epoch(makers, y, args.epochs, args.repeats, floor=simulate)
+        floor = rows.pop("floor")
         reference = rows.pop("BlackBIRDS 1.3, tutorial model", BLACKBIRDS_SECONDS.get(b))
         source = "measured in this run" if HAS_BLACKBIRDS else "earlier figure"
         print(
