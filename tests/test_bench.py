@@ -76,6 +76,14 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         run_bench(tmp_path, "quick", tasks=["bimodal"], methods=["is"], seeds=2, resume=True)
     run_bench(tmp_path, "quick", tasks=["bimodal"], methods=["is", "smd"], resume=True)
     assert [r["method"] for r in _rows(tmp_path)] == ["is", "smd"]
+    # each invocation that ran is recorded with its rows (the refused one is not)
+    runs = json.loads((tmp_path / "settings.json").read_text())["runs"]
+    assert [r["rows"] for r in runs] == [1, 1]
+    assert all(r["started"] <= r["ended"] and len(r["load_average_at_end"]) == 3 for r in runs)
+    assert (
+        "Run " in (tmp_path / "bench.html").read_text()
+        and " (load average " in (tmp_path / "bench.html").read_text()
+    )
 
 
 def test_metrics_against_a_known_shift():
@@ -154,7 +162,8 @@ def test_merge_combines_parts_dedupes_and_refuses_other_columns(tmp_path, capsys
         assert sorted(r["task"] for r in csv.DictReader(file)) == ["bimodal", "normal"]
     page = (out / "bench.html").read_text()
     assert "<h2>bimodal</h2>" in page and "<h2>normal</h2>" in page
-    assert "Merged from 2 part(s)" in page and str(tmp_path / "a") in page  # each part's date
+    assert "Merged from 2 part(s)" in page and str(tmp_path / "a") in page  # each part's runs
+    assert page.count(", 2 rows)") == 2  # a: is and smd on bimodal; b: is on two tasks
     # a merged folder is a part like any other; its own parts are carried over
     again = tmp_path / "again"
     assert main(["-q", "bench", "--merge", str(out), parts[1], "--out", str(again)]) == 0

@@ -158,25 +158,35 @@ def _references(folder: Path) -> dict[str, dict[str, str]]:
         return {row["task"]: row for row in csv.DictReader(file)}
 
 
-def _parts_line(parts: list[dict[str, Any]]) -> list[str]:
-    """One paragraph naming each merged part's date and load average; none unmerged.
+def _runs_text(runs: list[dict[str, Any]]) -> str:
+    """Each invocation of a benchmark: start to end, load averages, rows run.
 
     Example:
-        >>> _parts_line([{"folder": "a", "machine": {"date": "d", "load_average_at_start": [1]}}])
-        ['<p class="meta">Merged from 1 part(s): a (d, load average 1 at start).</p>']
+        >>> _runs_text([{"started": "a", "ended": "b", "load_average_at_start": [1.0],
+        ...              "load_average_at_end": [2.0], "rows": 3}])
+        'a to b (load average 1.0 to 2.0, 3 rows)'
     """
-    if not parts:
+    return "; ".join(
+        f"{r['started']} to {r['ended']} (load average {r['load_average_at_start'][0]} to "
+        f"{r['load_average_at_end'][0]}, {r['rows']} rows)"
+        for r in runs
+    )
+
+
+def _parts_line(info: dict[str, Any]) -> list[str]:
+    """A paragraph with when the benchmark ran (each invocation, resumes included) or, for
+    a merged one, each part's folder and runs; none for a folder from an older version."""
+    if info.get("parts"):
+        described = []
+        for part in info["parts"]:
+            when = _runs_text(part.get("runs", [])) or part.get("machine", {}).get("date", "?")
+            described.append(f"{part.get('folder', '?')}: {when}")
+        text = f"Merged from {len(info['parts'])} part(s): " + "; ".join(described) + "."
+    elif info.get("runs"):
+        text = f"Run {_runs_text(info['runs'])}."
+    else:
         return []
-    described = []
-    for part in parts:
-        machine = part.get("machine", {})
-        load = machine.get("load_average_at_start", ["?"])[0]
-        end = machine.get("load_average_at_end")
-        span = f"load average {load} at start" + (f", {end[0]} at end" if end else "")
-        described.append(f"{part.get('folder', '?')} ({machine.get('date', '?')}, {span})")
-    return [
-        f'<p class="meta">Merged from {len(parts)} part(s): {escape("; ".join(described))}.</p>'
-    ]
+    return [f'<p class="meta">{escape(text)}</p>']
 
 
 def write_page(folder: str | os.PathLike[str]) -> Path:
@@ -195,7 +205,7 @@ def write_page(folder: str | os.PathLike[str]) -> Path:
         f"{escape(str(machine['load_average_at_start']))}; mode {escape(settings['mode'])}, "
         f"budgets {escape(str(settings['budgets']))} simulator draws, "
         f"{settings['seeds']} seed(s), {settings['n_draws']} draws scored per run.</p>",
-        *_parts_line(info.get("parts", [])),
+        *_parts_line(info),
         "<p>C2ST: accuracy of a classifier telling the method's draws from the reference's "
         "(0.5: indistinguishable, 1: disjoint). MMD²: against the reference's split-half "
         "noise floor. Mean error: the largest over the parameters of |mean - reference "

@@ -99,7 +99,9 @@ def _settings(parts: Sequence[Path]) -> dict[str, Any] | None:
         "parts": [
             part
             for p, i in infos
-            for part in i.get("parts", [{"folder": str(p), "machine": i["machine"]}])
+            for part in i.get(
+                "parts", [{"folder": str(p), "machine": i["machine"], "runs": i.get("runs", [])}]
+            )
         ],
     }
 

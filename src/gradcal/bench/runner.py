@@ -1,6 +1,7 @@
 """Run the benchmark: every task x method x budget x seed, one CSV row each, then the page.
 
-The output folder holds ``settings.json`` (mode, budgets, seeds, machine), ``results.csv``
+The output folder holds ``settings.json`` (mode, budgets, seeds, machine, and under ``runs``
+each invocation's start, end, load averages and rows), ``results.csv``
 (one row per task x method x budget x seed, appended as each finishes, so an interrupted
 run continues with ``resume=True``), ``references.csv`` (how each reference was made, its
 ESS and MMD noise floor) and ``bench.html``. A folder that already holds a benchmark is
@@ -124,17 +125,41 @@ def read_results(path: str | os.PathLike[str]) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
-def _machine() -> dict[str, Any]:
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def _load() -> list[float]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
+    return [round(x, 2) for x in load]
+
+
+def _machine() -> dict[str, Any]:
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": _now(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "load_average_at_start": [round(x, 2) for x in load],
+        "load_average_at_start": _load(),
     }
+
+
+def _record_run(out: Path, started: str, load: list[float], rows: int) -> None:
+    """Append this invocation (start, end, load averages, rows run) to ``runs`` in
+    settings.json, so that a benchmark's folder says how long it took, resumes included."""
+    info = json.loads((out / "settings.json").read_text())
+    info.setdefault("runs", []).append(
+        {
+            "started": started,
+            "ended": _now(),
+            "load_average_at_start": load,
+            "load_average_at_end": _load(),
+            "rows": rows,
+        }
+    )
+    (out / "settings.json").write_text(json.dumps(info, indent=2))
 
 
 def _prepare(out: Path, settings: Settings, resume: bool, overwrite: bool) -> None:
@@ -237,6 +262,7 @@ def run_bench(
         resume: keep the rows already in ``results.csv`` and run only the missing ones.
         overwrite: remove an earlier benchmark in ``out`` first.
     """
+    started, load = _now(), _load()
     settings = settings_for(mode, seeds, budgets)
     task_names = _names(tasks, TASKS, "tasks")
     method_names = _names(methods, METHODS, "methods")
@@ -277,6 +303,7 @@ def run_bench(
             writer.writerow(row)
             file.flush()
             logger.info("bench: %s", row)
+    _record_run(out, started, load, len(grid))
     from gradcal.bench.html import write_page
 
     return write_page(out)
