@@ -299,7 +299,8 @@ def test_order_sum_forward_mode_vmap_and_second_derivative():
     for a, b in zip(*jac, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     hessians = [
-        torch.autograd.functional.hessian(lambda e, f=f: f(e, nu, 5.0).sum(), eps)
+        # squared: the upstream gradient 2 f depends on eps, so its term must come through
+        torch.autograd.functional.hessian(lambda e, f=f: (f(e, nu, 5.0) ** 2).sum(), eps)
         for f in (threshold_order_sum, _composite_order_sum)
     ]
     assert hessians[0].abs().max() > 0
