@@ -253,13 +253,8 @@ class _ThresholdOrderSum(torch.autograd.Function):
     negative, so at most one order fires). Gradient: that of the soft orders' sum
     :math:`S = \sum_i \sigma(k(\epsilon - \nu_i)) + \sigma(k(\epsilon + \nu_i)) - 1`:
     :math:`\partial S / \partial \epsilon = \sum_i k\sigma'_- + k\sigma'_+`,
-    :math:`\partial S / \partial \nu_i = k\sigma'_+ - k\sigma'_-`.
-
-    Equal in value and gradient (up to rounding) to ``hard + (soft - soft.detach())``, but
-    the soft orders are formed only when a gradient asks for them (in the backward pass,
-    or the tangent in forward mode), so the forward pass, with or without gradients, is one
-    comparison and one sum over (B, N). Works under reverse mode, :func:`torch.func.jvp`
-    and :func:`torch.func.vmap`.
+    :math:`\partial S / \partial \nu_i = k\sigma'_+ - k\sigma'_-`, formed in ``backward``
+    and ``jvp`` only (see :func:`threshold_order_sum`).
     """
 
     generate_vmap_rule = True

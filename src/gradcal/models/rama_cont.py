@@ -163,7 +163,9 @@ class RamaCont(Model):
                     for e, n, h in zip(eps[:, 0], nu, eta[:, 0], strict=True)
                 ]
             ).to(nu)
-        if not torch.is_grad_enabled():  # no reverse gradient: the soft orders are not needed
+        # No reverse gradient wanted (plain simulation, or forward mode, which runs under
+        # no_grad): the soft orders are formed only for a tangent, if one is asked for.
+        if not torch.is_grad_enabled():
             return threshold_order_sum(eps, nu, self.sigmoid_k) / (self.n_agents * eta)
         # Thresholds are never negative, so at most one of eps > nu, eps < -nu holds.
         hard = torch.sign(eps) * (nu < eps.abs()).sum(-1, keepdim=True)  # float: promoted
