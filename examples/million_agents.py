@@ -13,7 +13,8 @@ with a neural spline flow started away from the truth, MMD loss on the returns, 
   steps and recomputing each stretch in the backward pass with the same random numbers:
   the plain gradient, memory like T / k + k states instead of T;
 - ``forward``: forward mode, one tangent per parameter (4): memory flat in T;
-- ``plain``: reverse mode keeping the whole graph (about 17 GiB at 10^6 agents, 10 draws).
+- ``plain``: reverse mode keeping the whole graph (9.0 GiB above the process's own memory
+  for one epoch at 10^6 agents, 10 draws and 100 steps, measured by ``benchmarks/scale.py``).
 
 On Linux the script first asks glibc to reuse freed memory (``mallopt``: no block mapped on
 its own, no trimming of the heap) unless ``--default-malloc``: by default glibc maps every
