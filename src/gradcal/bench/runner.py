@@ -126,10 +126,12 @@ def read_results(path: str | os.PathLike[str]) -> list[dict[str, str]]:
 
 
 def _now() -> str:
+    """The time now, to the minute, in UTC."""
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
 
 def _load() -> list[float]:
+    """The 1, 5 and 15 minute load averages (NaN where the platform has none)."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     return [round(x, 2) for x in load]
 
