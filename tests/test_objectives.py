@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from edge_family import EdgeFamily, edge_noise
 from infer_helpers import gaussian_nll, normal_prior
 from stats import Z_MAX
 
@@ -147,6 +148,64 @@ def test_failed_draws_are_dropped_and_counted():
     assert estimate.n_valid == int(keep.sum())
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, _grads(q), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        ImportanceWeighted(k=4, doubly_reparameterised=False),
+        Renyi(alpha=0.5, k=4, doubly_reparameterised=False),
+        ImportanceWeighted(k=4),
+        Renyi(alpha=0.5, k=4),
+    ],
+    ids=repr,
+)
+def test_a_draw_with_infinite_log_q_leaves_the_bound_gradient_finite(objective):
+    """EdgeFamily's first draw lies on the edge of its support: log q = -inf there, with an
+    infinite derivative. It is dropped, and the gradient is finite and the one of the bound
+    over the 7 kept draws alone (its group's mean runs over its 3 kept draws), as if the
+    dropped draw had never been made (DReG: log q at fixed parameters, weights
+    w_hat (alpha + (1 - alpha) w_hat) over the kept draws)."""
+    u = edge_noise(8)
+    q = EdgeFamily(u)
+    estimate = objective(q, BatchedLoss(LOSS), Y, 8, PRIOR, 1.0)
+    got = q.grads()
+    assert estimate.n_dropped == 1 and estimate.n_valid == 7
+    assert torch.isfinite(got).all(), got
+    c = 1.0 - getattr(objective, "alpha", 0.0)
+    keep = (torch.arange(8) > 0).reshape(2, 4)
+    theta = q.draw(u).reshape(2, 4)
+    terms = []
+    for row, kept in zip(theta, keep, strict=True):
+        draws = row[kept][:, None]
+        if objective.stopped_log_q:
+            log_q = EdgeFamily.density(draws, q.loc.detach(), q.scale.detach())
+        else:
+            log_q = q.log_prob(draws)
+        log_w = -LOSS(draws, Y) + PRIOR.log_prob(draws) - log_q
+        if objective.stopped_log_q:
+            weights = torch.softmax(c * log_w.detach(), 0)
+            terms.append((weights * ((1 - c) + c * weights) * log_w).sum())
+        else:
+            terms.append((torch.logsumexp(c * log_w, 0) - math.log(len(draws))) / c)
+    (-torch.stack(terms).sum() / 2).backward()
+    torch.testing.assert_close(got, q.grads(), rtol=1e-4, atol=1e-5)
+
+
+def test_forward_kl_with_a_draw_of_infinite_log_q_has_a_finite_gradient():
+    """Forward KL with EdgeFamily's edge draw (log q = -inf, infinite derivative): dropped,
+    and the gradient -sum_i w_hat_i grad log q(theta_i) over the 7 kept draws alone."""
+    u = edge_noise(8)
+    q = EdgeFamily(u)
+    estimate = ForwardKL()(q, BatchedLoss(LOSS), Y, 8, PRIOR, 1.0)
+    got = q.grads()
+    assert estimate.n_dropped == 1 and estimate.n_valid == 7
+    assert torch.isfinite(got).all(), got
+    theta = q.draw(u[1:]).detach()
+    log_q = q.log_prob(theta)
+    log_w = -LOSS(theta, Y) + PRIOR.log_prob(theta) - log_q.detach()
+    (-(torch.softmax(log_w, 0) * log_q).sum()).backward()
+    torch.testing.assert_close(got, q.grads(), rtol=1e-4, atol=1e-6)
 
 
 def test_bad_choices_are_refused():
@@ -313,15 +372,15 @@ def _objective_gradients(family, objective, repeats, groups, seed):
 
 
 @pytest.mark.filterwarnings("ignore:.*cannot hold its parameters fixed")
-@pytest.mark.parametrize("make_family", [_instance_family, _PlainFamily], ids=["instance", "plain"])
+@pytest.mark.parametrize(
+    "make_family", [_instance_family, _PlainFamily], ids=["instance", "plain"]
+)
 @pytest.mark.parametrize(
     "kind",
     [ImportanceWeighted, lambda **kw: Renyi(alpha=0.5, **kw)],
     ids=["importance_weighted", "renyi"],
 )
-def test_dreg_is_unbiased_with_a_family_whose_tensors_are_not_module_parameters(
-    kind, make_family
-):
+def test_dreg_is_unbiased_with_a_family_whose_tensors_are_not_module_parameters(kind, make_family):
     """A family whose tensors log_prob_stopped cannot swap as module parameters (a
     DistributionFamily from an instance, an object that is no module): the default (DReG)
     gradient has the mean of the plain reparameterised one. z-test of the mean gradient of

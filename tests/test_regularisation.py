@@ -2,11 +2,17 @@
 
 import pytest
 import torch
+from edge_family import EdgeFamily, edge_noise
 from stats import Z_MAX, z_mean
 from torch.distributions import Independent, MultivariateNormal, Normal, Uniform
 
 from gradcal.posterior_estimators import Constrained, DiagonalGaussian, FullRankGaussian
-from gradcal.regularisation import compute_regularisation_loss, kl_divergence, prior_log_prob
+from gradcal.regularisation import (
+    compute_regularisation_loss,
+    kl_divergence,
+    kl_from_draws,
+    prior_log_prob,
+)
 
 
 @pytest.mark.parametrize(
@@ -93,3 +99,30 @@ def test_kl_checks_dimensions():
         kl_divergence(
             DiagonalGaussian(torch.zeros(2)), Independent(Normal(torch.zeros(3), torch.ones(3)), 1)
         )
+
+
+@pytest.mark.parametrize("sticking_the_landing", [False, True])
+def test_monte_carlo_kl_with_a_draw_of_infinite_log_q_has_a_finite_gradient(
+    sticking_the_landing,
+):
+    """EdgeFamily's first draw lies on the edge of its support (log q = -inf, an infinite
+    derivative): the Monte Carlo KL drops it, and its gradient is finite and the one of the
+    mean of log q - log prior over the 49 kept draws alone (with sticking-the-landing, log q
+    at fixed parameters)."""
+    u = edge_noise(50)
+    q = EdgeFamily(u)
+    prior = Independent(Normal(torch.zeros(1), 10 * torch.ones(1)), 1)
+    kl, dropped = kl_from_draws(q, prior, *q.sample(50), sticking_the_landing)
+    kl.backward()
+    got = q.grads()
+    assert dropped == 1
+    assert torch.isfinite(got).all(), got
+    theta = q.draw(u[1:])
+    if sticking_the_landing:
+        log_q = EdgeFamily.density(theta, q.loc.detach(), q.scale.detach())
+    else:
+        log_q = q.log_prob(theta)
+    expected = (log_q - prior.log_prob(theta)).mean()
+    expected.backward()
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(got, q.grads(), rtol=1e-5, atol=1e-6)

@@ -751,7 +751,18 @@ class DistributionFamily(Family):
         return self
 
     def _raw(self) -> Distribution:
-        return self._instance if self._instance is not None else self._factory(**self._params)
+        if self._instance is None:
+            return self._factory(**self._params)
+        # An instance reads its leaves through the buffers ``leaf{i}``: when one is swapped
+        # (torch.func.functional_call, as log_prob_stopped does), a copy with the swap.
+        swapped = {
+            id(leaf): self._buffers[f"leaf{i}"]
+            for i, leaf in enumerate(self._leaves)
+            if self._buffers[f"leaf{i}"] is not leaf
+        }
+        if not swapped:
+            return self._instance
+        return map_tensors(self._instance, lambda t: swapped.get(id(t), t))
 
     def distribution(self) -> Distribution:
         q = self._raw()
@@ -893,10 +904,14 @@ def log_prob_stopped(family: Any, theta: Tensor) -> Tensor:
     :math:`\log q_{\bar\phi}(\theta)` with :math:`\bar\phi` = stop-gradient(phi), the
     piece that sticking-the-landing and doubly-reparameterised gradients use: the score
     :math:`\nabla_\phi \log q_\phi(\theta)` at fixed theta (mean zero) is left out, while
-    theta = theta(phi, eps) still carries its path to phi. The parameters are swapped for
-    detached copies with :func:`torch.func.functional_call`; a family whose tensors are not
-    module parameters (a :class:`DistributionFamily` built from an instance) keeps them, so
-    its score term stays in (still unbiased, without the variance reduction).
+    theta = theta(phi, eps) still carries its path to phi. The module's parameters and
+    buffers are swapped for detached copies with :func:`torch.func.functional_call` (a
+    :class:`DistributionFamily` built from an instance reads its trainable leaves through
+    buffers, so they are held fixed too). An object that is no torch module (nor a torch
+    distribution) has nothing to swap: its own ``log_prob`` is returned, score term included.
+    That is still unbiased for sticking-the-landing, whose score term is not reweighted,
+    but not for DReG: the objectives check with ``log_prob_stopped(family,
+    theta.detach()).requires_grad`` and use the plain reparameterised gradient instead.
 
     Example:
         >>> q = DiagonalGaussian(torch.zeros(1))
@@ -904,6 +919,14 @@ def log_prob_stopped(family: Any, theta: Tensor) -> Tensor:
         >>> lp.requires_grad, round(lp[0].item(), 4)       # no path to q's parameters
         (False, -1.4189)
     """
+    if not isinstance(family, torch.nn.Module | Distribution):
+        if not callable(getattr(family, "log_prob", None)):
+            raise NotImplementedError(
+                f"{type(family).__name__} has no log_prob(theta); log q at fixed parameters "
+                "needs one."
+            )
+        return family.log_prob(theta)  # nothing to swap (and no draw made to wrap it)
     family = as_family(family)
-    params = {f"family.{k}": v.detach() for k, v in family.named_parameters()}
-    return torch.func.functional_call(_LogProb(family), params, (theta,), strict=False)
+    held = {f"family.{k}": v.detach() for k, v in family.named_buffers()}
+    held.update({f"family.{k}": v.detach() for k, v in family.named_parameters()})
+    return torch.func.functional_call(_LogProb(family), held, (theta,), strict=False)

@@ -28,6 +28,7 @@ __all__ = [
     "kl_divergence",
     "kl_estimate",
     "kl_from_draws",
+    "log_q_on_kept",
     "monte_carlo_kl",
     "prior_dim",
     "prior_log_prob",
@@ -241,8 +242,8 @@ def kl_from_draws(
     dropped (see :func:`monte_carlo_kl`, which draws them).
 
     Arguments:
-        q: the family the draws come from (its ``log_prob`` is used only with
-            ``sticking_the_landing``).
+        q: the family the draws come from (its ``log_prob`` is used when a draw is
+            dropped or with ``sticking_the_landing``: see :func:`log_q_on_kept`).
         prior: the prior (``log_prob``).
         theta: (m, D) draws of q, with their graph into q's parameters.
         log_q: (m,) log q at the draws, with its graph.
@@ -260,20 +261,68 @@ def kl_from_draws(
     log_prior = prior_log_prob(prior, theta)
     with torch.no_grad():
         ok = torch.isfinite(log_q) & torch.isfinite(log_prior)
+    log_q_kept, ok = log_q_on_kept(q, theta, log_q, ok, sticking_the_landing)
     n_ok = int(ok.sum())
     if n_ok == 0:  # nothing to average: NaN, without a gradient to apply
         return torch.full((), math.nan, dtype=log_q.dtype, device=log_q.device), len(ok)
-    if n_ok == len(ok):  # the usual case: every draw kept, the prior evaluated once
-        kept, log_prior_kept, log_q_kept = theta, log_prior, log_q
-    else:
-        # The prior is evaluated again on the kept draws only, so that no gradient of it at
-        # a bound (inf times a zero weight) can turn the gradient into NaN.
-        kept = theta[ok]
-        log_prior_kept, log_q_kept = prior_log_prob(prior, kept), log_q[ok]
-    if sticking_the_landing:
-        log_q_kept = log_prob_stopped(q, kept)
+    # The prior is evaluated again on the kept draws only, so that no gradient of it at a
+    # bound (inf times a zero weight) can turn the gradient into NaN.
+    log_prior_kept = log_prior if n_ok == len(ok) else prior_log_prob(prior, theta[ok])
     kl = (log_q_kept - log_prior_kept).mean()
     return kl, len(ok) - n_ok
+
+
+def log_q_on_kept(
+    q: Any, theta: Tensor, log_q: Tensor, keep: Tensor, stopped: bool = False
+) -> tuple[Tensor, Tensor]:
+    r"""log q at the kept draws (m,), its graph built on those draws alone, and the mask.
+
+    Dropping a draw after building log q over all draws does not drop its gradient: the
+    draw still sends a zero upstream gradient through its local derivative, and where that
+    is not finite (log q = -inf at the edge of a bounded support: d log x / dx = inf at
+    x = 0) 0 * inf = NaN reaches q's parameters. So when a draw is dropped, log q is
+    evaluated again on ``theta[keep]`` only (pathwise: theta keeps its graph to q), by
+    ``q.log_prob``, or by :func:`~gradcal.posterior_estimators.log_prob_stopped` with
+    ``stopped``. A kept draw where that value is not finite (a log_prob that inverts a
+    transform less exactly than sampling formed it) is dropped too, the mask narrowed. With
+    every draw kept and ``stopped`` False, ``log_q`` itself is returned; a family without
+    ``log_prob`` (``NotImplementedError``) gets ``log_q[keep]``, which is NaN-safe only when
+    the dropped draws' log q and its derivatives are finite.
+
+    Arguments:
+        q: the family the draws come from.
+        theta: (n, D) draws of q, with their graph into q's parameters.
+        log_q: (n,) log q at the draws, with its graph (from sampling).
+        keep: (n,) bool, the draws kept so far.
+        stopped: log q at q's parameters held fixed.
+
+    Returns:
+        log q (m,) at the m draws of the returned mask (n,), m <= keep.sum().
+
+    Example:
+        >>> from gradcal.posterior_estimators import DiagonalGaussian
+        >>> q = DiagonalGaussian(torch.zeros(1))
+        >>> theta, log_q = q.sample(3)
+        >>> kept, keep = log_q_on_kept(q, theta, log_q, torch.tensor([True, False, True]))
+        >>> kept.shape, keep.tolist()
+        (torch.Size([2]), [True, False, True])
+    """
+    if bool(keep.all()) and not stopped:
+        return log_q, keep
+    if not bool(keep.any()):
+        return log_q[keep], keep
+    try:
+        kept = log_prob_stopped(q, theta[keep]) if stopped else q.log_prob(theta[keep])
+    except NotImplementedError:
+        if stopped:
+            raise
+        return log_q[keep], keep
+    finite = torch.isfinite(kept.detach())
+    if bool(finite.all()):
+        return kept, keep
+    keep = keep.clone()
+    keep[keep.clone()] = finite
+    return log_q_on_kept(q, theta, log_q, keep, stopped)
 
 
 def compute_regularisation_loss(posterior_estimator: Any, prior: Any, n_samples: int) -> Tensor:

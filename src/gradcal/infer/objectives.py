@@ -51,6 +51,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -67,7 +68,7 @@ from gradcal.gradients import (
     loss_and_gradient,
 )
 from gradcal.posterior_estimators import log_prob_stopped
-from gradcal.regularisation import prior_log_prob
+from gradcal.regularisation import log_q_on_kept, prior_log_prob
 
 __all__ = [
     "ESS_MISSES_MASS",
@@ -134,7 +135,8 @@ class _Draws:
     """One rank's draws of an epoch: losses (n,), kept mask (n,), log weights (n,) with graph
     (-inf where dropped) and, for forward KL and the score estimator, log q at the stopped
     draws (n,) (0 where dropped); ``baseline`` is the score estimator's control variate
-    ("leave_one_out" or None), ``score`` whether the draws are for it."""
+    ("leave_one_out" or None), ``score`` whether the draws are for it, ``stopped`` whether
+    the log weights' log q holds q's parameters fixed (DReG)."""
 
     losses: Tensor | None = None
     valid: Tensor | None = None
@@ -142,6 +144,7 @@ class _Draws:
     log_q: Tensor | None = None
     score: bool = False
     baseline: str | None = None
+    stopped: bool = False
 
 
 def _check_positive_int(value: Any, name: str) -> int:
@@ -168,10 +171,14 @@ class WeightedObjective:
     def check(self, method: str, diff_mode: str) -> None:
         """Every estimator works: pathwise (reverse or forward mode) or score."""
 
-    def surrogate(self, log_w: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    def surrogate(
+        self, log_w: Tensor, valid: Tensor, stopped: bool | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(this rank's sum of term surrogates to backpropagate, sum of term values).
 
-        ``log_w`` (T, K) with graph, -inf where dropped; ``valid`` (T, K).
+        ``log_w`` (T, K) with graph, -inf where dropped; ``valid`` (T, K); ``stopped``:
+        whether log_w's log q holds q's parameters fixed (DReG's surrogate), by default
+        ``self.stopped_log_q``.
         """
         raise NotImplementedError
 
@@ -213,6 +220,10 @@ class WeightedObjective:
             log_q = family.log_prob(theta)  # at the stopped draws: the forward-KL gradient
             valid = torch.isfinite(losses) & torch.isfinite(log_prior) & torch.isfinite(log_q)
             log_w = torch.where(valid, -losses / w + log_prior - log_q.detach(), -math.inf)
+            if not bool(valid.all()):  # the graph on the kept draws only (no 0 * inf)
+                kept_log_q = family.log_prob(theta[valid])
+                index = (valid.nonzero()[:, 0],)
+                log_q = torch.zeros_like(losses).index_put(index, kept_log_q.to(losses.dtype))
             return _Draws(losses, valid, log_w, log_q)
         if isinstance(estimator, Score):
             return self._score_draws(family, loss, data, m, prior, w, estimator.baseline)
@@ -229,14 +240,35 @@ class WeightedObjective:
             & torch.isfinite(log_prior)
             & torch.isfinite(log_q.detach())
         )
+        stopped = self.stopped_log_q and bool(valid.any()) and self._holds_fixed(family, theta)
+        # log q on the kept draws only: no dropped draw's 0 * inf reaches q's gradient
+        log_q_kept, valid = log_q_on_kept(family, theta, log_q, valid, stopped)
         kept = theta[valid]
         # value l_i, gradient (dl/dtheta_i) dtheta_i/dphi: the simulator's pathwise gradient
         path_loss = losses[valid] + (grad[valid] * (kept - kept.detach())).sum(-1)
-        log_q_kept = log_prob_stopped(family, kept) if self.stopped_log_q else log_q[valid]
         kept_log_w = -path_loss / w + prior_log_prob(prior, kept) - log_q_kept
         log_w = torch.full_like(losses, -math.inf)
         log_w = log_w.index_put((valid.nonzero()[:, 0],), kept_log_w.to(log_w.dtype))
-        return _Draws(losses, valid, log_w)
+        return _Draws(losses, valid, log_w, stopped=stopped)
+
+    def _holds_fixed(self, family: Any, theta: Tensor) -> bool:
+        """Whether log q at fixed parameters really holds every trainable tensor of
+        ``family`` fixed: evaluated at one detached draw of theta (n, D) it must carry no
+        graph. If not (a family that is no torch module), DReG's weights would multiply the
+        score term, whose weighted mean is not zero: warn, and use the plain gradient."""
+        with torch.enable_grad():
+            held = not log_prob_stopped(family, theta[:1].detach()).requires_grad
+        if not held:
+            warnings.warn(
+                f"the family ({type(family).__name__}) cannot hold its parameters fixed in "
+                "log_prob (they are not torch module parameters or buffers), so the "
+                f"doubly-reparameterised gradient would be biased: objective {self.name!r} "
+                "uses the plain reparameterised gradient instead (unbiased, without DReG's "
+                "variance reduction). Make the family a torch.nn.Module holding its tensors "
+                "as parameters, or pass doubly_reparameterised=False to silence this.",
+                stacklevel=4,
+            )
+        return held
 
     def _score_draws(
         self,
@@ -349,7 +381,7 @@ class WeightedObjective:
                 draws.baseline == "leave_one_out",
             )
         elif values is not None:
-            surrogate, _ = self.surrogate(log_w[has], valid[has])
+            surrogate, _ = self.surrogate(log_w[has], valid[has], draws.stopped)
         if surrogate is not None and surrogate.requires_grad:
             (-w * surrogate / n_terms).backward()
         return -w * value_sum / n_terms
@@ -437,10 +469,12 @@ class ImportanceWeighted(WeightedObjective):
         kept_log_q = torch.where(valid, log_q, 0.0)
         return (torch.where(valid, signal, 0.0) * kept_log_q).sum() + bound.sum()
 
-    def surrogate(self, log_w: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    def surrogate(
+        self, log_w: Tensor, valid: Tensor, stopped: bool | None = None
+    ) -> tuple[Tensor, Tensor]:
         c = self.exponent
         value = (_group_log_mean(c * log_w, valid) / c).sum().detach()
-        if not self.stopped_log_q:
+        if not (self.stopped_log_q if stopped is None else stopped):
             return (_group_log_mean(c * log_w, valid) / c).sum(), value
         weights = torch.softmax(c * log_w.detach(), -1)
         coefficient = weights * ((1 - c) + c * weights)  # alpha + (1 - alpha) w_hat
