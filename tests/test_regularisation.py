@@ -11,6 +11,7 @@ from gradcal.regularisation import (
     compute_regularisation_loss,
     kl_divergence,
     kl_from_draws,
+    log_q_on_kept,
     prior_log_prob,
 )
 
@@ -126,3 +127,20 @@ def test_monte_carlo_kl_with_a_draw_of_infinite_log_q_has_a_finite_gradient(
     expected.backward()
     assert kl.item() == pytest.approx(expected.item(), rel=1e-6)
     torch.testing.assert_close(got, q.grads(), rtol=1e-5, atol=1e-6)
+
+
+def test_log_q_on_kept_drops_a_kept_draw_whose_log_prob_is_not_finite():
+    """log q from sampling finite on every draw, but log_prob -inf on a kept one (the edge
+    draw 0): that draw is dropped too (the mask narrowed), and the gradient is the one of
+    log q on the draws kept in the end (2 and 3; draw 1 was dropped by the caller)."""
+    u = edge_noise(4)
+    q = EdgeFamily(u)
+    theta = q.draw(u)
+    sampled = torch.zeros(4) + q.loc  # a finite log q with a graph
+    log_q, keep = log_q_on_kept(q, theta, sampled, torch.tensor([True, False, True, True]))
+    assert keep.tolist() == [False, False, True, True]
+    log_q.sum().backward()
+    got = q.grads()
+    assert torch.isfinite(got).all(), got
+    q.log_prob(q.draw(u[2:])).sum().backward()
+    torch.testing.assert_close(got, q.grads())

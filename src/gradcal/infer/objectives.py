@@ -24,6 +24,11 @@ size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` of each epoch's draws (``ess`` in the
 :class:`Renyi` the DReG estimator of Tucker et al. (2019): log q at fixed parameters, and
 per-draw weights :math:`\hat w_k(\alpha + (1 - \alpha)\hat w_k)` (alpha = 0 for
 importance-weighted), :math:`\hat w = \mathrm{softmax}((1-\alpha)\log w)` within a group.
+A family whose parameters log q cannot hold fixed (an object that is no torch module) would
+make DReG biased (the score term weighted by theta-dependent weights): such a family gets the
+plain reparameterised gradient, with a warning. A dropped draw never enters q's gradient:
+log q is evaluated again on the kept draws only (see
+:func:`~gradcal.regularisation.log_q_on_kept`).
 
 Supported gradient estimators: every objective works with all three (pathwise reverse and
 forward mode, score). With the score estimator the simulator is run without gradients and
@@ -425,7 +430,8 @@ class ImportanceWeighted(WeightedObjective):
     Arguments:
         k: draws per group K (n_samples_per_epoch must be a multiple of K).
         doubly_reparameterised: the DReG gradient (Tucker et al. 2019): lower variance,
-            same expectation.
+            same expectation. A family whose parameters cannot be held fixed (no torch
+            module) gets the plain reparameterised gradient instead, with a warning.
 
     Example:
         >>> objective = ImportanceWeighted(k=4)
