@@ -280,14 +280,15 @@ def log_q_on_kept(
     Dropping a draw after building log q over all draws does not drop its gradient: the
     draw still sends a zero upstream gradient through its local derivative, and where that
     is not finite (log q = -inf at the edge of a bounded support: d log x / dx = inf at
-    x = 0) 0 * inf = NaN reaches q's parameters. So when a draw is dropped, log q is
-    evaluated again on ``theta[keep]`` only (pathwise: theta keeps its graph to q), by
-    ``q.log_prob``, or by :func:`~gradcal.posterior_estimators.log_prob_stopped` with
-    ``stopped``. A kept draw where that value is not finite (a log_prob that inverts a
-    transform less exactly than sampling formed it) is dropped too, the mask narrowed. With
-    every draw kept and ``stopped`` False, ``log_q`` itself is returned; a family without
-    ``log_prob`` (``NotImplementedError``) gets ``log_q[keep]``, which is NaN-safe only when
-    the dropped draws' log q and its derivatives are finite.
+    x = 0) 0 * inf = NaN reaches q's parameters. So when a dropped draw's log q is not
+    finite, log q is evaluated again on ``theta[keep]`` only (pathwise: theta keeps its
+    graph to q) by ``q.log_prob``; with ``stopped`` always, by
+    :func:`~gradcal.posterior_estimators.log_prob_stopped`. A kept draw where that value is
+    not finite is dropped too, the mask narrowed. Otherwise (every dropped draw's log q
+    finite) ``log_q[keep]`` is returned: sampling's own values, which a log_prob that
+    inverts a transform can miss by nats in float32 (a wide :class:`Constrained` family near
+    its bounds). A family without ``log_prob`` (``NotImplementedError``) also gets
+    ``log_q[keep]``, NaN-safe only when the dropped draws' log q has finite derivatives.
 
     Arguments:
         q: the family the draws come from.
@@ -307,8 +308,8 @@ def log_q_on_kept(
         >>> kept.shape, keep.tolist()
         (torch.Size([2]), [True, False, True])
     """
-    if bool(keep.all()) and not stopped:
-        return log_q, keep
+    if not stopped and not bool((~keep & ~torch.isfinite(log_q.detach())).any()):
+        return (log_q if bool(keep.all()) else log_q[keep]), keep
     if not bool(keep.any()):
         return log_q[keep], keep
     try:
