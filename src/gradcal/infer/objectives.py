@@ -264,8 +264,10 @@ class WeightedObjective:
         with torch.enable_grad():
             held = not log_prob_stopped(family, theta[:1].detach()).requires_grad
         if not held:
+            name = type(family).__name__
+            named = "" if name.startswith("_") else f" ({name})"  # not an internal adapter
             warnings.warn(
-                f"the family ({type(family).__name__}) cannot hold its parameters fixed in "
+                f"the variational family{named} cannot hold its parameters fixed in "
                 "log_prob (they are not torch module parameters or buffers), so the "
                 f"doubly-reparameterised gradient would be biased: objective {self.name!r} "
                 "uses the plain reparameterised gradient instead (unbiased, without DReG's "
