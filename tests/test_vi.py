@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from stats import critical_z, posterior_mismatch
 
 from gradcal import VI
 from gradcal.checkpoint import load_checkpoint
+from gradcal.infer.weight import WeightCalibration
 from gradcal.losses import EnergyDistanceLoss, NegativeLogLikelihood
 from gradcal.models import BrockHommesBeliefs, RandomWalk
 from gradcal.posterior_estimators import (
@@ -479,6 +481,77 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, capl
     for key in adam:  # Adam's moments and step counts continued, not restarted
         for name in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(adam[key][name], adam_b[key][name]), (key, name)
+
+
+class ExactCountingLoss(CountingLoss):
+    """The counting loss, flagged exact (no simulation noise): choosing w fits it once."""
+
+    exact = True
+
+
+Y_CALIBRATE = torch.randn(20, generator=torch.Generator().manual_seed(5)) + 2.0
+
+
+def _calibrated_vi(checkpoint_dir, w, resume=False, init_seed=0):
+    # The global stream is seeded here, so an unseeded choice of w (WeightCalibration with
+    # seed=None) draws its bootstrap from it: a resumed process seeded otherwise would
+    # choose another w if it chose again.
+    torch.manual_seed(init_seed)
+    q = DiagonalGaussian(torch.full((1,), float(init_seed)))
+    loss = ExactCountingLoss(gaussian_nll(1.0))
+    vi = VI(
+        loss,
+        normal_prior(0.0, 10.0),
+        q,
+        w=w,
+        n_samples_per_epoch=8,
+        optimizer=torch.optim.Adam(q.parameters(), lr=0.05),
+        progress_bar=False,
+        seed=7,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+    )
+    return q, vi, loss
+
+
+@pytest.mark.parametrize(
+    "w", ["calibrate", WeightCalibration(seed=None)], ids=["calibrate", "unseeded"]
+)
+def test_a_calibrated_w_is_checkpointed_and_a_resumed_run_keeps_it(tmp_path, w):
+    """A resumed run continues at the w its checkpoint was written at, without choosing
+    again: no simulation is spent on it, and an unseeded choice (which would give another w)
+    cannot change the target half-way. Bit for bit the uninterrupted run."""
+    q_straight, straight, loss_straight = _calibrated_vi(None, w)
+    straight.run(Y_CALIBRATE, 12, 100)
+    assert loss_straight.calls > 12  # the choice of w called the loss too
+    _, first, _ = _calibrated_vi(tmp_path, w)
+    first.run(Y_CALIBRATE, 6, 100)
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved["w"] == first.w == straight.w
+    q_b, resumed, loss_b = _calibrated_vi(tmp_path, w, resume=True, init_seed=1)
+    resumed.run(Y_CALIBRATE, 12, 100)
+    assert loss_b.calls == 6  # epochs 6..11 only: w was not chosen again
+    assert resumed.w == straight.w
+    chosen, kept = straight.weight_choice, resumed.weight_choice
+    for name in ("w", "coverage", "w_information", "level", "method", "fits"):
+        assert getattr(kept, name) == getattr(chosen, name), name
+    assert torch.equal(kept.bootstrap_estimates, chosen.bootstrap_estimates)
+    assert resumed.losses_hist["total"] == straight.losses_hist["total"]
+    for a, b in zip(q_straight.state_dict().values(), q_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resuming_at_another_w_than_the_checkpoints_warns(tmp_path):
+    _, first, _ = _calibrated_vi(tmp_path, 1.0)
+    first.run(Y_CALIBRATE, 2, 100)
+    _, same, _ = _calibrated_vi(tmp_path, 1.0, resume=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.run(Y_CALIBRATE, 3, 100)
+    _, other, _ = _calibrated_vi(tmp_path, 2.0, resume=True)
+    with pytest.warns(UserWarning, match=r"written at w = 1 .* continues at w = 2"):
+        other.run(Y_CALIBRATE, 4, 100)
+    assert other.w == 2.0  # a number given by the user is kept
 
 
 RESUMABLE_SCRIPT = textwrap.dedent(
