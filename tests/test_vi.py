@@ -803,3 +803,23 @@ def test_a_closed_form_kl_draws_only_the_loss_draws():
     )
     vi.run(torch.zeros(3), 2)
     assert calls == [5, 5]
+
+
+@pytest.mark.parametrize("w", [0.3, 3.0])
+def test_mass_check_weighs_against_exp_minus_loss_over_w(w):
+    """mass_check's k-hat and ESS at w != 1 (where exp(-l / w) and exp(-l w) differ),
+    recomputed from the same seeded draws of q: log weights -l / w + log prior - log q."""
+    from gradcal.diagnostics.psis import psis_khat
+    from gradcal.rng import seeded
+
+    y = Y_CALIBRATE
+    q = DiagonalGaussian(torch.tensor([float(y.mean())]), 0.3)
+    check = VI(gaussian_nll(1.0), normal_prior(0.0, 10.0), q, w=w).mass_check(y, 300, seed=4)
+    with seeded(4), torch.no_grad():
+        theta, log_q = q.sample(300)
+    theta, log_q = theta.double(), log_q.double()
+    nll = -torch.distributions.Normal(theta, 1.0).log_prob(y.double()).sum(-1)
+    log_w = -nll / w + torch.distributions.Normal(0.0, 10.0).log_prob(theta[:, 0]) - log_q
+    ess = float(torch.exp(2 * log_w.logsumexp(0) - (2 * log_w).logsumexp(0)))
+    assert check["ess_fraction"] == pytest.approx(ess / 300, rel=1e-4)
+    assert check["khat"] == pytest.approx(psis_khat(log_w)[0], abs=1e-3)
