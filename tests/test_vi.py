@@ -554,6 +554,29 @@ def test_resuming_at_another_w_than_the_checkpoints_warns(tmp_path):
     assert other.w == 2.0  # a number given by the user is kept
 
 
+def test_a_rank_other_than_0_takes_rank_0s_choice_of_w_or_its_error(monkeypatch):
+    """As rank 1 sees it (is_main False; the broadcast hands over what rank 0 sent): it
+    never calls the loss to choose w, runs at rank 0's w, and stops naming rank 0's error."""
+    import gradcal.infer.vi as vi_module
+    from gradcal.infer.vi import weight_choice_state
+
+    chosen = WeightCalibration(resample="iid").choose(
+        ExactCountingLoss(gaussian_nll(1.0)), normal_prior(0.0, 10.0), Y_CALIBRATE
+    )
+    sent = [(weight_choice_state(chosen), None)]
+    monkeypatch.setattr(vi_module, "is_main", lambda: False)
+    monkeypatch.setattr(vi_module, "broadcast_object", lambda obj, src=0: sent[0])
+    _, vi, loss = _calibrated_vi(None, WeightCalibration(resample="iid", seed=None))
+    vi.run(Y_CALIBRATE, 2, 100)
+    assert loss.calls == 2 and vi.w == chosen.w  # the epochs' calls only
+    assert torch.equal(vi.weight_choice.bootstrap_estimates, chosen.bootstrap_estimates)
+    sent[0] = (None, "RuntimeError: choosing w failed: the bootstrap gives w = nan")
+    _, vi, loss = _calibrated_vi(None, "calibrate")
+    with pytest.raises(RuntimeError, match="choosing w failed on rank 0: RuntimeError: choos"):
+        vi.run(Y_CALIBRATE, 2, 100)
+    assert loss.calls == 0
+
+
 RESUMABLE_SCRIPT = textwrap.dedent(
     """
     import sys, time, torch

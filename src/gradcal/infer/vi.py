@@ -51,7 +51,7 @@ from gradcal.infer.objectives import (
     make_objective,
     mass_warning,
 )
-from gradcal.infer.weight import WeightChoice, resolve_w
+from gradcal.infer.weight import WeightCalibration, WeightChoice, resolve_w
 from gradcal.posterior_estimators import as_family
 from gradcal.priors import distribution_device, distribution_to
 from gradcal.regularisation import (
@@ -658,7 +658,7 @@ class VI:
             self.w = self.weight_choice.w
             logger.info("w from the checkpoint: %s", self.weight_choice.summary())
         elif self.calibration is not None and self.weight_choice is None:
-            self.weight_choice = self._choose_w_once(data)
+            self.weight_choice = self._choose_w_once(self.calibration, data)
             self.w = self.weight_choice.w
             logger.info("choosing w: %s", self.weight_choice.summary())
         written_at = None if resumed is None else resumed.get("w")
@@ -671,16 +671,15 @@ class VI:
                 stacklevel=3,
             )
 
-    def _choose_w_once(self, data: Any) -> WeightChoice:
+    def _choose_w_once(self, calibration: WeightCalibration, data: Any) -> WeightChoice:
         """Choose w on rank 0 alone and broadcast the choice: every rank runs at one w.
 
         An error on rank 0 is raised there and, naming it, on every other rank.
         """
-        assert self.calibration is not None
         choice, error = None, None
         if is_main():
             try:
-                choice = weight_choice_state(self.calibration.choose(self.loss, self.prior, data))
+                choice = weight_choice_state(calibration.choose(self.loss, self.prior, data))
             except Exception as caught:  # re-raised below, after the other ranks hear of it
                 error = caught
         message = None if error is None else f"{type(error).__name__}: {error}"
@@ -694,7 +693,8 @@ class VI:
     def _start(self, resumed: dict[str, Any] | None) -> None:
         if resumed is not None:
             self._restore(resumed)
-            logger.info("resumed from %s at epoch %d", self.checkpoint_dir, self._epoch)
+            where = self.checkpoint_dir / "last.pt" if self.checkpoint_dir else None
+            logger.info("resumed from %s at epoch %d", where, self._epoch)
             return
         self._reset_history()
         if self.initialize_estimator_to_prior:
