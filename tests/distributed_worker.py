@@ -54,16 +54,37 @@ failing.batched = True
 
 
 class Counting:
-    """The loss, counting its calls on this rank (one per epoch)."""
+    """A loss (default ``loss``), counting its calls on this rank (one per epoch)."""
 
     batched = True
 
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, inner=loss):
+        self.inner, self.calls = inner, 0
+        self.exact = getattr(inner, "exact", False)
 
     def __call__(self, theta, y):
         self.calls += 1
-        return loss(theta, y)
+        return self.inner(theta, y)
+
+
+SERIES = torch.randn(30, DIM, generator=torch.Generator().manual_seed(2)) + torch.tensor(
+    [1.0, -1.0]
+)
+
+
+def series_loss(theta, y):
+    """Gaussian negative log-likelihood of the rows of y (T, DIM) about theta (B, DIM)."""
+    return 0.5 * ((y[None] - theta[:, None]) ** 2).sum((-2, -1))
+
+
+series_loss.batched = series_loss.exact = True
+
+
+def unseeded_calibration():
+    """Choosing w from the global stream: each rank's stream would give another w."""
+    from gradcal.infer.weight import WeightCalibration
+
+    return WeightCalibration(resample="iid", seed=None)
 
 
 def prior():
@@ -155,26 +176,32 @@ def main(scenario: str, out: Path) -> None:
             out / f"shards-{rank()}.pt",
         )
     elif scenario.startswith("checkpoint"):  # checkpoint-<epochs>-<resume>
+        # w = "calibrate", unseeded, with each rank's global stream seeded apart (and the
+        # resumed processes' otherwise again): every rank must run at rank 0's choice, and a
+        # resumed run at the checkpoint's.
         _, epochs, resume = scenario.split("-")
         # A resumed run starts q elsewhere: only a real resume continues the checkpoint.
         start = [3.0, 3.0] if resume == "resume" else [0.5, -0.5]
         q = DiagonalGaussian(torch.tensor(start), 1.0)
-        counting = Counting()
+        counting = Counting(series_loss)
         vi = VI(
             counting,
             prior(),
             q,
+            w=unseeded_calibration(),
             n_samples_per_epoch=N_DRAWS,
             progress_bar=False,
             seed=1,
             checkpoint_dir=out / "checkpoints",
             resume=resume == "resume",
         )
-        vi.run(y, int(epochs), 100)
+        torch.manual_seed((200 if resume == "resume" else 100) + rank())
+        vi.run(SERIES, int(epochs), 100)
         torch.save(
             {
                 "epochs": len(vi.losses_hist["total"]),
-                "calls": counting.calls,
+                "calls": counting.calls,  # epochs run here, plus the choice of w if made here
+                "w": vi.w,
                 "state": q.state_dict(),
                 "history": dict(vi.losses_hist),
             },

@@ -97,21 +97,32 @@ def test_a_rank_that_raises_stops_every_rank_quickly(tmp_path):
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_resume_a_two_rank_checkpoint_with_one_or_two_ranks(tmp_path, nproc):
+    """With w = "calibrate" (unseeded, each rank's global stream seeded apart): w is chosen
+    once, on rank 0, and every rank runs at it; a resumed run keeps the checkpoint's w and
+    chooses nothing."""
+    from distributed_worker import SERIES, prior, series_loss, unseeded_calibration
+
     _ok(_launch("checkpoint-4-fresh", tmp_path, nproc=2))
     first = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert first["epoch"] == 4
+    ranks = [torch.load(tmp_path / f"checkpoint-{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["calls"] > 4 and ranks[1]["calls"] == 4  # chosen on rank 0 alone
+    torch.manual_seed(100)  # rank 0's stream: its choice, made here again
+    chosen = unseeded_calibration().choose(series_loss, prior(), SERIES).w
+    assert ranks[0]["w"] == ranks[1]["w"] == first["w"] == chosen
     # The resuming ranks start q at (3, 3), not (0.5, -0.5): a restart would not continue.
     _ok(_launch("checkpoint-8-resume", tmp_path, nproc=nproc))
     for r in range(nproc):
         resumed = torch.load(tmp_path / f"checkpoint-{r}.pt", weights_only=True)
         assert resumed["epochs"] == 8
-        assert resumed["calls"] == 4  # epochs 4..7 only, on every rank
+        assert resumed["calls"] == 4  # epochs 4..7 only, on every rank: w not chosen again
+        assert resumed["w"] == chosen
         assert resumed["history"]["total"][:4] == first["history"]["total"]
     if nproc == 2:  # the same number of ranks: bit for bit an uninterrupted 2-rank run
         (tmp_path / "straight").mkdir()
         _ok(_launch("checkpoint-8-fresh", tmp_path / "straight", nproc=2))
         straight = torch.load(tmp_path / "straight" / "checkpoint-0.pt", weights_only=True)
-        assert straight["calls"] == 8
+        assert straight["calls"] > 8 and straight["w"] == chosen
         for key, value in straight["state"].items():
             assert torch.equal(value, resumed["state"][key]), key
         assert straight["history"]["total"] == resumed["history"]["total"]

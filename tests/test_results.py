@@ -1,6 +1,7 @@
 """load_run, calibrate and the ArviZ export, on small Normal-model runs of each method."""
 
 import copy
+import json
 import math
 import os
 import shutil
@@ -356,3 +357,32 @@ def test_an_interrupted_vi_run_loads_from_its_checkpoint(runs, tmp_path):
     (folder / "checkpoints" / "last.pt").unlink()
     with pytest.raises(ValueError, match=r"needs checkpoints/best\.pt"):
         load_run(folder)
+
+
+@pytest.mark.parametrize("w", [0.3, 3.0])
+def test_vi_khat_and_is_ess_target_the_generalised_posterior_at_w(tmp_path, w):
+    """The run's k-hat and IS ESS compare q with exp(-l / w) prior. At w = 1 that equals
+    exp(-l w) prior, so this runs at w != 1 and recomputes both by hand from the run's own
+    q (its best checkpoint), draws (same seed, same count) and data: log weights
+    -l / w + log prior - log q, l the Gaussian negative log-likelihood written out here.
+    The same numbers in float64 up to float32 rounding of theta and log q."""
+    from gradcal.diagnostics.psis import psis_khat
+    from gradcal.rng import seeded
+
+    config = _config("vi")
+    config["method"] |= {"w": w, "epochs": 40, "patience": 40, "posterior_samples": 500}
+    run = calibrate(config, tmp_path / "run", progress=False)
+    with seeded(config["run"]["seed"]), torch.no_grad():
+        theta, log_q = run.posterior.family.sample(500)
+    theta, log_q, y = theta.double(), log_q.double(), run.data[0].double()
+    mu, sigma = theta[:, 0], theta[:, 1]
+    nll = -torch.distributions.Normal(mu[:, None], sigma[:, None]).log_prob(y).sum(-1)
+    log_prior = torch.distributions.Normal(0.0, 2.0).log_prob(mu) + torch.distributions.LogNormal(
+        0.0, 0.5
+    ).log_prob(sigma)
+    log_w = -nll / w + log_prior - log_q
+    ess_fraction = float(log_w.logsumexp(0).mul(2).sub((2 * log_w).logsumexp(0)).exp()) / 500
+    khat = psis_khat(log_w)[0]
+    written = json.loads((run.path / "diagnostics.json").read_text())
+    assert written["ess_fraction"] == pytest.approx(ess_fraction, rel=1e-4)
+    assert written["khat"] == pytest.approx(khat, abs=1e-3)

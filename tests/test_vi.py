@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from stats import critical_z, posterior_mismatch
 
 from gradcal import VI
 from gradcal.checkpoint import load_checkpoint
+from gradcal.infer.weight import WeightCalibration
 from gradcal.losses import EnergyDistanceLoss, NegativeLogLikelihood
 from gradcal.models import BrockHommesBeliefs, RandomWalk
 from gradcal.posterior_estimators import (
@@ -481,6 +483,100 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, capl
             assert torch.equal(adam[key][name], adam_b[key][name]), (key, name)
 
 
+class ExactCountingLoss(CountingLoss):
+    """The counting loss, flagged exact (no simulation noise): choosing w fits it once."""
+
+    exact = True
+
+
+Y_CALIBRATE = torch.randn(20, generator=torch.Generator().manual_seed(5)) + 2.0
+
+
+def _calibrated_vi(checkpoint_dir, w, resume=False, init_seed=0):
+    # The global stream is seeded here, so an unseeded choice of w (WeightCalibration with
+    # seed=None) draws its bootstrap from it: a resumed process seeded otherwise would
+    # choose another w if it chose again.
+    torch.manual_seed(init_seed)
+    q = DiagonalGaussian(torch.full((1,), float(init_seed)))
+    loss = ExactCountingLoss(gaussian_nll(1.0))
+    vi = VI(
+        loss,
+        normal_prior(0.0, 10.0),
+        q,
+        w=w,
+        n_samples_per_epoch=8,
+        optimizer=torch.optim.Adam(q.parameters(), lr=0.05),
+        progress_bar=False,
+        seed=7,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+    )
+    return q, vi, loss
+
+
+@pytest.mark.parametrize(
+    "w", ["calibrate", WeightCalibration(seed=None)], ids=["calibrate", "unseeded"]
+)
+def test_a_calibrated_w_is_checkpointed_and_a_resumed_run_keeps_it(tmp_path, w):
+    """A resumed run continues at the w its checkpoint was written at, without choosing
+    again: no simulation is spent on it, and an unseeded choice (which would give another w)
+    cannot change the target half-way. Bit for bit the uninterrupted run."""
+    q_straight, straight, loss_straight = _calibrated_vi(None, w)
+    straight.run(Y_CALIBRATE, 12, 100)
+    assert loss_straight.calls > 12  # the choice of w called the loss too
+    _, first, _ = _calibrated_vi(tmp_path, w)
+    first.run(Y_CALIBRATE, 6, 100)
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved["w"] == first.w == straight.w
+    q_b, resumed, loss_b = _calibrated_vi(tmp_path, w, resume=True, init_seed=1)
+    resumed.run(Y_CALIBRATE, 12, 100)
+    assert loss_b.calls == 6  # epochs 6..11 only: w was not chosen again
+    assert resumed.w == straight.w
+    chosen, kept = straight.weight_choice, resumed.weight_choice
+    for name in ("w", "coverage", "w_information", "level", "method", "fits"):
+        assert getattr(kept, name) == getattr(chosen, name), name
+    assert torch.equal(kept.bootstrap_estimates, chosen.bootstrap_estimates)
+    assert resumed.losses_hist["total"] == straight.losses_hist["total"]
+    for a, b in zip(q_straight.state_dict().values(), q_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resuming_at_another_w_than_the_checkpoints_warns(tmp_path):
+    _, first, _ = _calibrated_vi(tmp_path, 1.0)
+    first.run(Y_CALIBRATE, 2, 100)
+    _, same, _ = _calibrated_vi(tmp_path, 1.0, resume=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.run(Y_CALIBRATE, 3, 100)
+    _, other, _ = _calibrated_vi(tmp_path, 2.0, resume=True)
+    with pytest.warns(UserWarning, match=r"written at w = 1 .* continues at w = 2"):
+        other.run(Y_CALIBRATE, 4, 100)
+    assert other.w == 2.0  # a number given by the user is kept
+
+
+def test_a_rank_other_than_0_takes_rank_0s_choice_of_w_or_its_error(monkeypatch):
+    """As rank 1 sees it (is_main False; the broadcast hands over what rank 0 sent): it
+    never calls the loss to choose w, runs at rank 0's w, and stops naming rank 0's error."""
+    import gradcal.infer.vi as vi_module
+    from gradcal.infer.vi import weight_choice_state
+
+    chosen = WeightCalibration(resample="iid").choose(
+        ExactCountingLoss(gaussian_nll(1.0)), normal_prior(0.0, 10.0), Y_CALIBRATE
+    )
+    sent = [(weight_choice_state(chosen), None)]
+    monkeypatch.setattr(vi_module, "is_main", lambda: False)
+    monkeypatch.setattr(vi_module, "broadcast_object", lambda obj, src=0: sent[0])
+    _, vi, loss = _calibrated_vi(None, WeightCalibration(resample="iid", seed=None))
+    vi.run(Y_CALIBRATE, 2, 100)
+    assert loss.calls == 2 and vi.w == chosen.w  # the epochs' calls only
+    assert torch.equal(vi.weight_choice.bootstrap_estimates, chosen.bootstrap_estimates)
+    sent[0] = (None, "RuntimeError: choosing w failed: the bootstrap gives w = nan")
+    _, vi, loss = _calibrated_vi(None, "calibrate")
+    with pytest.raises(RuntimeError, match="choosing w failed on rank 0: RuntimeError: choos"):
+        vi.run(Y_CALIBRATE, 2, 100)
+    assert loss.calls == 0
+
+
 RESUMABLE_SCRIPT = textwrap.dedent(
     """
     import sys, time, torch
@@ -562,6 +658,76 @@ def test_a_resumed_run_repeats_no_tensorboard_step(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("Loss/total")] == [0, 1, 2, 3]
+
+
+# --- annealing of w with the default objective -------------------------------------------
+
+
+class _Recorder:
+    """Passed as the scheduler (stepped after each optimiser step): records each epoch's
+    gradient of q's location and q's parameters after the step."""
+
+    def __init__(self, q):
+        self.q, self.grads, self.after = q, [], []
+
+    def step(self):
+        self.grads.append(self.q.loc.grad.clone())
+        self.after.append((self.q.loc.detach().clone(), self.q.scale.detach().clone()))
+
+
+@pytest.mark.parametrize("kl", ["analytic", "monte_carlo"])
+def test_annealing_weights_the_kl_of_reverse_kl_by_each_epochs_w(kl):
+    """Reverse KL, diagonal Gaussian q against a Normal prior: epoch t's KL term, its value
+    in the history and its gradient, is w_t KL(q_t || prior) at the schedule's w_t, not the
+    target w. The loss is linear, l = a theta, so the pathwise gradient of E_q[l] in q's
+    location is a exactly: the location's gradient is a + w_t (loc_t - 0) / sigma_p^2.
+    With the closed form that holds to float32 rounding; with the Monte Carlo KL
+    (n = 10000 draws) to 5 Monte Carlo standard errors (below)."""
+    from gradcal.infer.annealing import GeometricAnnealing
+
+    a, sigma_p, target = 1.5, 2.0, 0.5
+
+    def linear(theta, y):
+        return (theta * y).sum(-1)
+
+    linear.batched = True
+    q = DiagonalGaussian(torch.tensor([1.0]), 0.5)
+    recorder = _Recorder(q)
+    schedule = GeometricAnnealing(start=8.0, epochs=4)  # w_t: 8, 4, 2, 1, then 0.5
+    vi = VI(
+        linear,
+        normal_prior(0.0, sigma_p),
+        q,
+        w=target,
+        kl=kl,
+        n_samples_per_epoch=4,
+        optimizer=torch.optim.SGD(q.parameters(), lr=0.05),
+        scheduler=recorder,
+        progress_bar=False,
+        seed=0,
+        anneal=schedule,
+    )
+    before = [(q.loc.detach().clone(), q.scale.detach().clone())]
+    vi.run(torch.tensor([a]), n_epochs=6, max_epochs_without_improvement=100)
+    before += recorder.after[:-1]  # q at the start of each epoch
+    ws = [schedule.w_at(t, target) for t in range(6)]
+    assert ws == pytest.approx([8.0, 4.0, 2.0, 1.0, 0.5, 0.5])
+    n = vi.n_samples_regularisation
+    for t, (w_t, (loc, scale)) in enumerate(zip(ws, before, strict=True)):
+        m, s = loc.item(), scale.item()
+        exact = math.log(sigma_p / s) + (s**2 + m**2) / (2 * sigma_p**2) - 0.5
+        if kl == "analytic":
+            value_tol = gradient_tol = 1e-5 * w_t * max(exact, 1.0)
+        else:
+            # log q - log p at theta = m + s eps is -eps^2 / 2 + theta^2 / (2 sigma_p^2) +
+            # const: per draw sd <= (1 + (s^2 + 2 |m| s) / sigma_p^2) / sqrt(2) (rough, an upper
+            # bound); the location's gradient per draw is theta / sigma_p^2 plus, with a
+            # sticking-the-landing score term, at most eps / s: sd <= s / sigma_p^2 + 1 / s.
+            value_tol = 5 * w_t * (1 + (s**2 + 2 * abs(m) * s) / sigma_p**2) / math.sqrt(n)
+            gradient_tol = 5 * w_t * (s / sigma_p**2 + 1 / s) / math.sqrt(n)
+        assert vi.losses_hist["regularisation"][t] == pytest.approx(w_t * exact, abs=value_tol)
+        expected = a + w_t * m / sigma_p**2
+        assert recorder.grads[t].item() == pytest.approx(expected, abs=gradient_tol), t
 
 
 # --- one sampling and one backward pass per epoch ----------------------------------------
@@ -660,3 +826,23 @@ def test_a_closed_form_kl_draws_only_the_loss_draws():
     )
     vi.run(torch.zeros(3), 2)
     assert calls == [5, 5]
+
+
+@pytest.mark.parametrize("w", [0.3, 3.0])
+def test_mass_check_weighs_against_exp_minus_loss_over_w(w):
+    """mass_check's k-hat and ESS at w != 1 (where exp(-l / w) and exp(-l w) differ),
+    recomputed from the same seeded draws of q: log weights -l / w + log prior - log q."""
+    from gradcal.diagnostics.psis import psis_khat
+    from gradcal.rng import seeded
+
+    y = Y_CALIBRATE
+    q = DiagonalGaussian(torch.tensor([float(y.mean())]), 0.3)
+    check = VI(gaussian_nll(1.0), normal_prior(0.0, 10.0), q, w=w).mass_check(y, 300, seed=4)
+    with seeded(4), torch.no_grad():
+        theta, log_q = q.sample(300)
+    theta, log_q = theta.double(), log_q.double()
+    nll = -torch.distributions.Normal(theta, 1.0).log_prob(y.double()).sum(-1)
+    log_w = -nll / w + torch.distributions.Normal(0.0, 10.0).log_prob(theta[:, 0]) - log_q
+    ess = float(torch.exp(2 * log_w.logsumexp(0) - (2 * log_w).logsumexp(0)))
+    assert check["ess_fraction"] == pytest.approx(ess / 300, rel=1e-4)
+    assert check["khat"] == pytest.approx(psis_khat(log_w)[0], abs=1e-3)

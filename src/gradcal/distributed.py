@@ -28,6 +28,7 @@ __all__ = [
     "all_reduce_sum",
     "backend_devices",
     "broadcast_module",
+    "broadcast_object",
     "choose_backend",
     "exit_process",
     "init_distributed",
@@ -248,6 +249,19 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
             dist.broadcast(t.data, src)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (a picklable object; ``obj`` itself in a single
+    process). Every rank must call it; the others' ``obj`` is ignored (pass None).
+
+    Put tensors on the CPU first: a pickled CUDA tensor comes back on rank ``src``'s device.
+    """
+    if not _active():
+        return obj
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src)
+    return box[0]
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

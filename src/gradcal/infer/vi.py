@@ -12,6 +12,7 @@ q, clip, and step the optimiser.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import warnings
@@ -35,6 +36,7 @@ from gradcal.distributed import (
     all_gather_objects,
     all_reduce_sum,
     broadcast_module,
+    broadcast_object,
     is_main,
     launched_without_process_group,
     rank,
@@ -49,7 +51,7 @@ from gradcal.infer.objectives import (
     make_objective,
     mass_warning,
 )
-from gradcal.infer.weight import WeightChoice, resolve_w
+from gradcal.infer.weight import WeightCalibration, WeightChoice, resolve_w
 from gradcal.posterior_estimators import as_family
 from gradcal.priors import distribution_device, distribution_to
 from gradcal.regularisation import (
@@ -70,6 +72,8 @@ __all__ = [
     "compute_and_differentiate_loss_score",
     "compute_loss_and_jacobian_pathwise",
     "compute_regularisation_loss",
+    "weight_choice_from_state",
+    "weight_choice_state",
 ]
 
 logger = logging.getLogger("gradcal")
@@ -110,6 +114,31 @@ def _check_regularisation(reg: float, epoch: int) -> None:
             "or a prior whose support q leaves) or q's parameters became NaN (lower the "
             "learning rate or set gradient_clipping_norm)."
         )
+
+
+def weight_choice_state(choice: WeightChoice) -> dict[str, Any]:
+    """A :class:`WeightChoice` as a checkpoint holds it: its fields, tensors on the CPU
+    (loadable with ``weights_only=True``); :func:`weight_choice_from_state` reverses it."""
+    state = {f.name: getattr(choice, f.name) for f in dataclasses.fields(choice)}
+    for name, value in state.items():
+        if isinstance(value, Tensor):
+            state[name] = value.detach().cpu()
+        elif isinstance(value, tuple):
+            state[name] = tuple(v.detach().cpu() for v in value)
+    return state
+
+
+def weight_choice_from_state(state: dict[str, Any]) -> WeightChoice:
+    """The :class:`WeightChoice` that :func:`weight_choice_state` wrote.
+
+    Example:
+        >>> c = WeightChoice(0.5, 0.9, 0.03, 0.9, 0.48, "bootstrap", "iid", "joint",
+        ...     torch.zeros(1), torch.eye(1), torch.zeros(100, 1), 0.1, 101, 0, 1.5,
+        ...     (torch.ones(1), torch.ones(1)))
+        >>> weight_choice_from_state(weight_choice_state(c)).summary() == c.summary()
+        True
+    """
+    return WeightChoice(**{**state, "curve": tuple(state["curve"])})
 
 
 class VI:
@@ -449,6 +478,10 @@ class VI:
             "failed": self._failed,
             "ema": [self._ema, self._ema_count],
             "batching": self.batched_loss.mode,
+            "w": self.w,  # the target w (annealing's schedule runs from the epoch)
+            "weight_choice": (
+                None if self.weight_choice is None else weight_choice_state(self.weight_choice)
+            ),
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -561,13 +594,11 @@ class VI:
                 f"`n_samples_per_epoch` ({self.n_samples_per_epoch}) must be at least the "
                 f"number of ranks ({world_size()})."
             )
-        if self.calibration is not None and self.weight_choice is None:
-            self.weight_choice = self.calibration.choose(self.loss, self.prior, data)
-            self.w = self.weight_choice.w
-            logger.info("choosing w: %s", self.weight_choice.summary())
+        resumed = self._checkpoint_to_resume()
+        self._set_w(data, resumed)
         seed = None if self.seed is None and world_size() == 1 else (self.seed or 0) + rank()
         with seeded(seed, self.device):
-            self._start()
+            self._start(resumed)
             broadcast_module(self._module)  # after any fit to the prior: one q everywhere
             writer = self._tensorboard() if is_main() else None
             try:
@@ -609,11 +640,61 @@ class VI:
             warnings.warn(f"VI: {message}", UserWarning, stacklevel=2)
         return {"khat": khat, "ess_fraction": fraction, "warning": message}
 
-    def _start(self) -> None:
+    def _checkpoint_to_resume(self) -> dict[str, Any] | None:
+        """The state in ``checkpoint_dir/last.pt`` when resuming and it exists, else None."""
         last = None if self.checkpoint_dir is None else self.checkpoint_dir / "last.pt"
         if self.resume and last is not None and last.exists():
-            self._restore(load_checkpoint(last, map_location=self.device))
-            logger.info("resumed from %s at epoch %d", last, self._epoch)
+            return load_checkpoint(last, map_location=self.device)
+        return None
+
+    def _set_w(self, data: Any, resumed: dict[str, Any] | None) -> None:
+        """Settle w before the first epoch: a number is kept; ``"calibrate"`` takes the
+        checkpoint's choice when resuming one that holds it, else chooses once, on rank 0,
+        and gives every rank that choice. Warns when the checkpoint was written at another w.
+        """
+        saved = None if resumed is None else resumed.get("weight_choice")
+        if self.calibration is not None and saved is not None:
+            self.weight_choice = weight_choice_from_state(saved)
+            self.w = self.weight_choice.w
+            logger.info("w from the checkpoint: %s", self.weight_choice.summary())
+        elif self.calibration is not None and self.weight_choice is None:
+            self.weight_choice = self._choose_w_once(self.calibration, data)
+            self.w = self.weight_choice.w
+            logger.info("choosing w: %s", self.weight_choice.summary())
+        written_at = None if resumed is None else resumed.get("w")
+        if written_at is not None and written_at != self.w and is_main():
+            warnings.warn(
+                f"VI: the checkpoint was written at w = {written_at:.6g} but this run "
+                f"continues at w = {self.w:.6g}: its epochs target two different posteriors "
+                "and the best state compares totals at two w.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _choose_w_once(self, calibration: WeightCalibration, data: Any) -> WeightChoice:
+        """Choose w on rank 0 alone and broadcast the choice: every rank runs at one w.
+
+        An error on rank 0 is raised there and, naming it, on every other rank.
+        """
+        choice, error = None, None
+        if is_main():
+            try:
+                choice = weight_choice_state(calibration.choose(self.loss, self.prior, data))
+            except Exception as caught:  # re-raised below, after the other ranks hear of it
+                error = caught
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        choice, message = broadcast_object((choice, message))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RuntimeError(f"choosing w failed on rank 0: {message}")
+        return weight_choice_from_state(choice)
+
+    def _start(self, resumed: dict[str, Any] | None) -> None:
+        if resumed is not None:
+            self._restore(resumed)
+            where = self.checkpoint_dir / "last.pt" if self.checkpoint_dir else None
+            logger.info("resumed from %s at epoch %d", where, self._epoch)
             return
         self._reset_history()
         if self.initialize_estimator_to_prior:
