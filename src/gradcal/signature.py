@@ -227,7 +227,7 @@ def signature_kernel(
     Example:
         >>> x = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
         >>> round(signature_kernel(x, 0.5 * x, dyadic_order=6).item(), 4)  # I0(2 sqrt(.5))
-        1.5660
+        1.5661
     """
     if x.shape[-2] < 2 or y.shape[-2] < 2:
         raise ValueError("paths need at least 2 points each.")
