@@ -6,6 +6,7 @@ import pytest
 import torch
 from stats import Z_MAX, z_mean
 from test_cli import _gradcal, _write
+from test_losses import MODELS
 
 from gradcal.discrepancies import mmd
 from gradcal.kernels import median_distance
@@ -187,7 +188,7 @@ def test_forward_mode_through_a_model():
     leaf = theta.clone().requires_grad_()
     (grad,) = torch.autograd.grad(loss(leaf, y).sum(), leaf)
     assert torch.isfinite(directional)
-    torch.testing.assert_close(directional, (grad * tangent).sum())
+    torch.testing.assert_close(directional, (grad * tangent).sum().to(directional.dtype))
 
 
 def test_batched_equals_a_loop_and_chunks_change_nothing():
@@ -291,3 +292,23 @@ def test_bad_toml_options_exit_2_with_one_line(tmp_path, option, message):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("model_name", ["random_walk", "rama_cont", "brock_hommes", "sir"])
+def test_the_default_works_on_every_built_in_model(model_name):
+    # finite, batched, and forward mode equal to reverse mode, at the defaults
+    factory, theta = MODELS[model_name]
+    model = factory()
+    theta = torch.tensor(theta, dtype=D)
+    observed = [y.detach() for y in model.run_and_observe(theta)]
+    y = observed[0] if len(observed) == 1 else observed
+    loss = SignatureMMDLoss(model, y)
+    params = theta.expand(3, -1).clone()
+    tangent = torch.randn(params.shape, generator=torch.Generator().manual_seed(0), dtype=D)
+    torch.manual_seed(1)
+    value, directional = torch.func.jvp(lambda p: loss(p, y).sum(), (params,), (tangent,))
+    torch.manual_seed(1)
+    leaf = params.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(loss(leaf, y).sum(), leaf)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    torch.testing.assert_close(directional, (grad * tangent).sum().to(directional.dtype))
