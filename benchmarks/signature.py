@@ -11,6 +11,8 @@ Part 2: a short VI fit on Rama Cont (diagonal Gaussian, 10 draws an epoch, the s
 of epochs, one fixed w for every loss (default 0.01): w = "calibrate" was too expensive
 for this measurement) with each loss: the posterior mean and sd against the truth; the figure shows
 the marginals.
+Part 3 (``--sensitivity``): how far each loss moves, in units of its own simulation noise,
+when one Rama Cont parameter moves by 0.2 from the truth.
 Prints the load average, since the figures depend on it.
 """
 
@@ -139,6 +141,30 @@ def fit(epochs: int, w: float, figure: str | None) -> None:
         fig.savefig(figure, dpi=110)
 
 
+def sensitivity(draws: int, delta: float) -> None:
+    """How far each loss moves, in units of its own simulation noise, when one Rama Cont
+    parameter moves by ``delta`` from the truth: (mean at truth + delta e_k - mean at truth)
+    / sd at truth, over ``draws`` simulations each."""
+    model = RamaCont(1000, 100, s=0.1, sigmoid_k=5.0, log10_params=True)
+    torch.manual_seed(2)
+    (y,) = [o.detach() for o in model.run_and_observe(RC_TRUTH)]
+    print(f"\nRama Cont: loss shift / its sd when one parameter moves by {delta} ({draws} sims)")
+    for name, loss in losses(model, y).items():
+        with torch.no_grad():
+            base = loss(RC_TRUTH.expand(draws, -1).clone(), y)
+            shifts = []
+            for k in range(4):
+                moved = RC_TRUTH.clone()
+                moved[k] += delta
+                shifts.append(
+                    float(
+                        (loss(moved.expand(draws, -1).clone(), y).mean() - base.mean())
+                        / base.std()
+                    )
+                )
+        print(f"  {name:<18} " + "  ".join(f"{v:6.2f}" for v in shifts))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -146,11 +172,16 @@ def main() -> None:
     parser.add_argument("--w", type=float, default=0.01, help="the same w for every loss")
     parser.add_argument("--figure", default=None, help="PNG of the fitted marginals")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-fit", action="store_true")
+    parser.add_argument("--sensitivity", action="store_true", help="also part 3")
     args = parser.parse_args()
     print("load average before:", os.getloadavg())
     if not args.skip_timing:
         timing(args.repeats)
-    fit(args.epochs, args.w, args.figure)
+    if not args.skip_fit:
+        fit(args.epochs, args.w, args.figure)
+    if args.sensitivity:
+        sensitivity(20, 0.2)
     print("load average after:", os.getloadavg())
 
 
