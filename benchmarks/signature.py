@@ -12,7 +12,7 @@ of epochs, one fixed w for every loss (default 0.01): w = "calibrate" was too ex
 for this measurement) with each loss: the posterior mean and sd against the truth; the figure shows
 the marginals.
 Part 3 (``--sensitivity``): how far each loss moves, in units of its own simulation noise,
-when one Rama Cont parameter moves by 0.2 from the truth.
+when one parameter moves by 0.2 from the truth, on Rama Cont and SIR.
 Prints the load average, since the figures depend on it.
 """
 
@@ -142,27 +142,35 @@ def fit(epochs: int, w: float, figure: str | None) -> None:
 
 
 def sensitivity(draws: int, delta: float) -> None:
-    """How far each loss moves, in units of its own simulation noise, when one Rama Cont
-    parameter moves by ``delta`` from the truth: (mean at truth + delta e_k - mean at truth)
-    / sd at truth, over ``draws`` simulations each."""
-    model = RamaCont(1000, 100, s=0.1, sigmoid_k=5.0, log10_params=True)
-    torch.manual_seed(2)
-    (y,) = [o.detach() for o in model.run_and_observe(RC_TRUTH)]
-    print(f"\nRama Cont: loss shift / its sd when one parameter moves by {delta} ({draws} sims)")
-    for name, loss in losses(model, y).items():
-        with torch.no_grad():
-            base = loss(RC_TRUTH.expand(draws, -1).clone(), y)
-            shifts = []
-            for k in range(4):
-                moved = RC_TRUTH.clone()
-                moved[k] += delta
-                shifts.append(
-                    float(
-                        (loss(moved.expand(draws, -1).clone(), y).mean() - base.mean())
-                        / base.std()
-                    )
-                )
-        print(f"  {name:<18} " + "  ".join(f"{v:6.2f}" for v in shifts))
+    """How far each loss moves, in units of its own simulation noise, when one parameter
+    moves by ``delta`` from the truth: (mean at truth + delta e_k - mean at truth) / sd at
+    truth, over ``draws`` simulations each; Rama Cont and SIR. The standard error of each
+    figure is about sqrt(2 / draws)."""
+    graph = networkx.watts_strogatz_graph(500, 6, 0.1, seed=0)
+    tasks = {
+        "Rama Cont": (RamaCont(1000, 100, s=0.1, sigmoid_k=5.0, log10_params=True), RC_TRUTH),
+        "SIR": (SIR(graph, 50), SIR_TRUTH),
+    }
+    for task, (model, truth) in tasks.items():
+        torch.manual_seed(2)
+        y = [o.detach() for o in model.run_and_observe(truth)]
+        y = y[0] if len(y) == 1 else y
+        print(f"\n{task}: loss shift / its sd when one parameter moves by {delta} ({draws} sims)")
+        variants = losses(model, y)
+        variants["signature, lead-lag"] = SignatureMMDLoss(
+            model, y, transforms=("time", "lead_lag")
+        )
+        for name, loss in variants.items():
+            with torch.no_grad():
+                torch.manual_seed(3)
+                base = loss(truth.expand(draws, -1).clone(), y)
+                shifts = []
+                for k in range(len(truth)):
+                    moved = truth.clone()
+                    moved[k] += delta
+                    value = loss(moved.expand(draws, -1).clone(), y).mean()
+                    shifts.append(float((value - base.mean()) / base.std()))
+            print(f"  {name:<20} " + "  ".join(f"{v:6.2f}" for v in shifts))
 
 
 def main() -> None:

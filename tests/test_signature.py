@@ -312,3 +312,20 @@ def test_the_default_works_on_every_built_in_model(model_name):
     (grad,) = torch.autograd.grad(loss(leaf, y).sum(), leaf)
     assert torch.isfinite(value) and torch.isfinite(grad).all()
     torch.testing.assert_close(directional, (grad * tangent).sum().to(directional.dtype))
+
+
+def test_several_simulations_pair_only_independent_paths():
+    # simulations = 2: the x-x term averages k over pairs of sub-paths from different
+    # simulations (independent, so unbiased for any process), the x-y term over all pairs
+    _, y, loss = _loss_and_simulation(path_window=10, stride=5)
+    x = _walks(6, 40, 1, seed=14, sd=0.4).reshape(3, 2, 41, 1)  # 3 draws, 2 simulations
+    value = loss.compare_simulations([x], y, lead=1)
+    kernel, scale = loss.kernels[0], loss.scales[0]
+    paths = transform_paths(sub_paths(x, 10, 5), loss.transforms, scale)  # (3, 2, 7, 10, 2)
+    observed = transform_paths(sub_paths(y, 10, 5), loss.transforms, scale)
+    kxx = signature_gram(paths[:, 0], paths[:, 1], kernel).mean((-1, -2))
+    kxy = signature_gram(paths.flatten(1, 2), observed, kernel).mean((-1, -2))
+    expected = kxx - 2 * kxy + loss.observed_term(0, y)
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    loop = torch.stack([loss.compare_simulations([x[b]], y, lead=0) for b in range(3)])
+    torch.testing.assert_close(value, loop, rtol=1e-12, atol=1e-12)

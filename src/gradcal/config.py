@@ -130,6 +130,7 @@ _SCHEMA: dict[str, Any] = {
         "path_window": (int, None),
         "stride": (int, None),
         "panel": (bool, False),
+        "simulations": (int, 2),
     },
     "method": {
         "kind": (str, "vi"),
@@ -215,6 +216,7 @@ _LOSS_KEYS = {
         "path_window",
         "stride",
         "panel",
+        "simulations",
         "increments",
         "estimator",
         "gradient_horizon",
@@ -600,7 +602,7 @@ def _check_signature(loss: dict[str, Any], problems: list[str]) -> None:
     for key in ("bandwidth", "scale"):
         if number(key) and not (math.isfinite(loss[key]) and loss[key] > 0):
             problems.append(f"loss.{key}: must be a finite number > 0, got {loss[key]}")
-    for key, least in (("dyadic_order", 0), ("path_window", 2), ("stride", 1)):
+    for key, least in (("dyadic_order", 0), ("path_window", 2), ("stride", 1), ("simulations", 1)):
         if number(key) and loss[key] < least:
             problems.append(f"loss.{key}: must be >= {least}, got {loss[key]}")
     transforms = loss.get("transforms")
@@ -1066,6 +1068,7 @@ def _make_loss(cfg: dict[str, Any], model: Any, data: list[torch.Tensor], base: 
             panel=cfg["panel"],
             increments=cfg["increments"],
             estimator=cfg["estimator"],
+            simulations=cfg["simulations"],
             chunk_size=cfg["chunk_size"],
             checkpoint_every=cfg["checkpoint_every"],
         )

@@ -391,11 +391,18 @@ class SignatureMMDLoss(_SimulationLoss):
         stride: steps between sub-paths (default: half the window).
         panel: the output's first event axis indexes N series.
         increments: take the paths of increments x_t - x_{t-1} instead of values.
-        estimator: ``"unbiased"``: every term averages the same pairs of paths, leaving
+        simulations: independent simulations per draw (>= 2: the x-x term pairs paths of
+            different simulations only, so it is unbiased for any process, stationary or
+            not, and the loss is the signature-kernel score, minimised in expectation at
+            the truth; 1: one simulation, the x-x term pairs sub-paths of it that do not
+            overlap, which is right only for a mixing, stationary series).
+        estimator: with one simulation, ``"unbiased"``: every term averages the same pairs
+            of paths, leaving
             out two sub-paths of one series that overlap in time (nearly independent
             pairs for a mixing process, so the loss is about 0 in expectation at the
             truth); the default whenever such pairs exist. ``"biased"``: all pairs (the
-            only choice for one whole series a side: the squared kernel distance).
+            only choice for one whole series a side: the squared kernel distance). With
+            several simulations it only sets the (constant) y-y term.
         chunk_size: rows of each Gram matrix solved at a time.
 
     Example:
@@ -422,10 +429,14 @@ class SignatureMMDLoss(_SimulationLoss):
         panel: bool = False,
         increments: bool = False,
         estimator: str | None = None,
+        simulations: int = 2,
         chunk_size: int | None = None,
         checkpoint_every: int | None = None,
     ):
         super().__init__(model, y, gradient_horizon, checkpoint_every)
+        if isinstance(simulations, bool) or not isinstance(simulations, int) or simulations < 1:
+            raise ValueError(f"`simulations` must be an integer >= 1, got {simulations!r}.")
+        self.simulations = simulations
         if y is None:
             raise ValueError("SignatureMMDLoss needs the observed data `y` to fit its scale.")
         check_signature_options(
@@ -531,6 +542,64 @@ class SignatureMMDLoss(_SimulationLoss):
             constant = pairs_mean(gram, estimator == "unbiased", mask)
         self._cache[index] = (key, paths, constant, mask)
         return paths, constant, mask
+
+    def __call__(self, theta: Tensor, y: Any = None) -> Tensor:
+        if self.simulations == 1:
+            return super().__call__(theta, y)
+        r, lead = self.simulations, theta.ndim - 1
+        repeated = theta.expand(r, *theta.shape).reshape(-1, theta.shape[-1])
+        simulated = simulate_and_observe_model(
+            self.model, repeated, self.gradient_horizon, self.checkpoint_every
+        )
+        # (r * B, T, ...) -> (*lead, r, T, ...): the simulations of one draw side by side
+        simulated = [
+            x.reshape(r, *theta.shape[:-1], *x.shape[1:]).movedim(0, lead) for x in simulated
+        ]
+        return self.compare_simulations(simulated, y, lead)
+
+    def compare_simulations(self, simulated: list[Tensor], y: Any = None, lead: int = 1):
+        """The loss of several simulations per draw: outputs (*lead, R, T, *event), R >= 2.
+
+        The x-x term averages k over pairs of paths from different simulations, the x-y
+        term over all pairs. A draw with any simulation not finite gets NaN.
+        """
+        observed = self._observed(y)
+        if len(simulated) != len(observed):
+            raise ValueError(
+                f"the model observes {len(simulated)} output(s) but `y` holds {len(observed)}."
+            )
+        total = 0.0
+        for i, (x, obs) in enumerate(zip(simulated, observed, strict=True)):
+            if x.ndim == lead + 1 + obs.ndim + 1 and x.shape[-1] == 1:
+                x = x[..., 0]
+            finite = _finite_draws(x, obs.ndim + 1)
+            mask = finite.reshape(*finite.shape, *([1] * (obs.ndim + 1)))
+            term = self._term_simulations(i, torch.where(mask, x, 0.0), obs, lead)
+            total = total + torch.where(finite, term, torch.nan)
+        return total
+
+    def _term_simulations(self, index: int, x: Tensor, y: Tensor, lead: int) -> Tensor:
+        if x.ndim != lead + 1 + y.ndim or x.shape[lead + 2 :] != y.shape[1:]:
+            raise ValueError(
+                f"simulated output of shape {tuple(x.shape)} does not match observed "
+                f"{tuple(y.shape)}."
+            )
+        paths = self._transformed(self._paths(x, lead + 1), self.scales[index])
+        estimator = self._estimator(self.pair_mask(y).any())
+        observed, constant, _ = self._observed_paths(index, y, x, estimator)
+        kernel, order, chunk = self.kernels[index], self.dyadic_order, self.chunk_size
+        r = paths.shape[-4]
+        cross = [
+            signature_gram(
+                paths[..., a, :, :, :], paths[..., b, :, :, :], kernel, order, chunk
+            ).mean((-1, -2))
+            for a in range(r)
+            for b in range(a + 1, r)
+        ]
+        kxx = torch.stack(cross, -1).mean(-1)
+        flat = paths.flatten(-4, -3)  # (*lead, R n, L, d)
+        kxy = signature_gram(flat, observed, kernel, order, chunk).mean((-1, -2))
+        return kxx - 2.0 * kxy + constant
 
     def observed_term(self, index: int, y: Tensor) -> Tensor:
         """E k(y, y') of output ``index``'s observed sample y (T, *event): a constant of the
