@@ -93,12 +93,19 @@ def basepoint(paths: Tensor) -> Tensor:
     return torch.cat([zero, paths], dim=-2)
 
 
-def transform_paths(paths: Tensor, transforms: Sequence[str], scale: float | Tensor = 1.0):
-    """Scale paths, then apply ``transforms`` in the order time, lead-lag, basepoint.
+def transform_paths(
+    paths: Tensor, transforms: Sequence[str], scale: float | Tensor = 1.0
+) -> Tensor:
+    """Scale paths (..., L, d), then apply ``transforms`` in the order lead-lag, time,
+    basepoint, whatever order they are listed in.
 
-    Scaling comes first so that the time channel stays in [0, 1]; the order of the others
-    follows common practice (time is not lead-lagged; the basepoint is the origin of all
+    Scaling comes first so that the time channel stays in [0, 1]; time is added after the
+    lead-lag (time itself is not lead-lagged) and the basepoint last (the origin of all
     channels). Unknown names raise ValueError.
+
+    Example:
+        >>> transform_paths(torch.tensor([[1.0], [2.0]]), ["basepoint", "time"]).tolist()
+        [[0.0, 0.0], [0.0, 1.0], [1.0, 2.0]]
     """
     unknown = [t for t in transforms if t not in TRANSFORMS]
     if unknown:
