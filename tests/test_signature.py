@@ -329,3 +329,15 @@ def test_several_simulations_pair_only_independent_paths():
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
     loop = torch.stack([loss.compare_simulations([x[b]], y, lead=0) for b in range(3)])
     torch.testing.assert_close(value, loop, rtol=1e-12, atol=1e-12)
+
+
+def test_an_option_the_data_rules_out_exits_2_with_one_line(tmp_path):
+    # the whole series as one path leaves no pair for the unbiased y-y term
+    config = _write(tmp_path, loss="signature")
+    config.write_text(
+        config.read_text().replace('kind = "signature"', 'kind = "signature"\npath_window = 40')
+    )
+    result = _gradcal("run", config, "--out", tmp_path / "out", cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "loss: `estimator`: 'unbiased' needs two paths" in lines[0]

@@ -1054,24 +1054,27 @@ def _make_loss(cfg: dict[str, Any], model: Any, data: list[torch.Tensor], base: 
     if kind == "energy":
         return EnergyDistanceLoss(model, data, cfg["gradient_horizon"], **options)
     if kind == "signature":
-        return SignatureMMDLoss(
-            model,
-            data,
-            cfg["gradient_horizon"],
-            static_kernel=cfg["static_kernel"],
-            bandwidth=cfg["bandwidth"],
-            transforms=tuple(cfg["transforms"]),
-            scale=cfg["scale"],
-            dyadic_order=cfg["dyadic_order"],
-            path_window=cfg["path_window"],
-            stride=cfg["stride"],
-            panel=cfg["panel"],
-            increments=cfg["increments"],
-            estimator=cfg["estimator"],
-            simulations=cfg["simulations"],
-            chunk_size=cfg["chunk_size"],
-            checkpoint_every=cfg["checkpoint_every"],
-        )
+        try:
+            return SignatureMMDLoss(
+                model,
+                data,
+                cfg["gradient_horizon"],
+                static_kernel=cfg["static_kernel"],
+                bandwidth=cfg["bandwidth"],
+                transforms=tuple(cfg["transforms"]),
+                scale=cfg["scale"],
+                dyadic_order=cfg["dyadic_order"],
+                path_window=cfg["path_window"],
+                stride=cfg["stride"],
+                panel=cfg["panel"],
+                increments=cfg["increments"],
+                estimator=cfg["estimator"],
+                simulations=cfg["simulations"],
+                chunk_size=cfg["chunk_size"],
+                checkpoint_every=cfg["checkpoint_every"],
+            )
+        except ValueError as error:  # options that only the data can rule out
+            raise ConfigError([f"loss: {error}"]) from None
     kernel_cls = GaussianKernel if cfg["kernel"] == "gaussian" else LaplaceKernel
     kernel = (
         kernel_cls(bandwidth=cfg["bandwidth"])

@@ -467,8 +467,9 @@ class SignatureMMDLoss(_SimulationLoss):
             self.kernels.append(StaticKernel(static_kernel, h))
             if estimator == "unbiased" and not bool(self.pair_mask(obs).any()):
                 raise ValueError(
-                    "`estimator`: 'unbiased' needs two paths that do not overlap in time (set "
-                    "`path_window`, or give several series with `panel`); or use 'biased'."
+                    "`estimator`: 'unbiased' needs two paths that do not overlap in time (a "
+                    "shorter `path_window`, or several series with `panel`); or use 'biased' "
+                    "(with `simulations` >= 2 still the signature-kernel score, up to a constant)."
                 )
 
     def _paths(self, series: Tensor, lead: int = 0) -> Tensor:
