@@ -24,10 +24,17 @@ import torch
 from gradcal import models
 from gradcal.infer.weight import CALIBRATE, RESAMPLE
 from gradcal.kernels import GaussianKernel, LaplaceKernel
-from gradcal.losses import EnergyDistanceLoss, MMDLoss, MSELoss, NegativeLogLikelihood
+from gradcal.losses import (
+    EnergyDistanceLoss,
+    MMDLoss,
+    MSELoss,
+    NegativeLogLikelihood,
+    SignatureMMDLoss,
+)
 from gradcal.models.fixed import fix_parameters
 from gradcal.priors import PRIOR_KINDS, Product, marginal, marginal_problems
 from gradcal.rng import seeded
+from gradcal.signature import TRANSFORMS as SIGNATURE_TRANSFORMS
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -115,6 +122,15 @@ _SCHEMA: dict[str, Any] = {
         "gradient_horizon": (int, None),
         "chunk_size": (int, None),
         "checkpoint_every": (int, None),
+        # signature
+        "static_kernel": (str, "rbf"),
+        "transforms": (list, ["time"]),
+        "scale": ((int, float), None),
+        "dyadic_order": (int, 0),
+        "path_window": (int, None),
+        "stride": (int, None),
+        "panel": (bool, False),
+        "simulations": (int, 2),
     },
     "method": {
         "kind": (str, "vi"),
@@ -191,6 +207,22 @@ _SAMPLE_LOSS_KEYS = ("window", "increments", "gradient_horizon", "chunk_size", "
 _LOSS_KEYS = {
     "mmd": ("kernel", "bandwidth", "scales", "estimator", *_SAMPLE_LOSS_KEYS),
     "energy": _SAMPLE_LOSS_KEYS,
+    "signature": (
+        "static_kernel",
+        "bandwidth",
+        "transforms",
+        "scale",
+        "dyadic_order",
+        "path_window",
+        "stride",
+        "panel",
+        "simulations",
+        "increments",
+        "estimator",
+        "gradient_horizon",
+        "chunk_size",
+        "checkpoint_every",
+    ),
     "mse": ("gradient_horizon", "checkpoint_every"),
     "nll": (),
     "custom": ("function",),
@@ -205,10 +237,12 @@ _PARAMETER_KEYS = {
 _LIST_ITEMS = {
     ("data", "at"): ((int, float), "numbers"),
     ("loss", "scales"): ((int, float), "numbers"),
+    ("loss", "transforms"): (str, "strings"),
     ("method", "hidden_features"): (int, "integers"),
 }
 _CHOICES = {
-    ("loss", "kind"): ("mmd", "energy", "mse", "nll", "custom"),
+    ("loss", "kind"): ("mmd", "energy", "signature", "mse", "nll", "custom"),
+    ("loss", "static_kernel"): ("linear", "rbf"),
     ("loss", "kernel"): ("gaussian", "laplace"),
     ("loss", "estimator"): ("unbiased", "biased", "linear"),
     ("method", "kind"): ("vi", "smd", "mcmc"),
@@ -555,6 +589,34 @@ def _check_ranges(config: dict[str, Any], problems: list[str]) -> None:
     every = loss.get("checkpoint_every")
     if isinstance(every, int) and not isinstance(every, bool) and every < 1:
         problems.append(f"loss.checkpoint_every: must be >= 1, got {every}")
+    _check_signature(loss, problems)
+
+
+def _check_signature(loss: dict[str, Any], problems: list[str]) -> None:
+    """The signature loss's options (and the bandwidth of any loss): ranges and names."""
+
+    def number(key: str) -> bool:
+        value = loss.get(key)
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    for key in ("bandwidth", "scale"):
+        if number(key) and not (math.isfinite(loss[key]) and loss[key] > 0):
+            problems.append(f"loss.{key}: must be a finite number > 0, got {loss[key]}")
+    for key, least in (("dyadic_order", 0), ("path_window", 2), ("stride", 1), ("simulations", 1)):
+        if number(key) and loss[key] < least:
+            problems.append(f"loss.{key}: must be >= {least}, got {loss[key]}")
+    transforms = loss.get("transforms")
+    if isinstance(transforms, list):
+        for name in transforms:
+            if isinstance(name, str) and name not in SIGNATURE_TRANSFORMS:
+                close = difflib.get_close_matches(name, SIGNATURE_TRANSFORMS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(
+                    f"loss.transforms: unknown transformation {name!r}{hint}; known: "
+                    f"{', '.join(SIGNATURE_TRANSFORMS)}"
+                )
+    if loss.get("kind") == "signature" and loss.get("estimator") == "linear":
+        problems.append("loss.estimator: the signature loss takes 'unbiased' or 'biased'")
 
 
 def check(config: dict[str, Any], base: str | Path = ".") -> list[str]:
@@ -991,6 +1053,28 @@ def _make_loss(cfg: dict[str, Any], model: Any, data: list[torch.Tensor], base: 
     }
     if kind == "energy":
         return EnergyDistanceLoss(model, data, cfg["gradient_horizon"], **options)
+    if kind == "signature":
+        try:
+            return SignatureMMDLoss(
+                model,
+                data,
+                cfg["gradient_horizon"],
+                static_kernel=cfg["static_kernel"],
+                bandwidth=cfg["bandwidth"],
+                transforms=tuple(cfg["transforms"]),
+                scale=cfg["scale"],
+                dyadic_order=cfg["dyadic_order"],
+                path_window=cfg["path_window"],
+                stride=cfg["stride"],
+                panel=cfg["panel"],
+                increments=cfg["increments"],
+                estimator=cfg["estimator"],
+                simulations=cfg["simulations"],
+                chunk_size=cfg["chunk_size"],
+                checkpoint_every=cfg["checkpoint_every"],
+            )
+        except ValueError as error:  # options that only the data can rule out
+            raise ConfigError([f"loss: {error}"]) from None
     kernel_cls = GaussianKernel if cfg["kernel"] == "gaussian" else LaplaceKernel
     kernel = (
         kernel_cls(bandwidth=cfg["bandwidth"])
