@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -223,14 +225,28 @@ def _child(
         connection.close()
 
 
+@contextmanager
+def _main_left_out() -> Iterator[None]:
+    """Hide the main module while a child starts: multiprocessing would run the caller's
+    script again in it (all of it, in a script without an ``if __name__ == "__main__"``
+    guard); the child needs only importable functions."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 def isolation_available() -> bool:
     """Whether :func:`run_isolated` runs in a child process here (needs ``forkserver``)."""
     return "forkserver" in multiprocessing.get_all_start_methods()
 
 
 def run_isolated(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` in a fresh child process, its result returned (``fn``, its arguments
-    and result must pickle; an error in it is raised here as ``RuntimeError``).
+    """``fn(*args)`` in a fresh child process, its result returned (``fn`` must be defined
+    in an importable module, not the main script; it, its arguments and its result must
+    pickle; an error in it is raised here as ``RuntimeError``).
 
     The child is forked from a server process that has imported the benchmark and nothing
     else (multiprocessing's ``forkserver``), so it starts with no memory freed by earlier
@@ -248,7 +264,8 @@ def run_isolated(fn: Callable[..., Any], *args: Any) -> Any:
     receive, send = context.Pipe(duplex=False)
     state = {"threads": torch.get_num_threads(), "dtype": torch.get_default_dtype()}
     process = context.Process(target=_child, args=(send, fn, args, state), daemon=True)
-    process.start()
+    with _main_left_out():
+        process.start()
     send.close()
     try:
         kind, value = receive.recv()
