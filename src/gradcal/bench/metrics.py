@@ -257,7 +257,7 @@ def run_isolated(fn: Callable[..., Any], *args: Any) -> Any:
     if not isolation_available():
         return fn(*args)
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["gradcal.bench.runner"])
+    context.set_forkserver_preload(["gradcal.bench.server"])
     receive, send = context.Pipe(duplex=False)
     state = {"threads": torch.get_num_threads(), "dtype": torch.get_default_dtype()}
     process = context.Process(target=_child, args=(send, fn, args, state), daemon=True)
