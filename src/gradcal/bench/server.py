@@ -1,10 +1,10 @@
 """What the benchmark's cell server imports before it forks a process for each cell.
 
-Each cell runs in a fresh child of one server process (:func:`gradcal.bench.metrics.
-run_isolated`). Modules a cell would otherwise import on first use (torch's compiler stack,
-which ``torch.func`` and the optimizers pull in, sympy, sbi) are imported here once, so that
-no cell pays seconds of imports in its own process. Importing this module has no other
-effect.
+Each cell runs in a fresh child of one server process
+(:func:`~gradcal.bench.metrics.run_isolated`). Modules a cell would otherwise import on
+first use (torch's compiler stack, which ``torch.func`` and the optimizers pull in, sympy,
+sbi) are imported here once, so that no cell pays seconds of imports in its own process.
+Importing this module has no other effect.
 """
 
 from __future__ import annotations
