@@ -10,6 +10,7 @@ forward mode (:func:`torch.func.jvp`) and :func:`torch.func.vmap`.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -309,7 +310,7 @@ def check_hardness(k: Any, name: str = "k") -> float:
                 f"`{name}` must be one number > 0, got a tensor of shape {tuple(k.shape)}."
             )
         k = k.item()
-    if isinstance(k, bool) or not isinstance(k, (int, float)):
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
         raise TypeError(f"`{name}` must be a number > 0, got {type(k).__name__}.")
     if not (math.isfinite(k) and k > 0):
         raise ValueError(f"`{name}` must be a finite number > 0, got {k}.")
