@@ -104,7 +104,10 @@ class LazyHistory:
     old stretch; if, while it is still held, the model writes into the history or through
     it, the next read (or the next step) raises ``RuntimeError`` rather than computing
     something else. Views kept from an earlier step (on the model, say) follow the history
-    here while the joined tensor of the next step is a new one: do not keep them.
+    here while the joined tensor of the next step is a new one: do not keep them. A write
+    into rows that an earlier step read into its gradient (``x[-2].mul_(...)`` after that
+    step used ``x[-1] * theta``) meets autograd's in-place error here, where the joined
+    history, copied anew each step, would not: set ``lazy_history = False`` for such a model.
 
     Costs: ``len`` and ``shape`` are O(1); a read visits the stretches it reads, from the
     end; a run of T steps reading its last rows does O(T) work.
