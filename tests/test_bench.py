@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
 import json
 import math
+import platform
+import sys
+import time
 
 import pytest
 import torch
 
-from gradcal.bench import METHODS, TASKS, make_task
-from gradcal.bench.metrics import interval_coverage, mean_error, score
+from gradcal.bench import METHODS, TASKS, make_task, runner
+from gradcal.bench.methods import Method, MethodOutput
+from gradcal.bench.metrics import interval_coverage, mean_error, reference_floor, score
 from gradcal.bench.runner import run_bench
 from gradcal.bench.tasks import simulated_reference, stored_reference
 from gradcal.cli import main
+from gradcal.diagnostics.distances import mmd_samples
 
 
 def _rows(folder):
@@ -206,3 +213,92 @@ def test_stored_reference_converged_and_matches_a_fresh_small_one(name, n):
     # near-Normal posterior, so 4 such scales
     ratio = torch.tensor(small["sd"]) / torch.tensor(evidence["sd"])
     assert ((ratio - 1).abs() < 4 * scale / math.sqrt(2)).all(), ratio
+
+
+class _Alloc(Method):
+    """A stand-in method that holds ``chunks`` tensors of 16 MiB at once, then frees them;
+    ``prepare_s``: seconds of set-up (an import, say) that ``run`` does itself if
+    ``prepare`` was not called first, as NPE's import of sbi."""
+
+    def __init__(self, name, chunks, prepare_s=0.0):
+        self.name, self.summary, self.chunks, self.prepare_s = name, name, chunks, prepare_s
+        self.ready = False
+
+    def prepare(self):
+        time.sleep(self.prepare_s)
+        self.ready = True
+
+    def run(self, task, loss, sims, n_draws, seed):
+        if not self.ready:
+            self.prepare()
+        held = [torch.ones(2**22) for _ in range(self.chunks)]  # float32: 16 MiB each
+        del held
+        loss.draws += sims
+        generator = torch.Generator().manual_seed(seed)
+        return MethodOutput(samples=torch.randn(n_draws, task.dim, generator=generator))
+
+
+@contextlib.contextmanager
+def _heap_that_keeps_freed_memory():
+    """glibc's malloc serving 16 MiB blocks from its heap and never giving freed memory
+    back (a long-running process often is in this state): freed memory stays resident."""
+    libc = ctypes.CDLL("libc.so.6")
+    mmap_threshold, trim_threshold = -3, -1  # mallopt's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    libc.mallopt(mmap_threshold, 32 * 2**20)
+    libc.mallopt(trim_threshold, 2**30)
+    try:
+        yield
+    finally:
+        libc.mallopt(mmap_threshold, 128 * 2**10)
+        libc.mallopt(trim_threshold, 128 * 2**10)
+        libc.malloc_trim(0)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="peak memory is measured on Linux; the heap set-up is glibc's",
+)
+def test_each_cell_has_its_own_peak_memory_and_time(tmp_path, monkeypatch):
+    """A cell's peak is its own: 320 MiB freed by an earlier cell and kept by the allocator
+    must not hide the 160 MiB the next cell holds; and set-up (imports) is not timed."""
+    methods = {
+        "big": _Alloc("big", 20),  # 320 MiB
+        "small": _Alloc("small", 10),  # 160 MiB
+        "slow_import": _Alloc("slow_import", 0, prepare_s=0.5),
+    }
+    monkeypatch.setattr(runner, "METHODS", methods)
+    with _heap_that_keeps_freed_memory():
+        run_bench(tmp_path, "quick", tasks=["normal"], methods=list(methods))
+    rows = {r["method"]: r for r in _rows(tmp_path)}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    peak = {name: float(r["peak_mib"]) for name, r in rows.items()}
+    # what a cell holds, give or take the interpreter's own few MiB
+    assert 300 <= peak["big"] <= 360 and 140 <= peak["small"] <= 200, peak
+    assert peak["slow_import"] < 20, peak
+    assert float(rows["slow_import"]["wall_s"]) < 0.25, rows["slow_import"]  # 0.5 s set-up
+
+
+def test_reference_floor_is_at_the_sizes_compared():
+    """The floor of the MMD between n draws and the m reference draws (as runs are scored),
+    not between two halves of m / 2: its sd against that of the MMD of fresh n-draw sets."""
+    generator = torch.Generator().manual_seed(3)
+    m, n, repeats = 400, 50, 200
+    reference = torch.randn(m, 2, generator=generator)
+    null = torch.tensor(
+        [mmd_samples(torch.randn(n, 2, generator=generator), reference) for _ in range(repeats)]
+    )
+    floor = reference_floor(reference, n=n, n_splits=repeats)
+    # Monte Carlo error of an sd from 200 values of a skewed statistic: about 10 % each
+    # (1 / sqrt(2 * 200) = 5 %, doubled for the chi-square-like tail), so the ratio of two
+    # lies within 0.6 to 1.6 (over 3 such errors). Halves of 200 against 200 give an sd
+    # (1/200 + 1/200) / (1/50 + 1/400) = 0.44 times the one at 50 against 400.
+    assert 0.6 < floor.std / float(null.std()) < 1.6, (floor, float(null.std()))
+    assert abs(floor.mean - float(null.mean())) < 3 * float(null.std()) / math.sqrt(repeats)
+
+
+def test_mean_error_refuses_a_reference_without_spread():
+    reference = torch.tensor([[0.0, 1.0], [2.0, 1.0], [1.0, 1.0]])  # coordinate 1 constant
+    with pytest.raises(ValueError, match="sd 0"):
+        mean_error(torch.tensor([1.0, 1.0]), reference)
+    with pytest.raises(ValueError, match="sd 0"):
+        score(None, torch.tensor([1.0, 1.0]), reference)

@@ -130,3 +130,111 @@ def test_the_step_of_a_whole_history_model_receives_a_lazy_history():
 
     simulate_and_observe_model(Spy(), torch.tensor([0.3, -0.2]))
     assert seen[0] == "Tensor" and set(seen[1:]) == {"LazyHistory"}
+
+
+class _Counted(torch.Tensor):
+    """A tensor that counts every torch operation on it (a shape read included)."""
+
+    ops = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        _Counted.ops += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _piece_work(n_steps):
+    """Torch operations on the pieces over a run of ``n_steps`` appends and reads."""
+    h = torch.zeros(1, 2).as_subclass(_Counted)
+    _Counted.ops = 0
+    for _ in range(n_steps):
+        h = append_step(h, torch.ones(1, 2).as_subclass(_Counted))
+        _ = h[-1], h[-1, 0], h[-3:], len(h), h.shape, h.size(0)
+    return _Counted.ops
+
+
+def test_reading_the_last_rows_costs_the_same_at_every_step():
+    """A run of T steps that reads its last rows does O(T) work on the pieces, not O(T^2)."""
+    short, long = _piece_work(200), _piece_work(400)
+    assert long <= 2.1 * short, (short, long)  # quadratic work would give 4x
+
+
+class _Writer(Model):
+    """A single-draw model that writes into its history in place: into its last state, into
+    a window spanning several steps, and through a read of the last row, then reads it."""
+
+    n_timesteps = 10
+
+    def __init__(self, sigmoid=False):
+        super().__init__()
+        self.sigmoid = sigmoid
+
+    def initialize(self, params):
+        return params.reshape(1, 2) * torch.ones(2, 2)
+
+    def step(self, params, x):
+        x[-1].mul_(0.9)  # the last state, in place
+        x[-3:, 1].add_(params[1] * 0.1)  # a window spanning several steps
+        x[-1:, 0] -= 0.05  # through a slice
+        recent = x[-2:].mean(0) + x[-1] * params[0] + torch.randn(2) * 0.1
+        return (recent.sigmoid() if self.sigmoid else recent).reshape(1, 2)
+
+    def observe(self, x):
+        return [x[:, 0]]  # a view of the step's output
+
+    def trim_time_series(self, x):
+        return x
+
+
+class _EagerWriter(_Writer):
+    lazy_history = False
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+@pytest.mark.parametrize("options", [{}, {"gradient_horizon": 4}])
+@pytest.mark.parametrize("sigmoid", [False, True], ids=["linear", "sigmoid"])
+def test_a_model_writing_into_its_history_computes_what_it_does_on_the_joined_one(
+    sigmoid, options, mode
+):
+    """Writes through reads of the history persist in it as in the joined tensor, and never
+    reach the recorded outputs (the step's own tensors): same outputs and gradients, bit for
+    bit. ``sigmoid``: the step's output is one whose backward needs it unchanged. (Not with
+    ``checkpoint_every``: a write into the history entering a checkpointed stretch is
+    refused by autograd there, joined or not.)"""
+    theta = torch.tensor([[0.3, -0.2], [0.5, 0.1]], requires_grad=True)
+    lazy_out, lazy_grad = _run(_Writer(sigmoid), theta, mode, **options)
+    out, grad = _run(_EagerWriter(sigmoid), theta, mode, **options)
+    assert torch.equal(lazy_out, out) and torch.equal(lazy_grad, grad)
+    assert lazy_grad.abs().sum() > 0
+
+
+def test_writes_through_any_read_persist_as_in_the_joined_history():
+    pieces = _pieces()
+    lazy, joined = append_step(pieces[0], pieces[1]), torch.cat(pieces[:2])
+    for p in pieces[2:]:
+        lazy, joined = append_step(lazy, p), torch.cat((joined, p))
+    for h in (lazy, joined):
+        h[-1].mul_(2.0)  # one step's rows
+        h[-5:-1, 0].add_(1.0)  # rows of several steps
+        h[-2:][:, 1] = 7.0  # through a slice spanning two steps
+        h[0, 0, 0] = -1.0
+    assert torch.equal(lazy.full(), joined)
+    # the appended tensors themselves are untouched: the history holds its own rows
+    assert all(torch.equal(p, q) for p, q in zip(pieces, _pieces(), strict=True))
+
+
+def test_a_write_through_a_view_the_history_no_longer_follows_is_refused():
+    """A view read before a read that joins its rows with others is no longer the
+    history's: a later write through it (or into the joined rows, which it would then miss)
+    raises rather than computing something the joined history would not."""
+    for write in (lambda last, window: last.mul_(2.0), lambda last, window: window.mul_(2.0)):
+        h = LazyHistory(_pieces())
+        last = h[-1]
+        window = h[-3:]  # joins the last steps: `last` is left behind
+        write(last, window)
+        with pytest.raises(RuntimeError, match="lazy_history = False"):
+            h[-1]
+    h = LazyHistory(_pieces())  # a write through a view that died first is fine
+    h[-1].mul_(2.0)
+    h[-3:].add_(1.0)
+    assert torch.equal(h[-1], _pieces()[-1][-1] * 2.0 + 1.0)

@@ -316,3 +316,42 @@ def test_rama_cont_runs_the_same_with_and_without_gradients():
     torch.manual_seed(3)
     loud = model.run_and_observe(theta.requires_grad_())[0]  # the composite
     assert torch.equal(quiet, loud.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_order_sum_is_the_definition_for_negative_thresholds_too(dtype):
+    """Sum_i 1[eps > nu_i] - 1[eps < -nu_i] for any thresholds: with nu_i < 0 both orders
+    can fire (or neither), which the composite (the definition) counts exactly."""
+    generator = torch.Generator().manual_seed(11)
+    eps = torch.randn(6, 1, dtype=dtype, generator=generator)
+    nu = torch.randn(6, 40, dtype=dtype, generator=generator)  # about half negative
+    eps[0], nu[0, :3] = 0.5, torch.tensor([-0.5, 0.5, -0.7])  # ties and a double order
+    weights = torch.randn(6, 1, dtype=dtype, generator=generator)
+    results = []
+    for f in (threshold_order_sum, _composite_order_sum):
+        e, n = eps.clone().requires_grad_(), nu.clone().requires_grad_()
+        value = f(e, n, 5.0)
+        results.append((value.detach(), *torch.autograd.grad((weights * value).sum(), (e, n))))
+    (v1, ge1, gn1), (v2, ge2, gn2) = results
+    assert torch.equal(v1, v2)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12  # the same formula in another order
+    torch.testing.assert_close(ge1, ge2, rtol=tol, atol=tol)
+    torch.testing.assert_close(gn1, gn2, rtol=tol, atol=tol)
+
+
+def test_order_sum_refuses_a_hardness_it_cannot_use():
+    eps, nu = _order_inputs()
+    # a tensor k that wants a gradient would silently get none
+    with pytest.raises(TypeError, match="`k`"):
+        threshold_order_sum(eps, nu, torch.tensor(5.0, dtype=torch.float64, requires_grad=True))
+    for bad in (0.0, -1.0, math.nan, math.inf, torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match="`k`"):
+            threshold_order_sum(eps, nu, bad)
+    for bad in (True, "5", None):
+        with pytest.raises(TypeError, match="`k`"):
+            threshold_order_sum(eps, nu, bad)
+    # a number as a tensor without a gradient is that number
+    same = threshold_order_sum(eps.requires_grad_(), nu, torch.tensor(5.0))
+    (g1,) = torch.autograd.grad(same.sum(), eps)
+    (g2,) = torch.autograd.grad(threshold_order_sum(eps, nu, 5.0).sum(), eps)
+    assert torch.equal(g1, g2)

@@ -10,6 +10,7 @@ forward mode (:func:`torch.func.jvp`) and :func:`torch.func.vmap`.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor
 __all__ = [
     "bernoulli_mask",
     "bernoulli_positions",
+    "check_hardness",
     "relaxed_bernoulli",
     "relaxed_categorical",
     "soft_maximum",
@@ -249,8 +251,8 @@ class _ThresholdOrderSum(torch.autograd.Function):
     r"""The straight-through sum of threshold orders: (B, 1) from eps (B, 1), nu (B, N).
 
     Value: :math:`\sum_i 1[\epsilon > \nu_i] - 1[\epsilon < -\nu_i]`
-    :math:`= \mathrm{sign}(\epsilon) \, \#\{i : \nu_i < |\epsilon|\}` (thresholds are never
-    negative, so at most one order fires). Gradient: that of the soft orders' sum
+    :math:`= \#\{i : \nu_i < \epsilon\} - \#\{i : \nu_i < -\epsilon\}` for any thresholds
+    (with :math:`\nu_i < 0` both orders can fire). Gradient: that of the soft orders' sum
     :math:`S = \sum_i \sigma(k(\epsilon - \nu_i)) + \sigma(k(\epsilon + \nu_i)) - 1`:
     :math:`\partial S / \partial \epsilon = \sum_i k\sigma'_- + k\sigma'_+`,
     :math:`\partial S / \partial \nu_i = k\sigma'_+ - k\sigma'_-`, formed in ``backward``
@@ -261,7 +263,8 @@ class _ThresholdOrderSum(torch.autograd.Function):
 
     @staticmethod
     def forward(eps: Tensor, nu: Tensor, k: float) -> Tensor:
-        return torch.sign(eps) * (nu < eps.abs()).sum(-1, keepdim=True)  # float: promoted
+        buys = (nu < eps).sum(-1, keepdim=True, dtype=eps.dtype)
+        return buys - (nu < -eps).sum(-1, keepdim=True, dtype=eps.dtype)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: Tensor) -> None:
@@ -288,16 +291,44 @@ class _ThresholdOrderSum(torch.autograd.Function):
         return tangent
 
 
+def check_hardness(k: Any, name: str = "k") -> float:
+    """``k`` as a float, or a clear error: a real number > 0 and finite, or a one-element
+    tensor that wants no gradient (a tensor that does would silently get none).
+
+    Example:
+        >>> check_hardness(torch.tensor(5.0))
+        5.0
+    """
+    if isinstance(k, Tensor):
+        if k.requires_grad:
+            raise TypeError(
+                f"`{name}` is a tensor that requires grad, but no gradient flows to it here; "
+                f"pass a float (or `{name}.detach()`)."
+            )
+        if k.numel() != 1:
+            raise ValueError(
+                f"`{name}` must be one number > 0, got a tensor of shape {tuple(k.shape)}."
+            )
+        k = k.item()
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise TypeError(f"`{name}` must be a number > 0, got {type(k).__name__}.")
+    if not (math.isfinite(k) and k > 0):
+        raise ValueError(f"`{name}` must be a finite number > 0, got {k}.")
+    return float(k)
+
+
 def threshold_order_sum(signal: Tensor, thresholds: Tensor, k: float) -> Tensor:
     r"""Net orders of threshold traders with the gradient of the soft orders.
 
     Value :math:`\sum_i 1[\epsilon > \nu_i] - 1[\epsilon < -\nu_i]`; gradient that of
     :math:`\sum_i \sigma(k(\epsilon - \nu_i)) - \sigma(-k(\epsilon + \nu_i))`.
 
-    ``signal`` (..., 1) and non-negative ``thresholds`` (..., N) give (..., 1). The value
-    is exact; the soft orders (two sigmoids per agent) are formed only when a gradient
-    asks for them, so a simulation without gradients pays one comparison and one sum per
-    agent. Same value and gradient as summing :func:`straight_through_sign`-style orders
+    ``signal`` (..., 1) and ``thresholds`` (..., N) give (..., 1); the value is exact for
+    any thresholds (a negative one can make both orders fire, or neither). ``k`` is a
+    number > 0 (no gradient flows to it: a tensor that requires grad is refused). The soft
+    orders (two sigmoids per agent) are formed only when a gradient asks for them, so a
+    simulation without gradients pays two comparisons and two sums per agent. Same value
+    and gradient as summing :func:`straight_through_sign`-style orders
     ``hard + (soft - soft.detach())`` (up to rounding); works under reverse mode (also
     twice), :func:`torch.func.jvp` and :func:`torch.func.vmap`. With a reverse-mode
     gradient wanted, that composite is as fast or faster in forward + backward (its
@@ -309,7 +340,7 @@ def threshold_order_sum(signal: Tensor, thresholds: Tensor, k: float) -> Tensor:
         >>> threshold_order_sum(eps, torch.tensor([[0.1, 0.2, 0.9]]), k=5.0).item()
         2.0
     """
-    return _ThresholdOrderSum.apply(signal, thresholds, k)
+    return _ThresholdOrderSum.apply(signal, thresholds, check_hardness(k))
 
 
 def soft_maximum(a: Tensor, b: Tensor | float, k: float) -> Tensor:

@@ -207,9 +207,10 @@ def write_page(folder: str | os.PathLike[str]) -> Path:
         f"{settings['seeds']} seed(s), {settings['n_draws']} draws scored per run.</p>",
         *_parts_line(info),
         "<p>C2ST: accuracy of a classifier telling the method's draws from the reference's "
-        "(0.5: indistinguishable, 1: disjoint). MMD²: against the reference's split-half "
-        "noise floor. Mean error: the largest over the parameters of |mean - reference "
-        "mean| / reference sd (SMD: its point). cov: fraction of the draws inside the "
+        "(0.5: indistinguishable, 1: disjoint). MMD²: against the reference's noise floor "
+        "(n reference-posterior draws against the m reference draws). Mean error: the "
+        "largest over the parameters of |mean - reference mean| / reference sd (SMD: its "
+        "point). cov: fraction of the draws inside the "
         "reference's central 50 % / 90 % intervals (0.5 / 0.9 when they agree). Mean ± sd "
         "over seeds.</p>",
         "<h2>Methods</h2><ul>"

@@ -4,12 +4,14 @@ and what the method cost (wall time, peak memory)."""
 from __future__ import annotations
 
 import math
-import os
-import threading
+import multiprocessing
+import sys
 import time
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,9 +23,12 @@ __all__ = [
     "Cost",
     "Scores",
     "interval_coverage",
+    "isolation_available",
     "mean_error",
     "measure_cost",
     "reference_floor",
+    "reset_peak_memory",
+    "run_isolated",
     "score",
 ]
 
@@ -53,7 +58,7 @@ def mean_error(estimate: Tensor, reference: Tensor) -> float:
 
     Arguments:
         estimate: draws (n, D) (their mean is used) or a point (D,).
-        reference: reference draws (m, D).
+        reference: reference draws (m, D); each coordinate must vary (else ValueError).
 
     Example:
         >>> ref = torch.tensor([[0.0], [2.0]])            # mean 1, sd sqrt(2)
@@ -62,7 +67,14 @@ def mean_error(estimate: Tensor, reference: Tensor) -> float:
     """
     point = estimate.mean(0) if estimate.ndim == 2 else estimate
     ref = reference.to(point.dtype)
-    return float(((point - ref.mean(0)).abs() / ref.std(0)).max())
+    sd = ref.std(0)
+    flat = (sd == 0).nonzero().flatten().tolist()
+    if flat:  # an error in sd units has no meaning there (it would be inf or NaN)
+        raise ValueError(
+            f"mean_error: the reference has sd 0 in coordinate(s) {flat}; an error in "
+            "reference sd is undefined there."
+        )
+    return float(((point - ref.mean(0)).abs() / sd).max())
 
 
 def interval_coverage(samples: Tensor, reference: Tensor, level: float) -> float:
@@ -82,9 +94,26 @@ def interval_coverage(samples: Tensor, reference: Tensor, level: float) -> float
     return float(inside.to(samples.dtype).mean())
 
 
-def reference_floor(reference: Tensor, n_splits: int = 10) -> NoiseFloor:
-    """The MMD noise floor of the reference: MMD between its random halves (mean, sd)."""
-    return split_half_floor(reference, n_splits=n_splits, seed=0)
+def reference_floor(reference: Tensor, n: int, n_splits: int = 10) -> NoiseFloor:
+    r"""The MMD noise floor at the sizes a run is scored at: n draws against the m draws
+    of ``reference`` (m, D), all from the reference posterior (mean, sd).
+
+    Fresh draws are not at hand, so the floor of the reference's random halves (h = m // 2
+    each, :func:`~gradcal.diagnostics.distances.split_half_floor`) is rescaled: under the
+    null the unbiased MMD² has mean about 0 and an sd proportional to
+    :math:`1/n + 1/m` (Gretton et al. 2012), so both figures are multiplied by
+    :math:`(1/n + 1/m) / (2/h)`.
+
+    Example:
+        >>> ref = torch.randn(400, 2)
+        >>> reference_floor(ref, 50).std > 3 * reference_floor(ref, 400).std
+        True
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"`n` must be an int >= 1, got {n!r}.")
+    halves = split_half_floor(reference, n_splits=n_splits, seed=0)
+    scale = (1 / n + 1 / reference.shape[0]) / (2 / (reference.shape[0] // 2))
+    return NoiseFloor(halves.mean * scale, halves.std * scale)
 
 
 def score(
@@ -121,13 +150,28 @@ def score(
     )
 
 
-def _rss_bytes() -> int | None:
-    """This process's resident memory from /proc (Linux), None elsewhere."""
+def _status_kib(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (Linux), in KiB; None
+    elsewhere."""
     try:
-        with open("/proc/self/statm") as file:
-            return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         return None
+    return None
+
+
+def reset_peak_memory() -> bool:
+    """Reset this process's peak resident memory (VmHWM) to its resident memory now, by
+    writing 5 to /proc/self/clear_refs (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")
+    except OSError:
+        return False
+    return True
 
 
 @dataclass
@@ -139,9 +183,14 @@ class Cost:
 
 
 @contextmanager
-def measure_cost(interval: float = 0.005) -> Iterator[Cost]:
-    """Time the block and sample the process's resident memory every ``interval`` seconds;
-    ``peak_mib`` is the largest sample minus the resident memory at the start.
+def measure_cost() -> Iterator[Cost]:
+    """Time the block and take its peak resident memory above the start: the kernel's
+    high-water mark (VmHWM), reset at the start, minus the resident memory (VmRSS) then.
+    Exact (no sampling) and costs two reads of /proc; NaN where /proc is missing.
+
+    The process's allocator may serve the block from memory freed earlier and still
+    resident, which this cannot see: the benchmark runs every cell in a fresh child process
+    (:func:`run_isolated`) for that.
 
     Example:
         >>> with measure_cost() as cost:
@@ -150,26 +199,79 @@ def measure_cost(interval: float = 0.005) -> Iterator[Cost]:
         True
     """
     cost = Cost()
-    start_rss = _rss_bytes()
-    peak = [start_rss or 0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(interval):
-            rss = _rss_bytes()
-            if rss is not None and rss > peak[0]:
-                peak[0] = rss
-
-    thread = threading.Thread(target=sample, daemon=True)
+    start_kib = _status_kib("VmRSS") if reset_peak_memory() else None
     start = time.perf_counter()
-    if start_rss is not None:
-        thread.start()
     try:
         yield cost
     finally:
         cost.wall_s = time.perf_counter() - start
-        done.set()
-        if start_rss is not None:
-            thread.join()
-            end = _rss_bytes() or 0
-            cost.peak_mib = (max(peak[0], end) - start_rss) / 2**20
+        peak_kib = _status_kib("VmHWM")
+        if start_kib is not None and peak_kib is not None:
+            cost.peak_mib = max(0, peak_kib - start_kib) / 2**10
+
+
+def _child(
+    connection: Any, fn: Callable[..., Any], args: tuple[Any, ...], state: dict[str, Any]
+) -> None:
+    """In the child: torch's thread count and default dtype as in the parent, then
+    ``fn(*args)`` sent back (or the error, as text)."""
+    torch.set_num_threads(state["threads"])
+    torch.set_default_dtype(state["dtype"])
+    try:
+        connection.send(("ok", fn(*args)))
+    except BaseException as error:  # sent back to the parent, which raises it
+        connection.send(("error", f"{type(error).__name__}: {error}"))
+    finally:
+        connection.close()
+
+
+@contextmanager
+def _main_left_out() -> Iterator[None]:
+    """Hide the main module while a child starts: multiprocessing would run the caller's
+    script again in it (all of it, in a script without an ``if __name__ == "__main__"``
+    guard); the child needs only importable functions."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def isolation_available() -> bool:
+    """Whether :func:`run_isolated` runs in a child process here (needs ``forkserver``)."""
+    return "forkserver" in multiprocessing.get_all_start_methods()
+
+
+def run_isolated(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a fresh child process, its result returned (``fn`` must be defined
+    in an importable module, not the main script; it, its arguments and its result must
+    pickle; an error in it is raised here as ``RuntimeError``).
+
+    The child is forked from a server process that has imported the benchmark and nothing
+    else (multiprocessing's ``forkserver``), so it starts with no memory freed by earlier
+    work to reuse, and its peak memory is its own; torch's thread count and default dtype
+    are the caller's. Where ``forkserver`` is not available it runs here. The server
+    starts once (seconds: it imports torch), each call then costs about 0.1 s.
+    """
+    if not isolation_available():
+        return fn(*args)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["gradcal.bench.server"])
+    receive, send = context.Pipe(duplex=False)
+    state = {"threads": torch.get_num_threads(), "dtype": torch.get_default_dtype()}
+    process = context.Process(target=_child, args=(send, fn, args, state), daemon=True)
+    with _main_left_out():
+        process.start()
+    send.close()
+    try:
+        kind, value = receive.recv()
+    except EOFError:
+        kind, value = "error", "the child process ended without a result"
+    finally:
+        receive.close()
+        process.join()
+    if kind == "error":
+        code = f" (exit code {process.exitcode})" if process.exitcode else ""
+        raise RuntimeError(f"{value}{code}")
+    return value

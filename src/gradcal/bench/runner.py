@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from gradcal.bench.methods import METHODS, CountingLoss
-from gradcal.bench.metrics import Scores, measure_cost, reference_floor, score
+from gradcal.bench.methods import METHODS, CountingLoss, Method
+from gradcal.bench.metrics import Cost, Scores, measure_cost, reference_floor, run_isolated, score
 from gradcal.bench.tasks import TASKS, Reference, make_task
 
 __all__ = [
@@ -199,7 +199,7 @@ def _reference(task_name: str, settings: Settings, out: Path) -> tuple[Reference
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(asdict(reference), path)
-    return reference, reference_floor(reference.samples)
+    return reference, reference_floor(reference.samples, settings.n_draws)
 
 
 def _row(
@@ -219,25 +219,45 @@ def _row(
     }
 
 
-def _one(task_name: str, method_name: str, budget: int, seed: int, settings: Settings, ref: Any):
-    task, method = make_task(task_name), METHODS[method_name]
+def _one(
+    task_name: str, method: Method, budget: int, seed: int, settings: Settings, ref: Any
+) -> dict[str, Any]:
+    """One cell's row: the method's set-up (imports) untimed, then the method timed and its
+    peak memory taken, then the scores (run in a child process of its own by run_bench)."""
+    task = make_task(task_name)
     loss = CountingLoss(task.loss)
+    cost = Cost()
     try:
+        method.prepare()
         with measure_cost() as cost:
             output = method.run(task, loss, budget, settings.n_draws, seed)
         scores = score(
             output.samples,
             output.point,
-            ref.samples,
+            ref,
             seed=seed,
             folds=settings.c2st_folds,
             epochs=settings.c2st_epochs,
         )
         status = "ok"
     except Exception as error:  # a failed run is a result: recorded, the others go on
-        logger.warning("bench: %s / %s failed: %s", task_name, method_name, error)
         scores, status = Scores(), f"failed: {type(error).__name__}: {error}"[:300]
-    return _row(task_name, method_name, budget, seed, status, loss.draws, cost, scores)
+    return _row(task_name, method.name, budget, seed, status, loss.draws, cost, scores)
+
+
+def _cell(
+    task: str, method: str, budget: int, seed: int, settings: Settings, ref: Any
+) -> dict[str, Any]:
+    """:func:`_one` in a fresh child process (its peak memory is its own); a child that
+    dies gives a failed row."""
+    try:
+        row = run_isolated(_one, task, METHODS[method], budget, seed, settings, ref)
+    except RuntimeError as error:
+        status = f"failed: the cell's process: {error}"[:300]
+        row = _row(task, method, budget, seed, status, 0, Cost(), Scores())
+    if row["status"] != "ok":
+        logger.warning("bench: %s / %s %s", task, method, row["status"])
+    return row
 
 
 def run_bench(
@@ -301,7 +321,7 @@ def run_bench(
         if new_file:
             writer.writeheader()
         for task, method, budget, seed in grid:
-            row = _one(task, method, budget, seed, settings, references[task][0])
+            row = _cell(task, method, budget, seed, settings, references[task][0].samples)
             writer.writerow(row)
             file.flush()
             logger.info("bench: %s", row)
