@@ -244,7 +244,9 @@ def _surrogate_through_family(theta: Tensor, grad: Tensor, valid: Tensor, n_vali
     return (g * theta).sum() / n_valid
 
 
-def _finite_rows(values: Tensor, grad: Tensor | None = None, log_q: Tensor | None = None) -> Tensor:
+def _finite_rows(
+    values: Tensor, grad: Tensor | None = None, log_q: Tensor | None = None
+) -> Tensor:
     """The kept draws (n,): finite loss, and finite gradient (n, D) and log q (n,) if given.
 
     Every argument is per draw; a log q of another shape is an error here rather than a
