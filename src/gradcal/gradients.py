@@ -37,6 +37,7 @@ from torch import Tensor
 from gradcal.distributed import all_reduce_sum, shard
 from gradcal.posterior_estimators import as_family
 from gradcal.relax import relaxed_categorical
+from gradcal.simulate import batch_of_draws
 
 __all__ = [
     "BatchedLoss",
@@ -173,7 +174,8 @@ class BatchedLoss:
         self.mode = batching
 
     def _native(self, theta: Tensor, data: Any) -> Tensor:
-        out = self.loss(theta, data)
+        with batch_of_draws():  # theta (1, D) is a batch of one here, not one draw
+            out = self.loss(theta, data)
         if not isinstance(out, Tensor) or out.shape != theta.shape[:1]:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(

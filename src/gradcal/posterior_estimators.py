@@ -816,7 +816,7 @@ def _per_draw(value: Any, batch: torch.Size, owner: str) -> Tensor:
         return value.reshape(batch)
     want = ", ".join(str(b) for b in batch)
     raise ValueError(
-        f"{owner} must give log q as one value per draw, shape ({want},) or ({want}, 1), "
+        f"{owner} must return log_q ({want},) or ({want}, 1), one value per draw, "
         f"got {tuple(value.shape)}; for independent coordinates sum their log-densities "
         "over the last axis (.sum(-1))."
     )
