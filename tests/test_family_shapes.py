@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gradcal.diagnostics import vi_importance, vi_khat
+from gradcal.gradients import BatchedLoss, make_estimator
 from gradcal.infer.vi import VI
 from gradcal.posterior_estimators import as_family, log_prob_stopped
 from gradcal.regularisation import compute_regularisation_loss, kl_divergence
@@ -200,3 +201,21 @@ def test_a_log_q_that_is_not_one_value_per_draw_is_a_clear_error(shape_of, what)
 def test_a_log_q_that_is_not_a_tensor_is_a_type_error():
     with pytest.raises(TypeError, match="log_prob"):
         as_family(ShapedLogProb(lambda t: t.tolist())).log_prob(torch.zeros(3, 1))
+
+
+@pytest.mark.parametrize("method", ["pathwise", "score"])
+def test_the_estimators_called_directly_take_the_users_family(method):
+    """``make_estimator(...)(family, ...)`` with the user's object itself (not adapted)."""
+    torch.manual_seed(0)
+    q = ColumnGaussian()
+    estimate = make_estimator(method)(q, BatchedLoss(squared), DATA, 12)
+    assert estimate.n_valid == 12 and estimate.n_dropped == 0
+    assert torch.isfinite(q.mu.grad).all() and float(q.mu.grad.abs()) > 0
+
+
+def test_adapting_a_family_leaves_the_callers_random_stream_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert as_family(ColumnGaussian()).dim == 1
+    torch.testing.assert_close(torch.rand(3), expected)

@@ -847,22 +847,7 @@ class _ProtocolAdapter(Family):
 
     def sample(self, n: int) -> tuple[Tensor, Tensor]:
         _check_n(n)
-        name = type(self._obj).__name__
-        out = self._obj.sample(n)
-        if not (isinstance(out, tuple | list) and len(out) == 2):
-            raise TypeError(
-                f"{name}.sample(n) must return (theta, log_q), got {type(out).__name__}."
-            )
-        theta, log_q = out
-        if not isinstance(theta, Tensor):
-            raise TypeError(f"{name}.sample(n) must return theta as a tensor (n, D).")
-        if theta.ndim == 1:
-            theta = theta[:, None]
-        if theta.ndim != 2 or theta.shape[0] != n:
-            raise ValueError(
-                f"{name}.sample({n}) must return theta ({n}, D), got {tuple(theta.shape)}."
-            )
-        return theta, _per_draw(log_q, torch.Size([n]), f"{name}.sample({n})")
+        return _checked_sample(self._obj, n)
 
     def log_prob(self, theta: Tensor) -> Tensor:
         if not callable(getattr(self._obj, "log_prob", None)):
@@ -875,14 +860,35 @@ class _ProtocolAdapter(Family):
         return _per_draw(self._obj.log_prob(theta), theta.shape[:-1], owner)
 
 
+def _checked_sample(obj: Any, n: int) -> tuple[Tensor, Tensor]:
+    """``obj.sample(n)`` as theta (n, D) and log q (n,), or a clear error."""
+    name = type(obj).__name__
+    out = obj.sample(n)
+    if not (isinstance(out, tuple | list) and len(out) == 2):
+        raise TypeError(
+            f"{name}.sample(n) must return a pair (theta, log_q), got {type(out).__name__}."
+        )
+    theta, log_q = out
+    if not isinstance(theta, Tensor):
+        raise TypeError(f"{name}.sample(n) must return theta as a tensor (n, D).")
+    if theta.ndim == 1:
+        theta = theta[:, None]
+    if theta.ndim != 2 or theta.shape[0] != n:
+        raise ValueError(
+            f"{name}.sample({n}) must return theta ({n}, D), got {tuple(theta.shape)}."
+        )
+    return theta, _per_draw(log_q, torch.Size([n]), f"{name}.sample({n})")
+
+
 def _sampled_dim(obj: Any) -> int:
     """D of an object's draws, from two draws on a private random stream (the caller's
     stream is not advanced)."""
     params = list(obj.parameters()) if isinstance(obj, torch.nn.Module) else []
     device = params[0].device if params else None
     with seeded(0, device), torch.no_grad():
-        theta, _ = obj.sample(2)
-    return 1 if theta.ndim == 1 else theta.shape[-1]
+        out = obj.sample(2)  # checked when the adapter's sample is called
+    theta = out[0] if isinstance(out, tuple | list) and out else out
+    return 1 if not isinstance(theta, Tensor) or theta.ndim < 2 else theta.shape[-1]
 
 
 def _family_dim(family: Any) -> int:
