@@ -41,7 +41,7 @@ def main() -> None:
     model = RamaCont(n_agents=1000, n_timesteps=100, s=0.1, sigmoid_k=5.0, log10_params=True)
     start = time.perf_counter()
     with torch.no_grad():
-        (returns,) = model.run_and_observe(TRUE_PARAMS.expand(args.draws, -1))
+        (returns,) = model.run_and_observe(TRUE_PARAMS.expand(args.draws, -1), batch=True)
     elapsed = time.perf_counter() - start
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), constrained_layout=True)

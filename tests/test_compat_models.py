@@ -12,14 +12,19 @@ import math
 import networkx
 import pytest
 import torch
+from matplotlib.figure import Figure
 from stats import Z_MAX, z_proportion
 
+from gradcal.gradients import BatchedLoss
+from gradcal.losses import MMDLoss
 from gradcal.models.brock_hommes import BrockHommes
 from gradcal.models.model import Model
 from gradcal.models.normal import Normal
 from gradcal.models.rama_cont import RamaCont
 from gradcal.models.random_walk import RandomWalk
 from gradcal.models.sir import SIR
+from gradcal.posterior_estimators import TrainableGaussian
+from gradcal.simulate import batch_of_draws, run_model, simulate_and_observe_model
 
 N_NODES, N_AGENTS, T = 40, 30, 6
 BH_THETA = [math.log(120), 0.0, 0.9, 0.9, 1.01, 0.0, 0.2, -0.2, 0.0, math.log(0.04), 0.0]
@@ -141,6 +146,73 @@ def test_observe_of_run_equals_run_and_observe_under_the_same_seed(name, batch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # the outputs are not degenerate (the old SIR bug gave all-ones series)
     assert any(y.std() > 0 for y in together)
+
+
+def _shapes(outputs):
+    return [tuple(y.shape) for y in outputs]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_one_draw_of_q_as_1_by_d_keeps_blackbirds_one_draw_layout(name):
+    """BlackBIRDS' notebooks plot ``rw.run_and_observe(q.sample(1)[0])[0]`` and
+    ``rw.observe(rw.run(q.sample(1)[0]))[0]``: one draw taken as a (1, D) tensor gives the
+    one-draw layout (no batch axis), the same numbers as the (D,) draw."""
+    factory, theta, history, outputs = CASES[name]
+    model = factory()
+    q = TrainableGaussian(theta.reshape(-1).tolist(), 1e-6)  # BlackBIRDS' family
+    with torch.no_grad():
+        draw = q.sample(1)[0]
+    assert draw.ndim == 2 and draw.shape[0] == 1
+    torch.manual_seed(3)
+    together = model.run_and_observe(draw)
+    torch.manual_seed(3)
+    history_of_run = model.run(draw)
+    separately = model.observe(history_of_run)
+    torch.manual_seed(3)
+    as_vector = model.run_and_observe(draw[0])
+    assert tuple(history_of_run.shape) == history
+    for got in (together, separately):
+        assert _shapes(got) == outputs
+        for a, b in zip(got, as_vector, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the notebooks' last cell: matplotlib takes at most 2-D arrays
+    Figure().subplots().plot(together[0].numpy())
+    # a batch of one, where it is meant as one
+    assert _shapes(model.run_and_observe(draw, batch=True)) == [(1, *s) for s in outputs]
+    assert model.run(draw, batch=True).shape == (1, *history)
+    with batch_of_draws():
+        assert _shapes(model.run_and_observe(draw)) == [(1, *s) for s in outputs]
+        assert _shapes(simulate_and_observe_model(model, draw)) == [(1, *s) for s in outputs]
+    assert _shapes(simulate_and_observe_model(model, draw)) == outputs
+    assert tuple(run_model(model, draw).shape) == history
+
+
+def test_batch_argument_is_checked():
+    model = RandomWalk(T)
+    with pytest.raises(ValueError, match=r"batch=True.*\(B, D\)"):
+        model.run_and_observe(torch.zeros(1), batch=True)
+    with pytest.raises(ValueError, match=r"batch=False.*one draw"):
+        model.run_and_observe(torch.zeros(2, 1), batch=False)
+    with pytest.raises(TypeError, match="batch"):
+        model.run_and_observe(torch.zeros(1, 1), batch="yes")
+    assert model.run_and_observe(torch.zeros(1, 1), batch=False)[0].shape == (T + 1, 1)
+
+
+def test_a_batched_loss_with_one_draw_still_sees_a_batch_of_one():
+    """gradcal's engine calls a loss written for (B, D) with B = 1 at times (one chain of
+    MCMC, one start of SMD): inside it, (1, D) stays a batch."""
+    model = Normal(T)
+
+    def loss(theta, y):
+        (x,) = model.run_and_observe(theta)
+        assert x.shape == (theta.shape[0], T + 1, 1)
+        return (x[:, 1:, 0] - y).square().mean(-1)
+
+    loss.batched = True
+    y = torch.zeros(T)
+    assert BatchedLoss(loss)(torch.tensor([[0.0, 1.0]]), y).shape == (1,)
+    assert MMDLoss(model, y)(torch.tensor([[0.0, 1.0]])).shape == (1,)
+    assert MMDLoss(model, y)(torch.tensor([0.0, 1.0])).shape == ()
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -72,7 +72,7 @@ def test_single_draw_and_batched_shapes_of_builtin_model():
 def test_gradient_horizon_truncates_paths_to_at_most_k_transitions(horizon):
     a, n = 0.9, 10
     theta = torch.tensor([[0.5]], requires_grad=True)
-    (x,) = simulate_and_observe_model(LinearRecursion(n, a), theta, horizon)
+    (x,) = simulate_and_observe_model(LinearRecursion(n, a), theta, horizon, batch=True)
     expected = []  # d x_{t+1} / d theta = sum_{j=0}^{t-d} a^j, d the last detach before step t
     for t in range(n):
         if horizon is None:

@@ -124,7 +124,9 @@ def simulated_datasets(
     """
     observed = _outputs(like, "like")
     with torch.no_grad():
-        simulated = simulate_and_observe_model(model, theta, gradient_horizon)
+        simulated = simulate_and_observe_model(
+            model, theta, gradient_horizon, batch=theta.ndim == 2
+        )
     if len(simulated) != len(observed):
         raise ValueError(
             f"the model observes {len(simulated)} output(s) but the data hold {len(observed)}."
@@ -190,7 +192,9 @@ class PerDatasetLoss:
         if not getattr(self.loss, "exact", False):
             self.simulations += rows.shape[0]
         if self.simulated:
-            outputs = simulate_and_observe_model(self.loss.model, rows, self.loss.gradient_horizon)
+            outputs = simulate_and_observe_model(
+                self.loss.model, rows, self.loss.gradient_horizon, batch=True
+            )
             parts = [
                 self.loss.compare(
                     [x[b * r : (b + 1) * r] for x in outputs], dataset(self.datasets, b)

@@ -35,7 +35,9 @@ import torch
 from torch import Tensor
 
 from gradcal.distributed import all_reduce_sum, shard
+from gradcal.posterior_estimators import as_family
 from gradcal.relax import relaxed_categorical
+from gradcal.simulate import batch_of_draws
 
 __all__ = [
     "BatchedLoss",
@@ -172,7 +174,8 @@ class BatchedLoss:
         self.mode = batching
 
     def _native(self, theta: Tensor, data: Any) -> Tensor:
-        out = self.loss(theta, data)
+        with batch_of_draws():  # theta (1, D) is a batch of one here, not one draw
+            out = self.loss(theta, data)
         if not isinstance(out, Tensor) or out.shape != theta.shape[:1]:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
@@ -226,8 +229,7 @@ class BatchedLoss:
 def _sample(family: Any, n: int, extra: int = 0) -> tuple[Tensor, Tensor, tuple | None]:
     """n + extra draws in one call of ``family.sample``, split: (theta (n, D), log_q (n,),
     (theta (extra, D), log_q (extra,)) or None)."""
-    theta, log_q = family.sample(n + extra)
-    theta = theta[:, None] if theta.ndim == 1 else theta
+    theta, log_q = as_family(family).sample(n + extra)
     if not extra:
         return theta, log_q, None
     return theta[:n], log_q[:n], (theta[n:], log_q[n:])
@@ -244,10 +246,24 @@ def _surrogate_through_family(theta: Tensor, grad: Tensor, valid: Tensor, n_vali
     return (g * theta).sum() / n_valid
 
 
-def _finite_rows(values: Tensor, grad: Tensor | None = None) -> Tensor:
+def _finite_rows(
+    values: Tensor, grad: Tensor | None = None, log_q: Tensor | None = None
+) -> Tensor:
+    """The kept draws (n,): finite loss, and finite gradient (n, D) and log q (n,) if given.
+
+    Every argument is per draw; a log q of another shape is an error here rather than a
+    mask broadcast to (n, n).
+    """
     ok = torch.isfinite(values)
     if grad is not None:
         ok = ok & torch.isfinite(grad).all(-1)
+    if log_q is not None:
+        if log_q.shape != values.shape:
+            raise ValueError(
+                f"log q must be one value per draw, {tuple(values.shape)}, got "
+                f"{tuple(log_q.shape)} (pass the family through as_family)."
+            )
+        ok = ok & torch.isfinite(log_q)
     return ok
 
 
@@ -390,6 +406,7 @@ class Score:
     ) -> EpochSurrogate:
         """This rank's share of the n draws (and ``extra`` more), the loss and its surrogate."""
         theta = losses = valid = error = more = None
+        family = as_family(family)  # log q (n,) whatever the user's class returns
         try:
             with torch.set_grad_enabled(extra > 0):  # only the extra draws keep a graph
                 theta, _, more = _sample(family, shard(n)[1], extra)
@@ -398,7 +415,7 @@ class Score:
                 losses = loss(theta, data)
                 # log q(theta) is not finite for a draw on a bound of the support (a
                 # constrained map saturated in floating point): dropped, as a failed draw.
-                valid = _finite_rows(losses) & torch.isfinite(family.log_prob(theta))
+                valid = _finite_rows(losses, log_q=family.log_prob(theta))
         except Exception as caught:
             error = caught
         totals = _totals(losses, valid, error)

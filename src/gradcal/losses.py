@@ -121,7 +121,11 @@ class _SimulationLoss:
 
     def __call__(self, theta: Tensor, y: Any = None) -> Tensor:
         simulated = simulate_and_observe_model(
-            self.model, theta, self.gradient_horizon, self.checkpoint_every
+            self.model,
+            theta,
+            self.gradient_horizon,
+            self.checkpoint_every,
+            batch=theta.ndim == 2,  # (1, D) is a batch of one here: compare's lead axis
         )
         return self.compare(simulated, y, theta.ndim - 1)
 

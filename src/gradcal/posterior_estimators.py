@@ -7,6 +7,9 @@ The protocol every family follows, and the engine relies on:
   tuple convention).
 - ``log_prob(theta) -> (n,)`` for theta (n, D) (needed by the score-function estimator).
 
+A user's object may return log q as (n,) or (n, 1) (BlackBIRDS' tutorial family does the
+latter); :func:`as_family` puts it into (n,) once, at the boundary.
+
 Any object with these methods works; :func:`as_family` wraps a
 :class:`torch.distributions.Distribution`, a zuko flow, a normflows ``NormalizingFlow`` or
 a user object in one call.
@@ -26,6 +29,7 @@ from torch.distributions import Distribution, Transform, biject_to, constraints
 from torch.distributions.transforms import AffineTransform, StackTransform
 
 from gradcal.priors import map_tensors
+from gradcal.rng import seeded
 
 __all__ = [
     "Constrained",
@@ -803,8 +807,39 @@ class ZukoFamily(Family):
         return self.flow()
 
 
+def _per_draw(value: Any, batch: torch.Size, owner: str) -> Tensor:
+    """A family's log q as one value per draw, shape ``batch`` (``(n,)`` for n draws).
+
+    Accepted: ``batch`` itself; ``batch + (1,)`` (a ``Normal`` with batch shape (1,), as
+    BlackBIRDS' tutorial family returns, (n, 1)); any shape holding a single value when
+    there is a single draw (0-d for n = 1). Anything else is a ValueError: (n, k) with k > 1
+    (several values per draw: per-coordinate densities must be summed by the family, other
+    things cannot be guessed), (1, n) for n > 1 (transposed, or one value per coordinate of
+    one draw: ambiguous) and extra axes.
+    """
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{owner} must return a tensor of log q, got {type(value).__name__}.")
+    if value.shape == batch:
+        return value
+    if value.shape == (*batch, 1):
+        return value[..., 0]
+    if batch.numel() == 1 and value.numel() == 1:
+        return value.reshape(batch)
+    want = ", ".join(str(b) for b in batch)
+    raise ValueError(
+        f"{owner} must return log_q ({want},) or ({want}, 1), one value per draw, "
+        f"got {tuple(value.shape)}; for independent coordinates sum their log-densities "
+        "over the last axis (.sum(-1))."
+    )
+
+
 class _ProtocolAdapter(Family):
-    """An object with ``sample(n) -> (theta, log_q)`` (normflows, user classes), checked."""
+    """An object with ``sample(n) -> (theta, log_q)`` (normflows, user classes), checked.
+
+    Its per-draw outputs come back in the gradcal protocol's shapes: theta (n, D) (a 1-D
+    theta is read as (n, 1)) and log q (n,) from both ``sample`` and ``log_prob``, also when
+    the object gives (n, 1) (see :func:`_per_draw` for what is accepted).
+    """
 
     def __init__(self, obj: Any):
         super().__init__()
@@ -823,23 +858,7 @@ class _ProtocolAdapter(Family):
 
     def sample(self, n: int) -> tuple[Tensor, Tensor]:
         _check_n(n)
-        out = self._obj.sample(n)
-        if not (isinstance(out, tuple | list) and len(out) == 2):
-            raise TypeError(
-                f"{type(self._obj).__name__}.sample(n) must return (theta, log_q), "
-                f"got {type(out).__name__}."
-            )
-        theta, log_q = out
-        if theta.ndim == 1:
-            theta = theta[:, None]
-        if log_q.ndim == 2:  # per-coordinate densities of independent coordinates
-            log_q = log_q.sum(-1)
-        if theta.shape[0] != n or log_q.shape != (n,):
-            raise ValueError(
-                f"{type(self._obj).__name__}.sample({n}) must return theta ({n}, D) and log_q "
-                f"({n},), got {tuple(theta.shape)} and {tuple(log_q.shape)}."
-            )
-        return theta, log_q
+        return _checked_sample(self._obj, n)
 
     def log_prob(self, theta: Tensor) -> Tensor:
         if not callable(getattr(self._obj, "log_prob", None)):
@@ -847,13 +866,40 @@ class _ProtocolAdapter(Family):
                 f"{type(self._obj).__name__} has no log_prob(theta); the score-function "
                 "estimator and analytic diagnostics need one."
             )
-        return self._obj.log_prob(theta)
+        _check_theta(theta, self.dim, type(self._obj).__name__)
+        owner = f"{type(self._obj).__name__}.log_prob(theta)"
+        return _per_draw(self._obj.log_prob(theta), theta.shape[:-1], owner)
+
+
+def _checked_sample(obj: Any, n: int) -> tuple[Tensor, Tensor]:
+    """``obj.sample(n)`` as theta (n, D) and log q (n,), or a clear error."""
+    name = type(obj).__name__
+    out = obj.sample(n)
+    if not (isinstance(out, tuple | list) and len(out) == 2):
+        raise TypeError(
+            f"{name}.sample(n) must return a pair (theta, log_q), got {type(out).__name__}."
+        )
+    theta, log_q = out
+    if not isinstance(theta, Tensor):
+        raise TypeError(f"{name}.sample(n) must return theta as a tensor (n, D).")
+    if theta.ndim == 1:
+        theta = theta[:, None]
+    if theta.ndim != 2 or theta.shape[0] != n:
+        raise ValueError(
+            f"{name}.sample({n}) must return theta ({n}, D), got {tuple(theta.shape)}."
+        )
+    return theta, _per_draw(log_q, torch.Size([n]), f"{name}.sample({n})")
 
 
 def _sampled_dim(obj: Any) -> int:
-    with torch.no_grad():
-        theta, _ = obj.sample(2)
-    return 1 if theta.ndim == 1 else theta.shape[-1]
+    """D of an object's draws, from two draws on a private random stream (the caller's
+    stream is not advanced)."""
+    params = list(obj.parameters()) if isinstance(obj, torch.nn.Module) else []
+    device = params[0].device if params else None
+    with seeded(0, device), torch.no_grad():
+        out = obj.sample(2)  # checked when the adapter's sample is called
+    theta = out[0] if isinstance(out, tuple | list) and out else out
+    return 1 if not isinstance(theta, Tensor) or theta.ndim < 2 else theta.shape[-1]
 
 
 def _family_dim(family: Any) -> int:
@@ -865,7 +911,14 @@ def as_family(obj: Any) -> Family:
 
     Accepts a :class:`Family` (returned as is), a torch distribution with ``rsample``, a
     zuko ``LazyDistribution`` (flow), or any object with ``sample(n) -> (theta, log_q)``
-    such as a normflows ``NormalizingFlow``.
+    such as a normflows ``NormalizingFlow`` or a user's own class. This is the one place a
+    user's family enters gradcal (VI, the KL, the gradient estimators, PSIS and the
+    BlackBIRDS functions all call it), so its per-draw outputs are put in the protocol's
+    shapes here: theta (n, D) and log q (n,) from ``sample`` and from ``log_prob``. A log q
+    of shape (n, 1), as BlackBIRDS' tutorial family gives (a ``Normal`` with batch shape
+    (1,)), is read as (n,); a shape that is not one value per draw, such as (n, 2) or
+    (1, n) for n > 1, is a ValueError naming the method (sum per-coordinate densities in
+    the family itself). The adapter learns D from two draws on a private random stream.
 
     Example:
         >>> loc = torch.zeros(2, requires_grad=True)

@@ -34,6 +34,7 @@ from gradcal.checkpoint import load_checkpoint
 from gradcal.config import Built, ConfigError, build, checked, resolve
 from gradcal.rng import seeded
 from gradcal.runs import RUN_INFO, make_family, run_calibration
+from gradcal.simulate import batch_of_draws
 
 __all__ = [
     "FittedFamily",
@@ -329,7 +330,7 @@ class Run:
         simulation), so this is the posterior predictive y_rep ~ p(y | theta), theta ~ q.
         """
         theta = self.sample(n, seed)
-        with seeded(seed), torch.no_grad():
+        with seeded(seed), torch.no_grad(), batch_of_draws():  # n = 1 too: (1, T, ...)
             return [y.detach() for y in self.model.run_and_observe(theta)]
 
     def to_inference_data(self, predictive: int | None = 200, seed: int | None = 0) -> Any:

@@ -8,8 +8,10 @@ full graph. Values are never changed by the horizon, only gradients.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from gradcal.history import LazyHistory, append_step, materialise
 from gradcal.models.model import Model
 
 __all__ = [
+    "batch_of_draws",
     "check_checkpoint_every",
     "check_gradient_horizon",
     "compute_loss",
@@ -28,6 +31,59 @@ __all__ = [
 ]
 
 logger = logging.getLogger("gradcal")
+
+_IN_BATCH_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "gradcal_in_batch_call", default=False
+)
+
+
+@contextlib.contextmanager
+def batch_of_draws() -> Iterator[None]:
+    """Within the block, parameters (1, D) given to a simulation are a batch of one draw.
+
+    Outside it (the default), a (1, D) tensor is one draw, as BlackBIRDS' users pass
+    ``q.sample(1)[0]``: ``run_and_observe`` then returns the one-draw layout. gradcal's
+    engine runs every batched loss inside this block, so a loss written for (B, D) sees
+    (1, ...) outputs when a call happens to have one draw. See :func:`simulate_and_observe_model`.
+
+    Example:
+        >>> from gradcal.models import RandomWalk
+        >>> model = RandomWalk(3)
+        >>> model.run_and_observe(torch.zeros(1, 1))[0].shape
+        torch.Size([4, 1])
+        >>> with batch_of_draws():
+        ...     model.run_and_observe(torch.zeros(1, 1))[0].shape
+        torch.Size([1, 4, 1])
+    """
+    token = _IN_BATCH_CALL.set(True)
+    try:
+        yield
+    finally:
+        _IN_BATCH_CALL.reset(token)
+
+
+def _one_draw_rows(params: Any, batch: Any) -> Any:
+    """``params`` with a (1, D) single draw read as (D,), by the rule of ``batch``.
+
+    ``batch=None``: (1, D) is one draw (BlackBIRDS' layout) unless inside
+    :func:`batch_of_draws`; ``True``: 2-D params are always a batch; ``False``: one draw.
+    """
+    if batch is not None and not isinstance(batch, bool):
+        raise TypeError(f"`batch` must be None, True or False, got {batch!r}.")
+    if not isinstance(params, Tensor):
+        return params
+    if batch is True and params.ndim != 2:
+        raise ValueError(
+            f"`batch=True` needs `params` of shape (B, D), got {tuple(params.shape)}."
+        )
+    if batch is False and params.ndim == 2 and params.shape[0] != 1:
+        raise ValueError(
+            f"`batch=False` needs one draw, (D,) or (1, D), got {tuple(params.shape)}."
+        )
+    one = batch is False or (batch is None and not _IN_BATCH_CALL.get())
+    if one and params.ndim == 2 and params.shape[0] == 1:
+        return params[0]
+    return params
 
 
 def check_gradient_horizon(gradient_horizon: Any) -> None:
@@ -209,11 +265,13 @@ def _run(
     horizon: int | None,
     observe: bool,
     checkpoint_every: int | None = None,
+    batch: bool | None = None,
 ) -> Any:
     """Dispatch on (D,) / (B, D) and the model's layout; ``observe`` picks the result."""
     _check_model(model)
     check_gradient_horizon(horizon)
     check_checkpoint_every(checkpoint_every)
+    params = _one_draw_rows(params, batch)
     if isinstance(params, Tensor) and params.ndim == 0 and getattr(model, "n_params", 0) == 1:
         params = params.reshape(1)  # a 0-d tensor is one draw of a one-parameter model
     Model.check_params(model, params)  # also for duck-typed models
@@ -244,8 +302,15 @@ def simulate_and_observe_model(
     params: Tensor,
     gradient_horizon: int | None = None,
     checkpoint_every: int | None = None,
+    *,
+    batch: bool | None = None,
 ) -> list[Tensor]:
     r"""Run ``model`` at ``params`` and return its observed outputs.
+
+    One draw or a batch: (D,) (or 0-d for one parameter) is one draw; (B, D) with B >= 2 is
+    B draws. (1, D) is one draw by default, BlackBIRDS' layout for ``q.sample(1)[0]``, so
+    its outputs have no batch axis; it is a batch of one with ``batch=True`` and inside
+    :func:`batch_of_draws` (where gradcal's engine calls every batched loss).
 
     Arguments:
         model: a :class:`~gradcal.models.model.Model`.
@@ -263,6 +328,8 @@ def simulate_and_observe_model(
             gradients are off (forward mode, ``torch.no_grad``) and under torch.func
             transforms (a single-draw loss batched with vmap): values and gradients are the
             same, only the memory is not bounded there.
+        batch: None (the rule above), True (``params`` (B, D) is a batch, also for B = 1)
+            or False (one draw: (D,) or (1, D)).
 
     Returns:
         The list ``observe`` defines, concatenated over time: each entry (T_out, ...) for
@@ -274,14 +341,25 @@ def simulate_and_observe_model(
         >>> (x,) = simulate_and_observe_model(RandomWalk(5), torch.zeros(8, 1))
         >>> x.shape
         torch.Size([8, 6, 1])
+        >>> simulate_and_observe_model(RandomWalk(5), torch.zeros(1, 1))[0].shape
+        torch.Size([6, 1])
+        >>> simulate_and_observe_model(RandomWalk(5), torch.zeros(1, 1), batch=True)[0].shape
+        torch.Size([1, 6, 1])
     """
-    return _run(model, params, gradient_horizon, observe=True, checkpoint_every=checkpoint_every)
+    return _run(model, params, gradient_horizon, True, checkpoint_every, batch)
 
 
-def run_model(model: Model, params: Tensor, gradient_horizon: int | None = None) -> Any:
+def run_model(
+    model: Model,
+    params: Tensor,
+    gradient_horizon: int | None = None,
+    *,
+    batch: bool | None = None,
+) -> Any:
     """Run ``model`` at ``params`` and return the whole history (initial state included).
 
     Shapes are (T + 1, ...) for one draw and (B, T + 1, ...) for (B, D) parameters when
-    the initial history is one step long.
+    the initial history is one step long; one draw or a batch (``batch``, (1, D)) as in
+    :func:`simulate_and_observe_model`.
     """
-    return _run(model, params, gradient_horizon, observe=False)
+    return _run(model, params, gradient_horizon, observe=False, batch=batch)

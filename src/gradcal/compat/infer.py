@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import zuko
 from torch import Tensor
 
 from gradcal.distributed import all_gather_objects, is_main, shard, world_size
@@ -34,13 +33,10 @@ __all__ = [
 
 
 def _family(posterior_estimator: Any) -> Any:
-    """The estimator itself when it has BlackBIRDS' ``sample(n) -> (theta, log_q)``; torch
+    """The estimator in gradcal's family protocol (:func:`as_family`): draws (n, D) and log q
+    (n,) also for a user's class that returns (n, 1), as BlackBIRDS accepts; torch
     distributions and zuko flows (whose ``sample`` returns draws only) are wrapped."""
-    if isinstance(
-        posterior_estimator, torch.distributions.Distribution | zuko.flows.LazyDistribution
-    ):
-        return as_family(posterior_estimator)
-    return posterior_estimator
+    return as_family(posterior_estimator)
 
 
 def _draw(family: Any, n: int) -> Tensor | None:

@@ -16,6 +16,7 @@ from gradcal.diagnostics._checks import (
     device_of,
 )
 from gradcal.rng import seeded
+from gradcal.simulate import batch_of_draws
 
 __all__ = ["Coverage", "coverage"]
 
@@ -143,7 +144,8 @@ def coverage(
     with seeded(seed, device), torch.no_grad():
         theta = _prior_draws(prior, n_datasets)
         if is_model:
-            outputs = model_or_simulator.run_and_observe(theta)
+            with batch_of_draws():  # (B, D), B = 1 included
+                outputs = model_or_simulator.run_and_observe(theta)
             outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
             datasets: Any = ([o[i] for o in outputs] for i in range(n_datasets))
         else:

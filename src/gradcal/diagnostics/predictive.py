@@ -15,6 +15,7 @@ from gradcal.diagnostics._checks import (
     check_seed,
 )
 from gradcal.rng import seeded
+from gradcal.simulate import batch_of_draws
 
 __all__ = [
     "DEFAULT_SUMMARIES",
@@ -219,7 +220,7 @@ def posterior_predictive(
     check_seed(seed)
     observed = _as_outputs(data)
     summaries = _check_summaries(summaries)
-    with seeded(seed, theta.device), torch.no_grad():
+    with seeded(seed, theta.device), torch.no_grad(), batch_of_draws():  # B = 1 included
         simulated = model.run_and_observe(theta.detach(), gradient_horizon)
     simulated = [simulated] if isinstance(simulated, Tensor) else list(simulated)
     if len(simulated) != len(observed):

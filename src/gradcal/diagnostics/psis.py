@@ -15,6 +15,7 @@ from gradcal.diagnostics._checks import (
     check_seed,
     device_of,
 )
+from gradcal.posterior_estimators import as_family
 from gradcal.rng import seeded
 
 ESS_MISSES_MASS = 0.1  # importance-sampling ESS per draw below which q misses mass
@@ -234,6 +235,7 @@ def _log_weights(
         raise TypeError(f"`log_target` must be callable, got {type(log_target).__name__}.")
     check_int(n_samples, "n_samples", 21)
     check_seed(seed)
+    family = as_family(family)  # log q (n,) whatever shape the user's class returns
     device = device_of(family) if isinstance(family, torch.nn.Module) else torch.device("cpu")
     with seeded(seed, device), torch.no_grad():
         drawn = family.sample(n_samples)

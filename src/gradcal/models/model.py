@@ -218,14 +218,26 @@ class Model(torch.nn.Module, ABC):
                 f"{name}: `params` must have shape {expected}, got {tuple(params.shape)}."
             )
 
-    def run(self, params: Tensor, gradient_horizon: int | None = None) -> Any:
-        """The whole history: (T + 1, ...) for one draw, (B, T + 1, ...) for (B, D)."""
+    def run(
+        self, params: Tensor, gradient_horizon: int | None = None, *, batch: bool | None = None
+    ) -> Any:
+        """The whole history: (T + 1, ...) for one draw, (B, T + 1, ...) for (B, D).
+
+        (1, D) is one draw (BlackBIRDS' ``q.sample(1)[0]``) unless ``batch=True``; see
+        :func:`gradcal.simulate.simulate_and_observe_model`.
+        """
         from gradcal.simulate import run_model
 
-        return run_model(self, params, gradient_horizon)
+        return run_model(self, params, gradient_horizon, batch=batch)
 
-    def run_and_observe(self, params: Tensor, gradient_horizon: int | None = None) -> list[Tensor]:
-        """Observed outputs of one run, each (T_out, ...) or (B, T_out, ...)."""
+    def run_and_observe(
+        self, params: Tensor, gradient_horizon: int | None = None, *, batch: bool | None = None
+    ) -> list[Tensor]:
+        """Observed outputs of one run, each (T_out, ...) or (B, T_out, ...).
+
+        (1, D) is one draw (BlackBIRDS' ``q.sample(1)[0]``) unless ``batch=True``; see
+        :func:`gradcal.simulate.simulate_and_observe_model`.
+        """
         from gradcal.simulate import simulate_and_observe_model
 
-        return simulate_and_observe_model(self, params, gradient_horizon)
+        return simulate_and_observe_model(self, params, gradient_horizon, batch=batch)
