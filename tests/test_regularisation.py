@@ -8,6 +8,7 @@ from edge_family import EdgeFamily, edge_noise
 from stats import Z_MAX, z_mean
 from torch.distributions import Independent, MultivariateNormal, Normal, Uniform
 
+from gradcal.gradients import BatchedLoss, PathwiseReverse
 from gradcal.posterior_estimators import Constrained, DiagonalGaussian, FullRankGaussian
 from gradcal.regularisation import (
     compute_regularisation_loss,
@@ -159,3 +160,23 @@ def test_log_q_on_kept_keeps_the_sampled_values_when_the_dropped_draws_are_finit
     keep = torch.tensor([True, False, True, True])
     log_q, kept = log_q_on_kept(q, q.draw(u), sampled, keep)
     assert kept.tolist() == keep.tolist() and log_q.tolist() == [0.5, 2.0, 3.0]
+
+
+def test_a_loss_draw_on_the_edge_leaves_the_kl_draws_gradient_finite():
+    """VI's loss draws and Monte Carlo KL draws come from one call of ``sample`` (split
+    afterwards). EdgeFamily's first draw, a loss draw, lies on the edge of the support
+    (log q = -inf, an infinite derivative); the KL draws are all inside. The KL's gradient
+    must be finite and the one of the mean of log q - log prior over the KL draws alone."""
+    u = edge_noise(40)
+    q = EdgeFamily(u)
+    prior = Independent(Normal(torch.zeros(1), 10 * torch.ones(1)), 1)
+    epoch = PathwiseReverse().surrogate(q, BatchedLoss(lambda t, d: t.sum()), None, 10, 30)
+    kl, dropped = kl_from_draws(q, prior, *epoch.extra)
+    kl.backward()
+    got = q.grads()
+    assert dropped == 0
+    assert torch.isfinite(got).all(), got
+    theta = q.draw(u[10:])
+    expected = (q.log_prob(theta) - prior.log_prob(theta)).mean()
+    expected.backward()
+    torch.testing.assert_close(got, q.grads(), rtol=1e-5, atol=1e-6)

@@ -229,10 +229,18 @@ class BatchedLoss:
 def _sample(family: Any, n: int, extra: int = 0) -> tuple[Tensor, Tensor, tuple | None]:
     """n + extra draws in one call of ``family.sample``, split: (theta (n, D), log_q (n,),
     (theta (extra, D), log_q (extra,)) or None)."""
-    theta, log_q = as_family(family).sample(n + extra)
+    q = as_family(family)
+    theta, log_q = q.sample(n + extra)
     if not extra:
         return theta, log_q, None
-    return theta[:n], log_q[:n], (theta[n:], log_q[n:])
+    more = log_q[n:]
+    if not bool(torch.isfinite(log_q[:n].detach()).all()):
+        # A loss draw's log q is not finite (a draw on the edge of a bounded support): the
+        # joint graph would send 0 * inf = NaN into the extra draws' gradient, so their
+        # log q is evaluated again on their own draws.
+        with contextlib.suppress(NotImplementedError):
+            more = q.log_prob(theta[n:])
+    return theta[:n], log_q[:n], (theta[n:], more)
 
 
 def _surrogate_through_family(theta: Tensor, grad: Tensor, valid: Tensor, n_valid: int) -> Tensor:
