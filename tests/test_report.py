@@ -447,3 +447,78 @@ def test_summary_drops_columns_empty_in_every_row(tmp_path):
     mcmc = write_report(make_run(tmp_path / "mcmc", "mcmc")).read_text(encoding="utf-8")
     summary = mcmc.split("<h2>Summary</h2>")[1].split("</table>")[0]
     assert "<th>rhat</th>" in summary and "<th>khat</th>" not in summary
+
+
+# --- an over-dispersed, unconverged fit (issue 23, item 3) ----------------------------------
+
+USER_AR1 = '''
+import torch
+from gradcal.models import Model
+
+
+class MyAR1(Model):
+    """x_t = phi x_{t-1} + sigma eps_t, x_0 = 0; params (B, 2) = (phi, sigma)."""
+
+    batched = True
+    n_params = 2
+    history_length = 1
+
+    def __init__(self, n_timesteps=100):
+        super().__init__()
+        self.n_timesteps = n_timesteps
+
+    def initialize(self, params):
+        return params.new_zeros(params.shape[0], 1)
+
+    def step(self, params, x):
+        phi, sigma = params[:, :1], params[:, 1:]
+        return phi * x[:, -1:] + sigma * torch.randn_like(phi)
+
+    def observe(self, x):
+        return [x]
+'''
+
+
+def user_ar1_config(**method: object) -> dict:
+    """A newcomer's own AR(1): 20 epochs of 10 draws are far too few for q to move."""
+    return {
+        "run": {"seed": 0},
+        "model": {"name": "user_ar1:MyAR1", "options": {"n_timesteps": 100}},
+        "parameters": [
+            {"name": "phi", "prior": {"kind": "normal", "loc": 0.5, "scale": 0.2}, "truth": 0.6},
+            {
+                "name": "sigma",
+                "prior": {"kind": "lognormal", "loc": -1.0, "scale": 0.3},
+                "truth": 0.4,
+            },
+        ],
+        "data": {"simulate": True},
+        "loss": {"kind": "mmd", "window": 2},
+        "method": {
+            "kind": "vi",
+            "family": "diagonal",
+            "w": 0.05,
+            "samples_per_epoch": 10,
+            "epochs": 20,
+            **method,
+        },
+    }
+
+
+def test_an_over_dispersed_unconverged_fit_is_not_called_usable(tmp_path):
+    # q starts at the family's default N(0, 1) in the unconstrained space and 20 epochs of
+    # 10 draws leave it there: its sd is several times the prior's, k-hat is small (an
+    # over-dispersed q has bounded weights) and the importance-sampling ESS is a few % of
+    # the draws. The verdict must not call this usable.
+    import gradcal
+
+    (tmp_path / "user_ar1.py").write_text(USER_AR1)
+    config = user_ar1_config(init="family")
+    run = gradcal.calibrate(config, tmp_path / "run", base=tmp_path, progress=False)
+    wide = run.summary.row("phi")["std"] / 0.2  # the prior's sd of phi
+    assert wide > 2 and run.diagnostics["ess_fraction"] < 0.1  # the fit is as described
+    page = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+    top = page.split("<section>")[0]
+    assert "The fit can be used" not in top
+    assert 'class="verdict verdict-bad"' in top, top
+    assert "wider than the prior" in top and "importance-sampling ESS" in top

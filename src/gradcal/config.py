@@ -123,6 +123,7 @@ _SCHEMA: dict[str, Any] = {
         "transforms": (int, 3),
         "hidden_features": (list, [64, 64]),
         "components": (int, 4),
+        "init": (str, "family"),  # where q starts: "family" N(0, 1) or "prior" (its moments)
         "estimator": (str, "pathwise"),
         "objective": (str, "reverse_kl"),
         "k": (int, 8),
@@ -167,6 +168,7 @@ _METHOD_KEYS = {
         "transforms",
         "hidden_features",
         "components",
+        "init",
         "estimator",
         *_OBJECTIVE_KEYS,
         "w",
@@ -213,6 +215,7 @@ _CHOICES = {
     ("loss", "estimator"): ("unbiased", "biased", "linear"),
     ("method", "kind"): ("vi", "smd", "mcmc"),
     ("method", "family"): ("nsf", "maf", "diagonal", "full_rank", "mixture", "flow_mixture"),
+    ("method", "init"): ("family", "prior"),
     ("method", "estimator"): ("pathwise", "forward", "score"),
     ("method", "objective"): tuple(OBJECTIVE_OPTIONS),
     ("method", "kernel"): ("mala", "hmc"),

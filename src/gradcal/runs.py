@@ -36,6 +36,7 @@ from gradcal.rng import seeded
 
 __all__ = [
     "KHAT_SIMULATIONS",
+    "PRIOR_START_DRAWS",
     "RUN_FILES",
     "RUN_INFO",
     "RunInterrupted",
@@ -46,6 +47,7 @@ __all__ = [
     "make_scheduler",
     "output_names",
     "prepare_run_dir",
+    "prior_start",
     "run_calibration",
     "write_outputs",
 ]
@@ -178,32 +180,70 @@ def _device(config: dict[str, Any]) -> torch.device:
     return torch.device(config["run"]["device"])
 
 
+PRIOR_START_DRAWS = 4000  # prior draws behind q's start under method.init = "prior"
+
+
+def prior_start(prior: Any, supports: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prior's mean and sd per parameter in the unconstrained space of q, (D,) each.
+
+    u = T^-1(theta) for ``PRIOR_START_DRAWS`` prior draws (a private stream, seed 0, so
+    that a run's start does not depend on its seed), T the map onto the supports that
+    :class:`~gradcal.posterior_estimators.Constrained` uses; draws that T^-1 sends to
+    infinity (on a bound, in floating point) are left out.
+
+    Example:
+        >>> from gradcal.priors import Product, marginal
+        >>> prior = Product([marginal("normal", loc=0.5, scale=0.2),
+        ...                  marginal("lognormal", loc=-1.0, scale=0.3)])
+        >>> loc, scale = prior_start(prior, prior.supports)
+        >>> [round(v, 1) for v in loc.tolist()], [round(v, 1) for v in scale.tolist()]
+        ([0.5, -1.0], [0.2, 0.3])
+    """
+    transform = Constrained(DiagonalGaussian(torch.zeros(len(supports))), supports).transform
+    with seeded(0), torch.no_grad():
+        u = transform.inv(prior.sample((PRIOR_START_DRAWS,)))
+    finite = torch.isfinite(u)
+    u = torch.where(finite, u, torch.nan)
+    loc = u.nanmean(0)
+    scale = ((u - loc).square().nansum(0) / (finite.sum(0) - 1)).sqrt()
+    return loc, scale.clamp_min(1e-6)
+
+
 def make_family(method: dict[str, Any], built: Built) -> Any:
-    """The family ``[method]`` names: an unconstrained family mapped onto the prior's support,
-    started near the prior (VI fits it; :func:`gradcal.results.load_run` rebuilds it)."""
+    """The family ``[method]`` names: an unconstrained family mapped onto the prior's support
+    (VI fits it; :func:`gradcal.results.load_run` rebuilds it). It starts at N(0, 1) in the
+    unconstrained space (``init = "family"``) or at the prior's mean and sd there
+    (``init = "prior"``, :func:`prior_start`; a mixture's components are spread over it)."""
     d = len(built.names)
     kind = method["family"]
+    loc, scale = torch.zeros(d), torch.ones(d)
+    if method.get("init", "family") == "prior":
+        loc, scale = prior_start(built.prior, built.prior.supports)
     if kind in ("nsf", "maf"):
         base = Flow(
             d,
             kind,
             transforms=method["transforms"],
             hidden_features=method["hidden_features"],
-            scale=1.0,
+            loc=loc,
+            scale=scale,
         )
     elif kind == "diagonal":
-        base = DiagonalGaussian(torch.zeros(d), 1.0)
+        base = DiagonalGaussian(loc, scale)
     elif kind == "mixture":  # means spread over the prior's unconstrained scale
-        base = GaussianMixture.spread(d, method["components"], 1.0, seed=0)
+        spread = GaussianMixture.spread(d, method["components"], 1.0, seed=0)
+        base = GaussianMixture(loc + scale * spread.loc.detach(), scale * spread.scale.detach())
     elif kind == "flow_mixture":  # a mixture of C NSFs sharing one transform
         base = FlowMixture(
             d,
             method["components"],
             transforms=method["transforms"],
             hidden_features=method["hidden_features"],
+            loc=loc,
+            scale=scale,
         )
     else:
-        base = FullRankGaussian(torch.zeros(d), 1.0)
+        base = FullRankGaussian(loc, scale)
     return Constrained(base, built.prior.supports)
 
 
