@@ -514,7 +514,13 @@ def test_an_over_dispersed_unconverged_fit_is_not_called_usable(tmp_path):
 
     (tmp_path / "user_ar1.py").write_text(USER_AR1)
     config = user_ar1_config(init="family")
-    run = gradcal.calibrate(config, tmp_path / "run", base=tmp_path, progress=False)
+    with pytest.warns(gradcal.GradcalWarning) as caught:  # not only in gradcal's log
+        run = gradcal.calibrate(config, tmp_path / "run", base=tmp_path, progress=False)
+    # the mass warning of runs.py (logged only, before) and the report's verdict, each
+    # pointing at this file rather than inside gradcal
+    here = [str(w.message) for w in caught if w.filename == __file__]
+    assert any(m.startswith("q misses part of the posterior") for m in here), here
+    assert any(m.startswith("Do not trust this fit yet") for m in here), here
     wide = run.summary.row("phi")["std"] / 0.2  # the prior's sd of phi
     assert wide > 2 and run.diagnostics["ess_fraction"] < 0.1  # the fit is as described
     page = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")

@@ -34,6 +34,7 @@ from gradcal import plotting
 from gradcal.config import loads_toml
 from gradcal.diagnostics import read_ess_fraction, read_khat
 from gradcal.diagnostics.psis import ESS_MISSES_MASS, KHAT_BAD, KHAT_GOOD
+from gradcal.problems import warn_problem
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -1055,10 +1056,12 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     folder's name), its method (``[method] kind``), when the report was written, the
     summary table, the corner plot (with prior draws and true values when saved), the loss
     curve (VI, SMD), the posterior predictive bands, the traces (MCMC), the diagnostics read
-    in plain words, and the configuration. Images are embedded as base64 PNG and the CSS is
-    inline, so the file needs nothing else to open. A file that is missing or cannot be read
-    (an interrupted run) is named on the page instead of its section; this never raises for
-    that. Any earlier ``report.html`` is replaced; nothing else is written.
+    in plain words, and the configuration. A verdict of "do not trust" is also issued as a
+    :class:`~gradcal.problems.GradcalWarning` naming the worst finding. Images are embedded
+    as base64 PNG and the CSS is inline, so the file needs nothing else to open. A file that
+    is missing or cannot be read (an interrupted run) is named on the page instead of its
+    section; this never raises for that. Any earlier ``report.html`` is replaced; nothing
+    else is written.
 
     Arguments:
         run_dir: the run folder.
@@ -1125,6 +1128,8 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
         history=_totals(history) if method == "vi" else None,
         widths=_widths(posterior) if method == "vi" else None,
     )
+    if verdict.level == "bad":  # a Python user who never opens the page hears it too
+        warn_problem(f"{verdict.headline} {verdict.findings[0].text} (see {folder / REPORT_NAME})")
     sections = [
         _section("Summary", _summary_section(summary, run)),
         _section("Posterior", _corner_section(posterior, run)),

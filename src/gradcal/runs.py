@@ -31,6 +31,7 @@ from gradcal.posterior_estimators import (
     GaussianMixture,
 )
 from gradcal.priors import distribution_device
+from gradcal.problems import warn_problem
 from gradcal.regularisation import prior_log_prob
 from gradcal.rng import seeded
 
@@ -356,7 +357,7 @@ def _run_vi(
     }
     warning = mass_warning(khat, ess_fraction, objective=method["objective"])
     if warning is not None:  # in the log now, in the report's notes later
-        logger.warning(warning)
+        warn_problem(warning)  # reaches a Python user too
         result["mass_warning"] = warning
     return result
 
