@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gradcal.diagnostics import read_ess_fraction, read_khat
-from gradcal.report import assess, write_report
+from gradcal.report import assess, loss_trend, width_ratios, write_report
 
 IMAGE = "data:image/png;base64,"
 figures = pytest.mark.skipif(
@@ -505,6 +505,7 @@ def user_ar1_config(**method: object) -> dict:
     }
 
 
+@pytest.mark.slow  # about 15 s of CPU (k-hat and the predictive checks); the rules below
 def test_an_over_dispersed_unconverged_fit_is_not_called_usable(tmp_path):
     # q starts at the family's default N(0, 1) in the unconstrained space and 20 epochs of
     # 10 draws leave it there: its sd is several times the prior's, k-hat is small (an
@@ -528,3 +529,69 @@ def test_an_over_dispersed_unconverged_fit_is_not_called_usable(tmp_path):
     assert "The fit can be used" not in top
     assert 'class="verdict verdict-bad"' in top, top
     assert "wider than the prior" in top and "importance-sampling ESS" in top
+
+
+def test_a_small_ess_fraction_is_bad_even_with_a_small_khat():
+    # The figures of the fit above: k-hat 0.01 (an over-dispersed q has bounded weights),
+    # importance-sampling ESS 5.8 % of the draws.
+    verdict = assess({"khat": 0.01, "ess_fraction": 0.058, "ppc": GOOD_PPC}, INSIDE, VI_METHOD)
+    assert verdict.level == "bad" and verdict.headline.startswith("Do not trust")
+    worst = verdict.findings[0]
+    assert "importance-sampling ESS 5.8 % of the draws < 10 %" in worst.text, worst.text
+    assert "much wider than the posterior" in worst.text and "method.epochs" in worst.advice
+    fine = assess({"khat": 0.01, "ess_fraction": 0.4, "ppc": GOOD_PPC}, INSIDE, VI_METHOD)
+    assert fine.level == "trust"
+
+
+def test_q_wider_than_the_prior_is_bad():
+    good = {"khat": 0.01, "ess_fraction": 0.5, "ppc": GOOD_PPC}
+    verdict = assess(good, INSIDE, VI_METHOD, widths={"phi": 4.3, "sigma": 0.4})
+    assert verdict.level == "bad"
+    worst = verdict.findings[0]
+    assert "q is wider than the prior for phi (4.3 times)" in worst.text, worst.text
+    assert "sigma" not in worst.text and 'method.init = "prior"' in worst.advice
+    assert assess(good, INSIDE, VI_METHOD, widths={"phi": 1.2}).level == "trust"
+
+
+def test_width_ratios_reads_quantiles_so_far_draws_do_not_decide():
+    # Standard normal draws against a prior three times as wide, then one far draw of q:
+    # the 5-95 % interval of 4000 draws moves by about 1 % (its Monte Carlo sd), an sd
+    # would have doubled.
+    g = torch.Generator().manual_seed(0)
+    q, prior = torch.randn(4000, 1, generator=g), 3 * torch.randn(4000, 1, generator=g)
+    ratio = width_ratios(q, prior, ["a"])["a"]
+    assert abs(ratio - 1 / 3) < 0.03  # about 4 Monte Carlo sds of the ratio
+    q[0] = 1e3
+    assert abs(width_ratios(q, prior, ["a"])["a"] - ratio) < 0.01
+
+
+def _noisy(n: int, slope: float, seed: int) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    return (1.0 + slope * torch.arange(n) + 0.1 * torch.randn(n, generator=g)).tolist()
+
+
+def test_a_loss_still_falling_at_the_end_is_caution():
+    # The last half of 100 epochs falls by 0.25 (half a noise sd per 10 epochs): the
+    # Mann-Kendall z is about -6, far past the one-sided 1 % point -2.33.
+    history = _noisy(100, -0.005, seed=1)
+    verdict = assess({"khat": 0.3, "ppc": GOOD_PPC}, INSIDE, VI_METHOD, history=history)
+    assert verdict.level == "caution"
+    assert "still falling over the last 50 epochs" in verdict.findings[0].text
+    assert "method.epochs" in verdict.findings[0].advice
+    # without a trend: no finding (a flat series is flagged at 1 % of seeds)
+    flat = assess({"khat": 0.3, "ppc": GOOD_PPC}, INSIDE, VI_METHOD, history=_noisy(100, 0, 1))
+    assert flat.level == "trust", flat.findings
+    # too few epochs to tell
+    few = assess({"khat": 0.3, "ppc": GOOD_PPC}, INSIDE, VI_METHOD, history=_noisy(6, 0, 1))
+    assert few.level == "caution" and "only 6 epoch(s)" in few.findings[0].text
+
+
+def test_the_trend_test_is_not_fooled_by_one_wild_epoch():
+    # A flat history whose tail starts with one huge total: first against last would call
+    # it falling, the rank test does not (one value moves z by about 0.4 at 50 epochs).
+    history = _noisy(100, 0, seed=2)
+    history[50] = 100.0
+    assert history[50] > history[-1]  # a single comparison says "falling"
+    assert loss_trend(history[50:]) > -2.326
+    verdict = assess({"khat": 0.3, "ppc": GOOD_PPC}, INSIDE, VI_METHOD, history=history)
+    assert verdict.level == "trust", verdict.findings
