@@ -595,3 +595,15 @@ def test_the_trend_test_is_not_fooled_by_one_wild_epoch():
     assert loss_trend(history[50:]) > -2.326
     verdict = assess({"khat": 0.3, "ppc": GOOD_PPC}, INSIDE, VI_METHOD, history=history)
     assert verdict.level == "trust", verdict.findings
+
+
+def test_a_do_not_trust_verdict_reaches_a_python_user(tmp_path):
+    # gradcal's logger has only a NullHandler: the verdict must come as a warning, at the
+    # caller's line (make_run's MCMC chains of b have R-hat 1.08: do not trust).
+    import gradcal
+
+    folder = make_run(tmp_path / "run", "mcmc")
+    with pytest.warns(gradcal.GradcalWarning, match="Do not trust this fit yet") as caught:
+        write_report(folder)
+    assert [w.filename for w in caught] == [__file__]
+    assert "R-hat >= 1.01 for b (1.08)" in str(caught[0].message)
