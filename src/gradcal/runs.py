@@ -190,15 +190,19 @@ def prior_start(prior: Any, supports: Any) -> tuple[torch.Tensor, torch.Tensor]:
     u = T^-1(theta) for ``PRIOR_START_DRAWS`` prior draws (a private stream, seed 0, so
     that a run's start does not depend on its seed), T the map onto the supports that
     :class:`~gradcal.posterior_estimators.Constrained` uses; draws that T^-1 sends to
-    infinity (on a bound, in floating point) are left out.
+    infinity (on a bound, in floating point) are left out. A normal or lognormal marginal
+    (T the identity or exp) gives its loc and scale exactly.
 
     Example:
         >>> from gradcal.priors import Product, marginal
         >>> prior = Product([marginal("normal", loc=0.5, scale=0.2),
         ...                  marginal("lognormal", loc=-1.0, scale=0.3)])
         >>> loc, scale = prior_start(prior, prior.supports)
-        >>> [round(v, 1) for v in loc.tolist()], [round(v, 1) for v in scale.tolist()]
+        >>> [round(v, 6) for v in loc.tolist()], [round(v, 6) for v in scale.tolist()]
         ([0.5, -1.0], [0.2, 0.3])
+        >>> prior = Product([marginal("uniform", low=0.0, high=1.0)])  # logit: sd pi / sqrt 3
+        >>> [round(v, 1) for v in prior_start(prior, prior.supports)[1].tolist()]
+        [1.8]
     """
     transform = Constrained(DiagonalGaussian(torch.zeros(len(supports))), supports).transform
     with seeded(0), torch.no_grad():
@@ -206,8 +210,14 @@ def prior_start(prior: Any, supports: Any) -> tuple[torch.Tensor, torch.Tensor]:
     finite = torch.isfinite(u)
     u = torch.where(finite, u, torch.nan)
     loc = u.nanmean(0)
-    scale = ((u - loc).square().nansum(0) / (finite.sum(0) - 1)).sqrt()
-    return loc, scale.clamp_min(1e-6)
+    scale = ((u - loc).square().nansum(0) / (finite.sum(0) - 1)).sqrt().clamp_min(1e-6)
+    # exact where the unconstrained law is a known normal: a normal prior (identity map) or
+    # a lognormal one (log); a standard normal prior then starts q exactly at N(0, 1)
+    for j, m in enumerate(getattr(prior, "marginals", ())):
+        if type(m) in (torch.distributions.Normal, torch.distributions.LogNormal):
+            base = m if isinstance(m, torch.distributions.Normal) else m.base_dist
+            loc[j], scale[j] = float(base.loc), float(base.scale)
+    return loc, scale
 
 
 def make_family(method: dict[str, Any], built: Built) -> Any:
