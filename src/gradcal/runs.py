@@ -222,13 +222,15 @@ def prior_start(prior: Any, supports: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_family(method: dict[str, Any], built: Built) -> Any:
     """The family ``[method]`` names: an unconstrained family mapped onto the prior's support
-    (VI fits it; :func:`gradcal.results.load_run` rebuilds it). It starts at N(0, 1) in the
-    unconstrained space (``init = "family"``) or at the prior's mean and sd there
-    (``init = "prior"``, :func:`prior_start`; a mixture's components are spread over it)."""
+    (VI fits it; :func:`gradcal.results.load_run` rebuilds it). It starts at the prior's mean
+    and sd in the unconstrained space (``init = "prior"``, the default, :func:`prior_start`;
+    a mixture's components are spread over it) or at N(0, 1) there (``init = "family"``,
+    the default before: after 20 epochs of 10 draws it left q 9 times wider than the prior,
+    see docs/where-q-starts.md)."""
     d = len(built.names)
     kind = method["family"]
     loc, scale = torch.zeros(d), torch.ones(d)
-    if method.get("init", "family") == "prior":
+    if method.get("init", "prior") == "prior":
         loc, scale = prior_start(built.prior, built.prior.supports)
     if kind in ("nsf", "maf"):
         base = Flow(
