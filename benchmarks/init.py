@@ -1,11 +1,12 @@
 """Where should q start: at the family's default or at the prior's moments?
 
-``python benchmarks/init.py [--seeds 5] [--out FILE]`` fits two small problems with
-``method.init = "family"`` (N(0, 1) in the unconstrained space) and ``"prior"`` (the
+``python benchmarks/init.py [--seeds 5] [--reference-epochs 2000] [--out FILE]`` (the
+figures in docs/where-q-starts.md: ``--seeds 3 --reference-epochs 800``) fits two small
+problems with ``method.init = "family"`` (N(0, 1) in the unconstrained space) and ``"prior"`` (the
 prior's mean and sd there) for seeds 0..S-1 and 20 and 100 epochs, and reports per fit the
 report's verdict, the importance-sampling ESS per draw, the width of q's central 90 %
 interval over the prior's (largest over parameters) and the energy distance from q to a
-long-run reference (2000 epochs of 20 draws, patience off; two references, one from each
+long-run reference (``--reference-epochs`` of 20 draws, patience off; two references, one from each
 start, whose distance to each other is the floor):
 
 - ``user-ar1``: a newcomer's own AR(1) x_t = phi x_{t-1} + sigma e_t (x_0 = 0, T = 100,
