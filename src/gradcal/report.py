@@ -827,13 +827,13 @@ def loss_trend(values: Sequence[float]) -> float:
 def _trend_finding(history: Sequence[float], method: Mapping[str, Any]) -> Finding | None:
     """Is the loss still falling over the last part of the epochs?"""
     n = len(history)
-    tail = list(history[n - max(_TREND_MIN_EPOCHS, math.ceil(_TREND_TAIL * n)) :])
     if n < _TREND_MIN_EPOCHS:
         return Finding(
             "caution",
             f"only {n} epoch(s): too few to tell whether the loss has settled",
             _vi_advice(method),
         )
+    tail = list(history[n - max(_TREND_MIN_EPOCHS, math.ceil(_TREND_TAIL * n)) :])
     z = loss_trend(tail)
     if not z < -_TREND_Z:
         return None
