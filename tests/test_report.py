@@ -505,7 +505,6 @@ def user_ar1_config(**method: object) -> dict:
     }
 
 
-@pytest.mark.slow  # about 15 s of CPU (k-hat and the predictive checks); the rules below
 def test_an_over_dispersed_unconverged_fit_is_not_called_usable(tmp_path):
     # q starts at the family's default N(0, 1) in the unconstrained space and 20 epochs of
     # 10 draws leave it there: its sd is several times the prior's, k-hat is small (an
