@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gradcal.diagnostics import read_ess_fraction, read_khat
-from gradcal.report import assess, write_report
+from gradcal.report import assess, loss_trend, width_ratios, write_report
 
 IMAGE = "data:image/png;base64,"
 figures = pytest.mark.skipif(
@@ -447,3 +447,162 @@ def test_summary_drops_columns_empty_in_every_row(tmp_path):
     mcmc = write_report(make_run(tmp_path / "mcmc", "mcmc")).read_text(encoding="utf-8")
     summary = mcmc.split("<h2>Summary</h2>")[1].split("</table>")[0]
     assert "<th>rhat</th>" in summary and "<th>khat</th>" not in summary
+
+
+# --- an over-dispersed, unconverged fit (issue 23, item 3) ----------------------------------
+
+USER_AR1 = '''
+import torch
+from gradcal.models import Model
+
+
+class MyAR1(Model):
+    """x_t = phi x_{t-1} + sigma eps_t, x_0 = 0; params (B, 2) = (phi, sigma)."""
+
+    batched = True
+    n_params = 2
+    history_length = 1
+
+    def __init__(self, n_timesteps=100):
+        super().__init__()
+        self.n_timesteps = n_timesteps
+
+    def initialize(self, params):
+        return params.new_zeros(params.shape[0], 1)
+
+    def step(self, params, x):
+        phi, sigma = params[:, :1], params[:, 1:]
+        return phi * x[:, -1:] + sigma * torch.randn_like(phi)
+
+    def observe(self, x):
+        return [x]
+'''
+
+
+def user_ar1_config(**method: object) -> dict:
+    """A newcomer's own AR(1): 20 epochs of 10 draws are far too few for q to move."""
+    return {
+        "run": {"seed": 0},
+        "model": {"name": "user_ar1:MyAR1", "options": {"n_timesteps": 100}},
+        "parameters": [
+            {"name": "phi", "prior": {"kind": "normal", "loc": 0.5, "scale": 0.2}, "truth": 0.6},
+            {
+                "name": "sigma",
+                "prior": {"kind": "lognormal", "loc": -1.0, "scale": 0.3},
+                "truth": 0.4,
+            },
+        ],
+        "data": {"simulate": True},
+        "loss": {"kind": "mmd", "window": 2},
+        "method": {
+            "kind": "vi",
+            "family": "diagonal",
+            "w": 0.05,
+            "samples_per_epoch": 10,
+            "epochs": 20,
+            **method,
+        },
+    }
+
+
+def test_an_over_dispersed_unconverged_fit_is_not_called_usable(tmp_path):
+    # q starts at the family's default N(0, 1) in the unconstrained space and 20 epochs of
+    # 10 draws leave it there: its sd is several times the prior's, k-hat is small (an
+    # over-dispersed q has bounded weights) and the importance-sampling ESS is a few % of
+    # the draws. The verdict must not call this usable.
+    import gradcal
+
+    (tmp_path / "user_ar1.py").write_text(USER_AR1)
+    config = user_ar1_config(init="family")
+    with pytest.warns(gradcal.GradcalWarning) as caught:  # not only in gradcal's log
+        run = gradcal.calibrate(config, tmp_path / "run", base=tmp_path, progress=False)
+    # the mass warning of runs.py (logged only, before) and the report's verdict, each
+    # pointing at this file rather than inside gradcal
+    here = [str(w.message) for w in caught if w.filename == __file__]
+    assert any(m.startswith("q misses part of the posterior") for m in here), here
+    assert any(m.startswith("Do not trust this fit yet") for m in here), here
+    wide = run.summary.row("phi")["std"] / 0.2  # the prior's sd of phi
+    assert wide > 2 and run.diagnostics["ess_fraction"] < 0.1  # the fit is as described
+    page = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+    top = page.split("<section>")[0]
+    assert "The fit can be used" not in top
+    assert 'class="verdict verdict-bad"' in top, top
+    assert "wider than the prior" in top and "importance-sampling ESS" in top
+
+
+def test_a_small_ess_fraction_is_bad_even_with_a_small_khat():
+    # The figures of the fit above: k-hat 0.01 (an over-dispersed q has bounded weights),
+    # importance-sampling ESS 5.8 % of the draws.
+    verdict = assess({"khat": 0.01, "ess_fraction": 0.058, "ppc": GOOD_PPC}, INSIDE, VI_METHOD)
+    assert verdict.level == "bad" and verdict.headline.startswith("Do not trust")
+    worst = verdict.findings[0]
+    assert "importance-sampling ESS 5.8 % of the draws < 10 %" in worst.text, worst.text
+    assert "much wider than the posterior" in worst.text and "method.epochs" in worst.advice
+    fine = assess({"khat": 0.01, "ess_fraction": 0.4, "ppc": GOOD_PPC}, INSIDE, VI_METHOD)
+    assert fine.level == "trust"
+
+
+def test_q_wider_than_the_prior_is_bad():
+    good = {"khat": 0.01, "ess_fraction": 0.5, "ppc": GOOD_PPC}
+    verdict = assess(good, INSIDE, VI_METHOD, widths={"phi": 4.3, "sigma": 0.4})
+    assert verdict.level == "bad"
+    worst = verdict.findings[0]
+    assert "q is wider than the prior for phi (4.3 times)" in worst.text, worst.text
+    assert "sigma" not in worst.text and 'method.init = "prior"' in worst.advice
+    assert assess(good, INSIDE, VI_METHOD, widths={"phi": 1.2}).level == "trust"
+
+
+def test_width_ratios_reads_quantiles_so_far_draws_do_not_decide():
+    # Standard normal draws against a prior three times as wide, then one far draw of q:
+    # the 5-95 % interval of 4000 draws moves by about 1 % (its Monte Carlo sd), an sd
+    # would have doubled.
+    g = torch.Generator().manual_seed(0)
+    q, prior = torch.randn(4000, 1, generator=g), 3 * torch.randn(4000, 1, generator=g)
+    ratio = width_ratios(q, prior, ["a"])["a"]
+    assert abs(ratio - 1 / 3) < 0.03  # about 4 Monte Carlo sds of the ratio
+    q[0] = 1e3
+    assert abs(width_ratios(q, prior, ["a"])["a"] - ratio) < 0.01
+
+
+def _noisy(n: int, slope: float, seed: int) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    return (1.0 + slope * torch.arange(n) + 0.1 * torch.randn(n, generator=g)).tolist()
+
+
+def test_a_loss_still_falling_at_the_end_is_caution():
+    # The last half of 100 epochs falls by 0.25 (half a noise sd per 10 epochs): the
+    # Mann-Kendall z is about -6, far past the one-sided 1 % point -2.33.
+    history = _noisy(100, -0.005, seed=1)
+    verdict = assess({"khat": 0.3, "ppc": GOOD_PPC}, INSIDE, VI_METHOD, history=history)
+    assert verdict.level == "caution"
+    assert "still falling over the last 50 epochs" in verdict.findings[0].text
+    assert "method.epochs" in verdict.findings[0].advice
+    # without a trend: no finding (a flat series is flagged at 1 % of seeds)
+    flat = assess({"khat": 0.3, "ppc": GOOD_PPC}, INSIDE, VI_METHOD, history=_noisy(100, 0, 1))
+    assert flat.level == "trust", flat.findings
+    # too few epochs to tell
+    few = assess({"khat": 0.3, "ppc": GOOD_PPC}, INSIDE, VI_METHOD, history=_noisy(6, 0, 1))
+    assert few.level == "caution" and "only 6 epoch(s)" in few.findings[0].text
+
+
+def test_the_trend_test_is_not_fooled_by_one_wild_epoch():
+    # A flat history whose tail starts with one huge total: first against last would call
+    # it falling, the rank test does not (one value moves z by about 0.4 at 50 epochs).
+    history = _noisy(100, 0, seed=2)
+    history[50] = 100.0
+    assert history[50] > history[-1]  # a single comparison says "falling"
+    assert loss_trend(history[50:]) > -2.326
+    verdict = assess({"khat": 0.3, "ppc": GOOD_PPC}, INSIDE, VI_METHOD, history=history)
+    assert verdict.level == "trust", verdict.findings
+
+
+def test_a_do_not_trust_verdict_reaches_a_python_user(tmp_path):
+    # gradcal's logger has only a NullHandler: the verdict must come as a warning, at the
+    # caller's line (make_run's MCMC chains of b have R-hat 1.08: do not trust).
+    import gradcal
+
+    folder = make_run(tmp_path / "run", "mcmc")
+    with pytest.warns(gradcal.GradcalWarning, match="Do not trust this fit yet") as caught:
+        write_report(folder)
+    assert [w.filename for w in caught] == [__file__]
+    assert "R-hat >= 1.01 for b (1.08)" in str(caught[0].message)

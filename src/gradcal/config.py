@@ -139,6 +139,7 @@ _SCHEMA: dict[str, Any] = {
         "transforms": (int, 3),
         "hidden_features": (list, [64, 64]),
         "components": (int, 4),
+        "init": (str, "prior"),  # where q starts: the prior's moments, or "family": N(0, 1)
         "estimator": (str, "pathwise"),
         "objective": (str, "reverse_kl"),
         "k": (int, 8),
@@ -183,6 +184,7 @@ _METHOD_KEYS = {
         "transforms",
         "hidden_features",
         "components",
+        "init",
         "estimator",
         *_OBJECTIVE_KEYS,
         "w",
@@ -247,6 +249,7 @@ _CHOICES = {
     ("loss", "estimator"): ("unbiased", "biased", "linear"),
     ("method", "kind"): ("vi", "smd", "mcmc"),
     ("method", "family"): ("nsf", "maf", "diagonal", "full_rank", "mixture", "flow_mixture"),
+    ("method", "init"): ("prior", "family"),
     ("method", "estimator"): ("pathwise", "forward", "score"),
     ("method", "objective"): tuple(OBJECTIVE_OPTIONS),
     ("method", "kernel"): ("mala", "hmc"),

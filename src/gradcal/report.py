@@ -33,6 +33,8 @@ import torch
 from gradcal import plotting
 from gradcal.config import loads_toml
 from gradcal.diagnostics import read_ess_fraction, read_khat
+from gradcal.diagnostics.psis import ESS_MISSES_MASS, KHAT_BAD, KHAT_GOOD
+from gradcal.problems import warn_problem
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,10 +42,13 @@ if TYPE_CHECKING:
 __all__ = [
     "CSS",
     "REPORT_NAME",
+    "WIDER_THAN_PRIOR",
     "Finding",
     "Verdict",
     "assess",
+    "loss_trend",
     "weight_reading",
+    "width_ratios",
     "write_report",
 ]
 
@@ -65,7 +70,15 @@ _MISSING = {
 }
 _RHAT_OK = 1.01  # R-hat below this for every parameter: the chains agree (Vehtari et al. 2021)
 _ESS_OK, _ESS_POOR = 400, 100  # bulk ESS: 400 for reliable R-hat and intervals (ibid.)
-_KHAT_GOOD, _KHAT_OK = 0.5, 0.7  # PSIS k-hat thresholds (Yao et al. 2018)
+# q's central 90 % interval wider than the prior's by this factor: q has not learnt from the
+# data. From 2000 prior draws and 4000 of q the widths carry a few % of Monte Carlo error,
+# and a posterior wider than its prior is rare (the data narrow it), so 1.5 is no noise.
+WIDER_THAN_PRIOR = 1.5
+# The loss is still falling when a Mann-Kendall test over the last _TREND_TAIL of the epochs
+# (at least _TREND_MIN_EPOCHS of them) finds a downward trend at one-sided level 1 %.
+_TREND_TAIL = 0.5
+_TREND_MIN_EPOCHS = 10
+_TREND_Z = 2.326  # the standard normal's 99 % quantile
 _PPC_ALPHA = 0.05  # a predictive p-value below this: the data are unusual for the model
 _PPC_SEVERE = 0.01  # ... and below this: the model does not reproduce the feature
 _LEVELS = ("ok", "caution", "bad")  # a finding's levels, from good to bad
@@ -556,12 +569,12 @@ def _khat_finding(khat: float, method: Mapping[str, Any], exact: bool) -> Findin
         else " (the simulator noise left in the loss raises k-hat a little: a larger w "
         "makes that noise matter less)"
     )
-    if khat < _KHAT_GOOD:
-        return Finding("ok", f"k-hat {khat:.2f} < {_KHAT_GOOD}: q fits the posterior well")
-    if khat < _KHAT_OK:
+    if khat < KHAT_GOOD:
+        return Finding("ok", f"k-hat {khat:.2f} < {KHAT_GOOD}: q fits the posterior well")
+    if khat < KHAT_BAD:
         return Finding(
             "caution",
-            f"k-hat {khat:.2f} lies between {_KHAT_GOOD} and {_KHAT_OK}: means and central "
+            f"k-hat {khat:.2f} lies between {KHAT_GOOD} and {KHAT_BAD}: means and central "
             "intervals are usable, tail probabilities are not",
             "for tails, " + _vi_advice(method) + noisy,
         )
@@ -575,7 +588,7 @@ def _khat_finding(khat: float, method: Mapping[str, Any], exact: bool) -> Findin
         )
     return Finding(
         "bad",
-        f"k-hat {khat:.2f} >= {_KHAT_OK}: q misses part of the posterior (a tail, or a "
+        f"k-hat {khat:.2f} >= {KHAT_BAD}: q misses part of the posterior (a tail, or a "
         "whole mode), so its intervals cannot be relied on",
         covering + _vi_advice(method) + noisy,
     )
@@ -758,12 +771,118 @@ def _truth_findings(
     return findings
 
 
+def width_ratios(
+    samples: torch.Tensor, prior_samples: torch.Tensor, names: Sequence[str]
+) -> dict[str, float]:
+    """Per parameter, the width of q's central 90 % interval over the prior's.
+
+    Quantiles rather than sds, so that a heavy-tailed prior or q (a lognormal) does not
+    decide the reading by a few far draws.
+
+    Arguments:
+        samples: draws of q (N, D).
+        prior_samples: draws of the prior (M, D).
+        names: the D parameter names.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> r = width_ratios(3 * torch.randn(4000, 1, generator=g),
+        ...                  torch.randn(4000, 1, generator=g), ["a"])
+        >>> 2.8 < r["a"] < 3.2
+        True
+    """
+    levels = torch.tensor([0.05, 0.95], dtype=torch.float64)
+
+    def widths(x: torch.Tensor) -> torch.Tensor:
+        q = torch.nanquantile(torch.as_tensor(x, dtype=torch.float64), levels, dim=0)
+        return q[1] - q[0]
+
+    ratio = widths(samples) / widths(prior_samples)
+    return {str(n): float(r) for n, r in zip(names, ratio, strict=True)}
+
+
+def loss_trend(values: Sequence[float]) -> float:
+    r"""Mann-Kendall z of a series: negative when it falls, about N(0, 1) without a trend.
+
+    :math:`S = \sum_{i<j} \mathrm{sign}(x_j - x_i)`, :math:`\mathrm{Var}\,S = n(n-1)(2n+5)/18`
+    (no ties), :math:`z = (S - \mathrm{sign}\,S) / \sqrt{\mathrm{Var}\,S}`. It uses ranks
+    only, so a few wild epochs (a draw with a huge loss) cannot make or hide a trend.
+    Non-finite values are left out; NaN for fewer than 3 values.
+
+    Example:
+        >>> loss_trend([5.0, 4.0, 4.5, 3.0, 2.0, 2.5, 1.0]) < -2
+        True
+        >>> abs(loss_trend([1.0, 2.0, 1.0, 2.0, 1.0, 2.0])) < 1
+        True
+    """
+    x = torch.tensor([v for v in values if math.isfinite(v)], dtype=torch.float64)
+    n = x.numel()
+    if n < 3:
+        return math.nan
+    s = float(torch.sign(x[None, :] - x[:, None]).triu(1).sum())
+    var = n * (n - 1) * (2 * n + 5) / 18
+    return (s - math.copysign(1.0, s) * (s != 0)) / math.sqrt(var)
+
+
+def _trend_finding(history: Sequence[float], method: Mapping[str, Any]) -> Finding | None:
+    """Is the loss still falling over the last part of the epochs?"""
+    n = len(history)
+    if n < _TREND_MIN_EPOCHS:
+        return Finding(
+            "caution",
+            f"only {n} epoch(s): too few to tell whether the loss has settled",
+            _vi_advice(method),
+        )
+    tail = list(history[n - max(_TREND_MIN_EPOCHS, math.ceil(_TREND_TAIL * n)) :])
+    z = loss_trend(tail)
+    if not z < -_TREND_Z:
+        return None
+    return Finding(
+        "caution",
+        f"the loss is still falling over the last {len(tail)} epochs (Mann-Kendall trend "
+        f"test z = {z:.1f}): the fit has not converged",
+        "train longer (method.epochs"
+        + (f", now {method['epochs']})" if "epochs" in method else ")"),
+    )
+
+
+def _width_finding(ratios: Mapping[str, float], method: Mapping[str, Any]) -> Finding | None:
+    wide = {n: r for n, r in ratios.items() if r > WIDER_THAN_PRIOR}
+    if not wide:
+        return None
+    listed = ", ".join(f"{n} ({r:.1f} times)" for n, r in wide.items())
+    start = (
+        "" if method.get("init") == "prior" else 'start q at the prior (method.init = "prior"), '
+    )
+    return Finding(
+        "bad",
+        f"q is wider than the prior for {listed} (central 90 % intervals): q has not learnt "
+        "from the data, it has not moved from its start",
+        start + _vi_advice(method),
+    )
+
+
+def _ess_finding(fraction: float, method: Mapping[str, Any]) -> Finding | None:
+    if not fraction < ESS_MISSES_MASS:  # NaN too: k-hat's finding says it
+        return None
+    return Finding(
+        "bad",
+        f"importance-sampling ESS {100 * fraction:.1f} % of the draws < "
+        f"{100 * ESS_MISSES_MASS:.0f} %: q and the posterior differ a lot (q misses mass, or "
+        "is much wider than the posterior, which k-hat cannot see), so its intervals are not "
+        "the posterior's",
+        _vi_advice(method),
+    )
+
+
 def assess(
     diagnostics: Mapping[str, Any] | None,
     intervals: Sequence[Mapping[str, Any]] = (),
     method: Mapping[str, Any] | None = None,
     names: Sequence[str] = (),
     exact_loss: bool = False,
+    history: Sequence[float] | None = None,
+    widths: Mapping[str, float] | None = None,
 ) -> Verdict:
     r"""Read a run's diagnostics into one verdict with what to do next.
 
@@ -771,6 +890,14 @@ def assess(
     worst of them ("trust" when all are "ok", "unknown" when there are none):
 
     - PSIS k-hat (VI): < 0.5 ok, < 0.7 caution (means and central intervals only), else bad;
+    - importance-sampling ESS (VI) below 10 % of the draws: bad. k-hat sees a q whose tails
+      are too light; an over-dispersed q gives bounded weights and a small k-hat, and only
+      the ESS shows it;
+    - q's central 90 % interval more than 1.5 times the prior's for a parameter (VI,
+      ``widths``): bad, q has not learnt from the data;
+    - the loss still falling (VI, ``history``): a Mann-Kendall test over the last half of
+      the epochs (at least 10) finds a downward trend at one-sided level 1 %: caution; fewer
+      than 10 epochs: caution;
     - R-hat (MCMC): any >= 1.01 bad; smallest ESS < 100 bad, < 400 caution;
     - posterior predictive p-values: < 0.01 bad, < 0.05 caution;
     - a given truth outside the 90 % interval: caution (a correct posterior misses about 1
@@ -789,6 +916,10 @@ def assess(
         names: parameter names, for R-hat and ESS.
         exact_loss: the loss is an exact negative log-likelihood (k-hat has no simulator
             noise then).
+        history: the objective's total per epoch (VI; under annealing of w only the epochs
+            at the final w), or None.
+        widths: per parameter, q's central 90 % interval over the prior's
+            (:func:`width_ratios`), or None.
 
     Example:
         >>> verdict = assess({"khat": 0.9}, method={"kind": "vi", "epochs": 250})
@@ -817,6 +948,13 @@ def assess(
             text = f"{finding.text} (importance-sampling ESS {100 * ess:.1f} % of the draws)"
             finding = Finding(finding.level, text, finding.advice)
         findings.append(finding)
+    if kind in (None, "vi"):
+        extra = [
+            _ess_finding(_float(diagnostics.get("ess_fraction")), method),
+            _width_finding(widths or {}, method),
+            _trend_finding(history, method) if history is not None else None,
+        ]
+        findings += [f for f in extra if f is not None]
     findings += _chain_findings(diagnostics.get("rhat"), diagnostics.get("ess"), names, method)
     if diagnostics.get("ppc"):
         findings += _ppc_findings(diagnostics["ppc"], method)
@@ -880,6 +1018,33 @@ def _intervals(
     return rows
 
 
+def _totals(history: list[list[str]] | None) -> list[float] | None:
+    """history.csv's ``total`` per epoch, under annealing only the epochs at the final w."""
+    if history is None or "total" not in history[0] or len(history) < 2:
+        return None
+    header, body = history[0], history[1:]
+    column = [_float(row[header.index("total")]) for row in body]
+    if "w" in header:
+        w = [_float(row[header.index("w")]) for row in body]
+        column = [c for c, v in zip(column, w, strict=True) if v == w[-1]]
+    return column
+
+
+def _widths(posterior: dict[str, Any] | None) -> dict[str, float] | None:
+    """q's central 90 % interval over the prior's, from posterior_samples.pt."""
+    if posterior is None or posterior.get("prior_samples") is None:
+        return None
+    samples, prior = posterior["samples"], posterior["prior_samples"]
+    names = posterior.get("names") or [f"theta_{j}" for j in range(samples.shape[-1])]
+    if (
+        samples.ndim != 2
+        or prior.shape[-1:] != samples.shape[-1:]
+        or len(names) != samples.shape[1]
+    ):
+        return None
+    return width_ratios(samples, prior.reshape(-1, samples.shape[1]), names)
+
+
 def _section(title: str, body: str) -> str:
     return f"<section><h2>{escape(title)}</h2>{body}</section>"
 
@@ -891,10 +1056,12 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     folder's name), its method (``[method] kind``), when the report was written, the
     summary table, the corner plot (with prior draws and true values when saved), the loss
     curve (VI, SMD), the posterior predictive bands, the traces (MCMC), the diagnostics read
-    in plain words, and the configuration. Images are embedded as base64 PNG and the CSS is
-    inline, so the file needs nothing else to open. A file that is missing or cannot be read
-    (an interrupted run) is named on the page instead of its section; this never raises for
-    that. Any earlier ``report.html`` is replaced; nothing else is written.
+    in plain words, and the configuration. A verdict of "do not trust" is also issued as a
+    :class:`~gradcal.problems.GradcalWarning` naming the worst finding. Images are embedded
+    as base64 PNG and the CSS is inline, so the file needs nothing else to open. A file that
+    is missing or cannot be read (an interrupted run) is named on the page instead of its
+    section; this never raises for that. Any earlier ``report.html`` is replaced; nothing
+    else is written.
 
     Arguments:
         run_dir: the run folder.
@@ -958,7 +1125,11 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
         {"kind": method, **settings.get("method", {})},
         names,
         exact_loss=settings.get("loss", {}).get("kind") == "nll",
+        history=_totals(history) if method == "vi" else None,
+        widths=_widths(posterior) if method == "vi" else None,
     )
+    if verdict.level == "bad":  # a Python user who never opens the page hears it too
+        warn_problem(f"{verdict.headline} {verdict.findings[0].text} (see {folder / REPORT_NAME})")
     sections = [
         _section("Summary", _summary_section(summary, run)),
         _section("Posterior", _corner_section(posterior, run)),

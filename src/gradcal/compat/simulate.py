@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from gradcal.problems import GradcalWarning
+
 __all__ = ["compute_loss"]
 
 
@@ -61,6 +63,7 @@ def compute_loss(
         if torch.isnan(simulated).any():
             warnings.warn(
                 f"compute_loss: simulated output {k} contains NaN; it is left out of the loss.",
+                GradcalWarning,
                 stacklevel=2,
             )
             continue

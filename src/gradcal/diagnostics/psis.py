@@ -18,10 +18,16 @@ from gradcal.diagnostics._checks import (
 from gradcal.posterior_estimators import as_family
 from gradcal.rng import seeded
 
-ESS_MISSES_MASS = 0.1  # importance-sampling ESS per draw below which q misses mass
+# The thresholds every reading of k-hat and of the IS effective sample size uses (the report's
+# verdict, VI's mass warnings, the plain-words readings below): defined here only.
+KHAT_GOOD = 0.5  # PSIS k-hat below this: q fits the target well (Yao et al. 2018)
+KHAT_BAD = 0.7  # PSIS k-hat at and above this: q misses mass (infinite weight variance)
+ESS_MISSES_MASS = 0.1  # IS ESS per draw below this: q and the target differ a lot
 
 __all__ = [
     "ESS_MISSES_MASS",
+    "KHAT_BAD",
+    "KHAT_GOOD",
     "VIImportance",
     "importance_ess",
     "psis_khat",
@@ -274,7 +280,10 @@ def read_ess_fraction(fraction: float) -> str:
     if math.isnan(fraction):
         return "importance-sampling ESS could not be computed (NaN)"
     if fraction < ESS_MISSES_MASS:
-        verdict = "q misses mass of the posterior (a tail or a whole mode)"
+        verdict = (
+            "q misses mass of the posterior (a tail or a whole mode) or is much wider "
+            "than it (k-hat cannot see that)"
+        )
     else:
         verdict = "q covers the posterior's mass"
     return f"importance-sampling ESS {100 * fraction:.1f} % of the draws: {verdict}"
@@ -295,9 +304,9 @@ def read_khat(k: float) -> str:
         raise TypeError(f"`k` must be a number, got {type(k).__name__}.")
     if math.isnan(k):
         raise ValueError("`k` is NaN.")
-    if k < 0.5:
+    if k < KHAT_GOOD:
         verdict = "the approximation is trustworthy"
-    elif k < 0.7:
+    elif k < KHAT_BAD:
         verdict = "good enough for most summaries (means, central intervals), not for tails"
     else:
         verdict = "not trustworthy: the approximation misses the posterior's tails"

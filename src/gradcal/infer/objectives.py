@@ -63,7 +63,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from gradcal.diagnostics.psis import ESS_MISSES_MASS, importance_ess
+from gradcal.diagnostics.psis import ESS_MISSES_MASS, KHAT_BAD, importance_ess
 from gradcal.distributed import all_gather_objects, all_reduce_sum, shard, world_size
 from gradcal.gradients import (
     BatchedLoss,
@@ -90,7 +90,7 @@ __all__ = [
     "mass_warning",
 ]
 
-KHAT_MISSES_MASS = 0.7  # PSIS k-hat at and above which q misses mass (Yao et al. 2018)
+KHAT_MISSES_MASS = KHAT_BAD  # PSIS k-hat at and above which q misses mass (one definition)
 
 
 @dataclass

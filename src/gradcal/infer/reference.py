@@ -21,6 +21,7 @@ from torch import Tensor
 from gradcal.distributed import all_gather_objects, rank, shard, world_size
 from gradcal.gradients import BatchedLoss, Batching
 from gradcal.priors import distribution_device
+from gradcal.problems import GradcalWarning
 from gradcal.regularisation import prior_log_prob
 from gradcal.rng import seeded
 
@@ -123,6 +124,7 @@ def importance_sampling(
         warnings.warn(
             f"importance sampling: effective sample size {result.ess:.1f} of {n_samples} "
             "draws; the reference is unreliable (use more draws or a closer proposal).",
+            GradcalWarning,
             stacklevel=2,
         )
     logger.info("importance sampling: ESS %.1f of %d draws", result.ess, n_samples)
@@ -233,6 +235,7 @@ def rejection_abc(
         warnings.warn(
             f"rejection ABC: only {n_accepted} of the {k} draws to accept have a finite loss "
             f"({int((~torch.isfinite(losses)).sum())} of {n_samples} failed).",
+            GradcalWarning,
             stacklevel=2,
         )
     if not math.isfinite(threshold):

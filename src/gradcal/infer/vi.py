@@ -54,6 +54,7 @@ from gradcal.infer.objectives import (
 from gradcal.infer.weight import WeightCalibration, WeightChoice, resolve_w
 from gradcal.posterior_estimators import as_family
 from gradcal.priors import distribution_device, distribution_to
+from gradcal.problems import GradcalWarning
 from gradcal.regularisation import (
     check_prior,
     closed_form_kl,
@@ -616,7 +617,7 @@ class VI:
         fraction = sum(ess) / len(ess) / self.n_samples_per_epoch
         message = mass_warning(ess_fraction=fraction, objective=self.objective.name)
         if message is not None and is_main():
-            warnings.warn(f"VI: {message}", UserWarning, stacklevel=3)
+            warnings.warn(f"VI: {message}", GradcalWarning, stacklevel=3)
 
     def mass_check(self, data: Any, n_samples: int = 1000, seed: int | None = 0) -> dict:
         """PSIS k-hat and the IS effective sample size of q against the generalised posterior
@@ -637,7 +638,7 @@ class VI:
         fraction = importance_ess(log_w) / n_samples
         message = mass_warning(khat, fraction, self.objective.name)
         if message is not None and is_main():
-            warnings.warn(f"VI: {message}", UserWarning, stacklevel=2)
+            warnings.warn(f"VI: {message}", GradcalWarning, stacklevel=2)
         return {"khat": khat, "ess_fraction": fraction, "warning": message}
 
     def _checkpoint_to_resume(self) -> dict[str, Any] | None:
