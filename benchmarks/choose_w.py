@@ -41,6 +41,7 @@ import argparse
 import math
 import os
 import time
+import warnings
 
 import torch
 
@@ -93,9 +94,11 @@ WALKER_TRUTH = torch.tensor([-1.0, -0.5, 0.0, 0.3, 0.6, 1.0])
 WALKER_PRIOR = torch.distributions.Normal(torch.zeros(6), 2.0 * torch.ones(6))
 
 
-def walker_problem(seed: int, n_timesteps: int = 200) -> tuple[EnergyDistanceLoss, torch.Tensor]:
+def walker_problem(
+    seed: int, n_timesteps: int = 200, walkers: int = 5
+) -> tuple[EnergyDistanceLoss, torch.Tensor]:
     """The loss and one observed series (T + 1, 6) simulated at ``WALKER_TRUTH``."""
-    model = GroupWalkers(n_timesteps)
+    model = GroupWalkers(n_timesteps, walkers=walkers)
     with seeded(seed):
         (y,) = model.run_and_observe(WALKER_TRUTH[None])
     return EnergyDistanceLoss(model, increments=True), y[0]
@@ -244,6 +247,52 @@ def curvature_study(seeds: int, repeats: int = 64) -> None:
                 f"sd {spread:.3f}), {seconds:.2f} s each",
                 flush=True,
             )
+
+
+WALKER_CHEAP = {"n_bootstrap": 40, "repeats": 4, "newton_steps": 10, "fit_epochs": 60}
+
+
+def walkers_study(replicates: int, first: int = 0, n_timesteps: int = 100) -> None:
+    """Coverage of WALKER_TRUTH by the Laplace approximation of pi_w at the calibrated w
+    (precision H / w plus the prior's, at theta_hat): each logit's 90% interval and the
+    joint 90% region (chi2_6 radius), over replicated data sets (seed 5000 + r); the
+    calibration's simulations and seconds. Reduced budget ``WALKER_CHEAP``, T = 100."""
+    radius = chi2_quantile(LEVEL, 6)
+    hits, joint, ratios, sims = torch.zeros(6), 0, [], []
+    for r in range(first, first + replicates):
+        loss, y = walker_problem(5000 + r, n_timesteps)
+        options = WeightCalibration(seed=r, **WALKER_CHEAP)
+        started = time.perf_counter()
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            choice = options.choose(loss, WALKER_PRIOR, y)
+        seconds = time.perf_counter() - started
+        precision = choice.hessian.double() / choice.w + torch.eye(6, dtype=torch.float64) / 4
+        gap = (WALKER_TRUTH - choice.estimate).double()
+        sd = torch.linalg.inv(precision).diagonal().sqrt()
+        hit = gap.abs() <= Z * sd
+        inside = float(gap @ precision @ gap) <= radius
+        hits += hit.double()
+        joint += inside
+        ratios.append(choice.w / choice.w_information)
+        sims.append(choice.simulations)
+        said = [str(w.message)[:60] for w in record if "choosing w" in str(w.message)]
+        print(
+            f"replicate {r}: w {choice.w:.4g} (information {choice.w_information:.4g}), "
+            f"marginal hits {hit.int().tolist()}, joint {int(inside)}, "
+            f"{choice.simulations} simulations, {seconds:.0f} s, warnings {said}",
+            flush=True,
+        )
+    n = replicates
+    pooled = float(hits.sum()) / (6 * n)
+    print(
+        f"coverage over {n}: marginal per logit {[round(h / n, 2) for h in hits.tolist()]}, "
+        f"pooled {pooled:.3f} +- {math.sqrt(pooled * (1 - pooled) / (6 * n)):.3f}; joint "
+        f"{joint / n:.3f} +- {math.sqrt(max(joint / n * (1 - joint / n), 1e-12) / n):.3f}; "
+        f"median w / w_info {sorted(ratios)[n // 2]:.3g}; simulations per calibration "
+        f"{sorted(sims)[n // 2]}",
+        flush=True,
+    )
 
 
 # --- the well-specified Normal location --------------------------------------------------
@@ -771,6 +820,8 @@ if __name__ == "__main__":
         ar1_study(args.replicates or 50, args.vi, args.first, args.region)
     if args.study == "curvature":
         curvature_study(args.replicates or 10)
+    if args.study == "walkers":
+        walkers_study(args.replicates or 20, args.first)
     if args.study == "exact":
         exact_study(args.logs)
     if args.study in ("cost", "all"):

@@ -76,6 +76,7 @@ __all__ = [
     "WeightChoice",
     "chi2_quantile",
     "choose_w",
+    "gradient_differences_hessian",
     "information_matching",
     "loss_differences_hessian",
     "resolve_w",
@@ -575,8 +576,14 @@ def _hessian(
             logger.info("choosing w: autograd's Hessian %s is not positive definite.", h.tolist())
             h = None
     if h is None:
-        with torch.no_grad():
-            h = loss_differences_hessian(mean_loss, u.detach(), steps)
+        try:
+            h = gradient_differences_hessian(mean_loss, u.detach(), steps)
+            if not bool(torch.isfinite(h).all()):
+                raise RuntimeError("a gradient that is not finite")
+        except RuntimeError as error:  # no gradient: differences of the loss itself
+            logger.info("choosing w: no gradient differences (%s); loss differences.", error)
+            with torch.no_grad():
+                h = loss_differences_hessian(mean_loss, u.detach(), steps)
     h = 0.5 * (h + h.T)
     if not (torch.isfinite(h).all() and bool(h.abs().max() > 0)):
         raise RuntimeError(
@@ -599,6 +606,38 @@ def _positive_definite(h: Tensor) -> bool:
     if not bool(torch.isfinite(h).all()):
         return False
     return bool((torch.linalg.eigvalsh(0.5 * (h + h.T)) > 0).all())
+
+
+def gradient_differences_hessian(loss: Any, u: Tensor, steps: Tensor) -> Tensor:
+    r"""Central differences of autograd's gradient of a noisy loss with common random
+    numbers: (D, D), symmetrised.
+
+    Every point is evaluated on the same random stream (one seed, drawn from the current
+    stream), so the simulation noise cancels in the differences:
+    :math:`H_{:, j} = (\nabla L(u + h_j e_j) - \nabla L(u - h_j e_j)) / (2 h_j)`, 2 D
+    gradients. ``loss`` maps (D,) to a 0-d tensor.
+
+    Example:
+        >>> h = gradient_differences_hessian(lambda v: v[0] ** 2 + 3 * v[0] * v[1],
+        ...                                  torch.zeros(2), torch.full((2,), 0.1))
+        >>> [[round(x, 4) for x in row] for row in h.tolist()]
+        [[2.0, 3.0], [3.0, 0.0]]
+    """
+    d = u.shape[0]
+    seed = int(torch.randint(0, 2**62, ()))
+    eye = torch.eye(d, dtype=u.dtype, device=u.device) * steps.to(u)[:, None]
+
+    def gradient(v: Tensor) -> Tensor:
+        point = v.detach().requires_grad_()
+        with seeded(seed), torch.enable_grad():
+            (g,) = torch.autograd.grad(loss(point), point)
+        return g.double()
+
+    step = steps.to(device=u.device, dtype=torch.float64)
+    h = torch.stack(
+        [(gradient(u + eye[j]) - gradient(u - eye[j])) / (2 * step[j]) for j in range(d)], 1
+    )
+    return (0.5 * (h + h.T)).to(u.dtype)
 
 
 def loss_differences_hessian(loss: Any, u: Tensor, steps: Tensor) -> Tensor:
