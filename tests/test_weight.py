@@ -330,11 +330,17 @@ def test_bootstrap_refits_that_end_at_nan_are_an_error_naming_them():
         WeightCalibration(resample="iid", n_bootstrap=40).choose(fails_on_ties, PRIOR, y)
 
 
-def test_a_loss_blind_to_the_data_is_an_error_not_w_zero():
+def test_a_loss_blind_to_the_data_is_an_error_not_w_zero(monkeypatch):
     # curvature 50 at theta = 1 whatever the data: the point estimate and the Hessian are
     # fine, every bootstrap refit is exactly theta_hat, so the bootstrap shows no spread
-    # (information matching w = 0) and the final guard on w must stop
+    # (information matching w = 0) and the guard on w must stop before any coverage is
+    # computed (it was evaluated at w = 0 first, issue 24 item 4)
     y = torch.randn(50, generator=torch.Generator().manual_seed(7))
+
+    def no_coverage(*args):
+        raise AssertionError("the coverage function was built with w_info = 0")
+
+    monkeypatch.setattr(WeightCalibration, "_coverage_function", no_coverage)
 
     def blind(theta, data):
         return 25.0 * ((theta - 1.0) ** 2).sum(-1) + 0.0 * data.sum(-1)

@@ -123,9 +123,13 @@ class WeightChoice:
         coverage: the bootstrap estimate of the coverage of level-``level`` credible sets at w.
         coverage_error: its Monte Carlo standard error, sqrt(c (1 - c) / B).
         level: the nominal level.
-        w_information: the information-matching choice tr(H) / tr(Sigma^{-1}).
+        w_information: the information-matching choice tr(H) / tr(Sigma^{-1}), both in
+            the unconstrained coordinates u = T^{-1}(theta) (theta itself for a prior on
+            all of R^D).
         method, resample, region: as asked.
-        estimate: theta_hat (D,); hessian: H (D, D); bootstrap_estimates: (B, D).
+        estimate: theta_hat (D,); hessian: H (D, D) in theta (J^{-T} H_u J^{-1}, J =
+            dtheta/du at theta_hat); bootstrap_estimates: (B, D) in theta, failed refits
+            left out.
         noise_ratio: the largest, over coordinates, ratio of the sd of theta_hat refitted
             on the same data to the bootstrap sd: the simulation and optimisation noise in
             the bootstrap spread (small is good; above 0.3 it inflates w noticeably).
