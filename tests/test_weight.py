@@ -489,12 +489,16 @@ def test_fits_stay_in_a_bounded_priors_support():
     """Prior Gamma(2, 10) on theta > 0 (mode 0.1, near the bound 0); data of mean 0.095 and
     sd 1, n = 50, so the bootstrap means fall below 0 about a quarter of the time. Before:
     the point fit and the Newton refits ran in theta unconstrained, 45 of 200 refits ended
-    at theta <= 0 where the prior's terms were set to 0. Now every fit runs in u = log
-    theta: all inside, and the Hessian reported in theta is the loss's, n = 50 (the
-    transform's second-order term is the gradient at theta_hat, ~0)."""
+    at theta <= 0 where the prior's terms were set to 0. Now the point fit runs in u = log
+    theta and a Newton step that would leave the support is halved: every estimate is
+    inside (those whose data pull them out end at the bound), and the Hessian is the
+    loss's, n = 50. (The bootstrap then piles up at the bound and no Laplace set reaches
+    90%: a warning says so; not asserted, it is this extreme example's, not the property.)"""
     prior = torch.distributions.Gamma(torch.tensor([2.0]), torch.tensor([10.0]))
     y = 0.25 + torch.randn(50, generator=torch.Generator().manual_seed(15))
-    choice = WeightCalibration(resample="iid", n_bootstrap=200).choose(gaussian_nll, prior, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        choice = WeightCalibration(resample="iid", n_bootstrap=200).choose(gaussian_nll, prior, y)
     assert float(choice.estimate) > 0 and bool((choice.bootstrap_estimates > 0).all())
     assert torch.allclose(choice.estimate, y.mean(), rtol=1e-3)
     assert torch.allclose(choice.hessian, torch.tensor([[50.0]]), rtol=1e-3)

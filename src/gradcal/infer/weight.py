@@ -15,11 +15,12 @@ interval. Two choices, both from a bootstrap of the data:
 
 How :meth:`WeightCalibration.choose` spends its budget, top to bottom:
 
-Every step works in the unconstrained coordinates u = T^{-1}(theta), T the map from R^D
-onto the prior's support that the constrained families use (:func:`torch.distributions.
-biject_to`: exp onto (0, inf), an affine sigmoid onto an interval; the identity where the
-support is all of R^D), so no fit leaves the support and the Laplace approximations are
-taken where they are most nearly Gaussian. The prior's density there includes log|dT/du|.
+No fit leaves the prior's support: the first fit runs in the unconstrained coordinates
+u = T^{-1}(theta), T the map from R^D onto the support that the constrained families use
+(:func:`torch.distributions.biject_to`: exp onto (0, inf), an affine sigmoid onto an
+interval; the identity where the support is all of R^D), and a Newton step of a bootstrap
+refit that would leave the support is halved until it does not. The Laplace sets are
+taken in theta, where the posterior is reported.
 
 0. theta_hat = argmin_theta L(theta, y), L the expected loss (over the simulator's noise):
    ``starts`` starting points fitted as one batch with Adam, one simulation per epoch and a
@@ -123,13 +124,10 @@ class WeightChoice:
         coverage: the bootstrap estimate of the coverage of level-``level`` credible sets at w.
         coverage_error: its Monte Carlo standard error, sqrt(c (1 - c) / B).
         level: the nominal level.
-        w_information: the information-matching choice tr(H) / tr(Sigma^{-1}), both in
-            the unconstrained coordinates u = T^{-1}(theta) (theta itself for a prior on
-            all of R^D).
+        w_information: the information-matching choice tr(H) / tr(Sigma^{-1}).
         method, resample, region: as asked.
-        estimate: theta_hat (D,); hessian: H (D, D) in theta (J^{-T} H_u J^{-1}, J =
-            dtheta/du at theta_hat); bootstrap_estimates: (B, D) in theta, failed refits
-            left out.
+        estimate: theta_hat (D,); hessian: H (D, D); bootstrap_estimates: (B, D), failed
+            refits left out.
         noise_ratio: the largest, over coordinates, ratio of the sd of theta_hat refitted
             on the same data to the bootstrap sd: the simulation and optimisation noise in
             the bootstrap spread (small is good; above 0.3 it inflates w noticeably).
@@ -290,23 +288,25 @@ class WeightCalibration:
         with seeded(self.seed):
             centre, scale, bijection = _prior_location(prior, self.init)
             u_hat, fit_sims = self._fit_point(loss, prior, data, centre, scale, bijection, repeats)
+            theta_hat = bijection(u_hat[None])[0].detach()
+            identity = torch.distributions.transforms.identity_transform
             hessian, h_sims = _hessian(
                 PerDatasetLoss(loss, repeat_dataset(data, 1), _hessian_repeats(repeats, exact)),
-                bijection,
-                u_hat,
-                self.curvature_step * scale,
+                identity,
+                theta_hat,
+                self.curvature_step * _prior_sd(prior, theta_hat),
                 exact,
             )
-            datasets = self._datasets(loss, data, bijection(u_hat))
+            datasets = self._datasets(loss, data, theta_hat)
             estimates, failed, boot_sims = self._bootstrap_fits(
-                loss, data, datasets, u_hat, hessian, bijection, repeats, exact
+                loss, data, datasets, theta_hat, hessian, bijection, repeats, exact
             )
-        u_hat, noise = estimates[0], estimates[1 : _NOISE_ROWS + 1]
-        boot = _finite_fits(estimates[_NOISE_ROWS + 1 :], failed[_NOISE_ROWS + 1 :], u_hat)
+        theta_hat, noise = estimates[0], estimates[1 : _NOISE_ROWS + 1]
+        boot = _finite_fits(estimates[_NOISE_ROWS + 1 :], failed[_NOISE_ROWS + 1 :], theta_hat)
         w_info = information_matching(hessian, boot)
         if not (math.isfinite(w_info) and w_info > 0):
             _failed_w(w_info, w_info)
-        coverage_at = self._coverage_function(prior, bijection, u_hat, hessian, boot)
+        coverage_at = self._coverage_function(prior, theta_hat, hessian, boot)
         ws = w_info * torch.logspace(-4, 4, 401, dtype=torch.float64)
         cover = torch.stack([coverage_at(w) for w in ws])
         w = (
@@ -324,8 +324,6 @@ class WeightCalibration:
                 f"simulation noise in the bootstrap fits is {noise_ratio:.2f} of their spread, "
                 "which inflates w: raise `repeats` for a less inflated w."
             )
-        jacobian = _jacobian(bijection, u_hat)
-        inverse = torch.linalg.inv(jacobian)
         return WeightChoice(
             w=float(w),
             coverage=c,
@@ -335,9 +333,9 @@ class WeightCalibration:
             method=self.method,
             resample=self.resample,
             region=self.region,
-            estimate=bijection(u_hat).detach(),
-            hessian=(inverse.T @ hessian.to(inverse) @ inverse).to(u_hat),
-            bootstrap_estimates=bijection(boot).detach(),
+            estimate=theta_hat,
+            hessian=hessian,
+            bootstrap_estimates=boot,
             noise_ratio=noise_ratio,
             fits=self.starts + _NOISE_ROWS + 1 + self.n_bootstrap,
             simulations=fit_sims + h_sims + boot_sims,
@@ -396,46 +394,47 @@ class WeightCalibration:
         loss: Any,
         data: Any,
         datasets: Any,
-        u_hat: Tensor,
+        theta_hat: Tensor,
         hessian: Tensor,
         bijection: Transform,
         repeats: int,
         exact: bool,
     ) -> tuple[Tensor, Tensor, int]:
-        """Minimisers (n, D) in u for [y, y copies (noise), y*_1..y*_B] as one batch of
-        Newton steps, and which rows failed (n,): a row whose loss was not finite at some
-        step got no Newton step there (its gradient is set to 0), so it did not fit."""
+        """Minimisers (n, D) for [y, y copies (noise), y*_1..y*_B] as one batch of Newton
+        steps, kept inside the prior's support (a step that leaves it is halved until it
+        does not), and which rows failed (n,): a row whose loss was not finite at some step
+        got no Newton step there (its gradient is set to 0), so it did not fit."""
         stacked = _concat(repeat_dataset(data, _NOISE_ROWS + 1), datasets)
         rows = PerDatasetLoss(loss, stacked, repeats)
         n = _NOISE_ROWS + 1 + self.n_bootstrap
-        u = u_hat.expand(n, -1).clone()
+        theta = theta_hat.expand(n, -1).clone()
         failed = torch.zeros(n, dtype=torch.bool)
-        inverse = torch.linalg.inv(hessian).to(u)
+        inverse = torch.linalg.inv(hessian).to(theta)
         step = 1.0 if exact else 0.5
         kept, total = [], self.newton_steps
         for i in range(total):
-            point = u.detach().requires_grad_()
-            values = rows(bijection(point))
+            point = theta.detach().requires_grad_()
+            values = rows(point)
             finite = torch.isfinite(values)
             (grad,) = torch.autograd.grad(torch.where(finite, values, 0.0).sum(), point)
             failed |= ~finite.cpu() | ~torch.isfinite(grad).all(-1).cpu()
             delta = grad @ inverse.T
             # a step longer than 3 sds of the Laplace approximation (w = 1) is shortened
-            length = torch.sqrt((delta @ hessian.to(u) * delta).sum(-1).clamp(min=0))
-            delta = delta * (3.0 / length.clamp(min=3.0))[:, None]
-            u = (u - step * delta).detach()
+            length = torch.sqrt((delta @ hessian.to(theta) * delta).sum(-1).clamp(min=0))
+            delta = step * delta * (3.0 / length.clamp(min=3.0))[:, None]
+            theta = _inside(bijection, theta.detach(), delta.detach())
             if exact or i >= total // 2:
-                kept.append(u)
-        estimate = u if exact else torch.stack(kept).mean(0)
+                kept.append(theta)
+        estimate = theta if exact else torch.stack(kept).mean(0)
         return estimate, failed, rows.simulations
 
     def _coverage_function(
-        self, prior: Any, bijection: Transform, u_hat: Tensor, hessian: Tensor, boot: Tensor
+        self, prior: Any, theta_hat: Tensor, hessian: Tensor, boot: Tensor
     ) -> Any:
-        """c(w): the fraction of bootstrap Laplace credible sets (in u) holding u_hat."""
-        grads, precisions = _prior_terms(prior, bijection, boot)
+        """c(w): the fraction of bootstrap Laplace credible sets holding theta_hat."""
+        grads, precisions = _prior_terms(prior, boot)
         h = hessian.to(torch.float64)
-        target, boot = u_hat.to(torch.float64), boot.to(torch.float64)
+        target, boot = theta_hat.to(torch.float64), boot.to(torch.float64)
         d = boot.shape[1]
         if self.region == "joint":
             radius = chi2_quantile(self.level, d)
@@ -546,9 +545,24 @@ def _prior_location(prior: Any, init: Tensor | None) -> tuple[Tensor, Tensor, Tr
     return centre, scale, bijection
 
 
-def _jacobian(bijection: Transform, u: Tensor) -> Tensor:
-    """d theta / d u at u (D,): (D, D)."""
-    return torch.autograd.functional.jacobian(lambda v: bijection(v[None])[0], u.detach())
+def _prior_sd(prior: Any, like: Tensor) -> Tensor:
+    """The prior's sd per coordinate (D,), 1 where it cannot be read."""
+    draws = prior.sample((2000,)).reshape(2000, -1).to(like)
+    sd = draws.std(0)
+    return torch.where(torch.isfinite(sd) & (sd > 0), sd, 1.0)
+
+
+def _inside(bijection: Transform, theta: Tensor, delta: Tensor, halvings: int = 40) -> Tensor:
+    """theta - delta (n, D), each row's step halved until it stays inside the support (where
+    T^{-1} is finite); a row that cannot move stays."""
+    for _ in range(halvings):
+        moved = theta - delta
+        ok = torch.isfinite(bijection.inv(moved)).all(-1)
+        if bool(ok.all()):
+            return moved
+        delta = torch.where(ok[:, None], delta, 0.5 * delta)
+    moved = theta - delta
+    return torch.where(torch.isfinite(bijection.inv(moved)).all(-1, keepdim=True), moved, theta)
 
 
 def _hessian_repeats(repeats: int, exact: bool) -> int:
@@ -686,18 +700,14 @@ def loss_differences_hessian(loss: Any, u: Tensor, steps: Tensor) -> Tensor:
     return h.to(u.dtype)
 
 
-def _prior_terms(prior: Any, bijection: Transform, points: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradient (B, D) and Hessian (B, D, D) in u of -log prior(T(u)) - log|dT/du| at each
-    row of ``points`` (B, D) (0 where not finite)."""
+def _prior_terms(prior: Any, points: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient (B, D) and Hessian (B, D, D) of -log prior at each row of ``points`` (B, D)
+    (0 where not finite)."""
     points = points.to(torch.float64)
     dtype = torch.get_default_dtype()
 
     def negative_log_prior(v: Tensor) -> Tensor:
-        u = v.to(dtype)
-        theta = bijection(u)
-        jacobian = bijection.log_abs_det_jacobian(u, theta)
-        log_det = jacobian.sum(-1) if jacobian.ndim == u.ndim else jacobian
-        return -(prior_log_prob(prior, theta) + log_det).to(torch.float64)  # (B,)
+        return -prior_log_prob(prior, v.to(dtype)).to(torch.float64)  # (B,)
 
     # rows are independent: one backward pass gives every row's gradient, D more the Hessians
     with torch.enable_grad():
@@ -731,7 +741,7 @@ def _finite_fits(boot: Tensor, failed: Tensor, u_hat: Tensor) -> Tensor:
     if not torch.isfinite(u_hat).all() or int(ok.sum()) < max(10, boot.shape[0] // 2):
         raise RuntimeError(
             f"choosing w failed: {int((~ok).sum())} of {boot.shape[0]} bootstrap fits "
-            f"(and the point estimate: {u_hat.tolist()} in the unconstrained coordinates) "
+            f"(and the point estimate: {u_hat.tolist()}) "
             "ended at NaN or infinite parameters or met a loss that is not finite, where the "
             "simulator or the loss fails: set `w` to a number instead."
         )
