@@ -414,31 +414,32 @@ def test_the_curvature_estimate_of_six_parameter_walkers_is_the_expected_losss()
     """The estimate ``choose`` uses for a simulated loss (gradient differences with common
     random numbers, 64 simulations, steps 0.05 prior sds) against the exact Hessian of the
     walkers' expected energy distance; autograd's is hundreds of times too large. Tolerance
-    as in the slow test below (measured relative error mean 0.070, sd 0.025: 0.2)."""
+    as in the test below."""
     bench = _benchmark()
-    loss, y = bench.walker_problem(0, 100, walkers=2)
+    loss, y = bench.walker_problem(0, 100, walkers=3)
     rows = PerDatasetLoss(loss, repeat_dataset(y, 1), 64)
     steps = 0.05 * 2.0 * torch.ones(6)  # WeightCalibration's default step, prior sd 2
     estimate = gradient_differences_hessian(lambda t: rows(t[None])[0], bench.WALKER_TRUTH, steps)
     exact = torch.autograd.functional.hessian(
-        lambda t: bench.walker_expected_loss(t, y, 2), bench.WALKER_TRUTH.double()
+        lambda t: bench.walker_expected_loss(t, y, 3), bench.WALKER_TRUTH.double()
     )
     error = torch.linalg.norm(estimate.double() - exact) / torch.linalg.norm(exact)
-    assert float(error) < 0.2
+    assert float(error) < 0.15
 
 
-@pytest.mark.slow
 def test_six_parameter_walkers_get_the_curvature_of_their_expected_loss():
     """Six groups of Bernoulli walkers (straight-through steps) with the energy distance:
     autograd's Hessian of the simulations is hundreds of times the expected loss's
     (``choose_w.py curvature``: relative error 786, eigenvalues 55-356 against 0.21-0.33),
     so the Newton refits barely moved and w came out far too small. Fast version (T = 100,
-    2 walkers a group, the fit started at the truth, B = 20): the Hessian must be the
-    exact expected loss's up to its Monte Carlo error (measured over 8 seeds at these
-    settings: relative Frobenius error mean 0.070, sd 0.025; 0.2 is over 5 sd above), and
-    information matching and GPC must agree within the noise of B = 20 (a factor 4)."""
+    3 walkers a group, the fit started at the truth, B = 20; with 3 walkers autograd's
+    Hessian was 3567 times off, with 2 or 4 it happens to be right): the Hessian must be
+    the exact expected loss's up to its Monte Carlo error (gradient differences measured
+    over 8 seeds at these settings: relative Frobenius error mean 0.053, sd 0.018; 0.15 is
+    over 5 sd above), and information matching and GPC must agree within the noise of
+    B = 20 (a factor 4)."""
     bench = _benchmark()
-    loss, y = bench.walker_problem(0, 100, walkers=2)
+    loss, y = bench.walker_problem(0, 100, walkers=3)
     options = WeightCalibration(
         n_bootstrap=20, repeats=4, newton_steps=10, fit_epochs=20, starts=1,
         init=bench.WALKER_TRUTH,
@@ -447,10 +448,10 @@ def test_six_parameter_walkers_get_the_curvature_of_their_expected_loss():
         warnings.simplefilter("always")
         choice = options.choose(loss, bench.WALKER_PRIOR, y)
     exact = torch.autograd.functional.hessian(
-        lambda t: bench.walker_expected_loss(t, y, 2), choice.estimate.double()
+        lambda t: bench.walker_expected_loss(t, y, 3), choice.estimate.double()
     )
     error = torch.linalg.norm(choice.hessian.double() - exact) / torch.linalg.norm(exact)
-    assert float(error) < 0.2
+    assert float(error) < 0.15
     assert not [m for m in _weight_warnings(record) if "no w reaches" in m]
     assert 0.25 < choice.w / choice.w_information < 4.0
 
