@@ -26,6 +26,13 @@ The studies (``python benchmarks/choose_w.py STUDY [--replicates N]``):
 - ``cost``: one calibration against one Gaussian VI fit of the same problem, side by side.
 - ``brock-hommes``: the same for ``examples/brock_hommes/config.toml`` (VI with the
   example's settings), and the share of each step of the calibration in a profiled run.
+- ``curvature``: the Hessian of the expected energy distance at the truth estimated from
+  64 simulations by autograd, by differences of the gradient and by second differences of
+  the loss (common random numbers), against its exact value, on ``Normal(100)`` and on six
+  groups of Bernoulli walkers (``GroupWalkers``); ``--replicates`` seeds.
+- ``walkers``: coverage of the walkers' true logits by the Laplace approximation of pi_w at
+  the calibrated w (each logit's 90% interval, the joint 90% region) over replicated data
+  sets, with a reduced budget; and the simulations each calibration cost.
 
 In ``ar1`` the intervals are those of the Laplace approximation of pi_w at the point
 estimate (precision H / w + prior's, the construction the calibration itself uses), and
@@ -161,27 +168,14 @@ def normal_expected_loss(theta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 2 * exy - exx
 
 
-def _gradient_differences(mean_loss, theta: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Central differences of autograd's gradient, common random numbers per column."""
-    d, columns = theta.shape[0], []
-    seed = int(torch.randint(0, 2**62, ()))
-    for j in range(d):
-        grads = []
-        for sign in (1.0, -1.0):
-            point = (theta + sign * steps[j] * torch.eye(d)[j]).requires_grad_()
-            with seeded(seed):
-                (g,) = torch.autograd.grad(mean_loss(point), point)
-            grads.append(g)
-        columns.append((grads[0] - grads[1]) / (2 * steps[j]))
-    h = torch.stack(columns, 1).double()
-    return 0.5 * (h + h.T)
-
-
 def curvature_study(seeds: int, repeats: int = 64) -> None:
     """The curvature of the expected energy distance at the truth, estimated from R
     simulations by autograd, by differences of the gradient and by second differences of
     the averaged loss (both with common random numbers), against its exact value."""
-    from gradcal.infer.weight import loss_differences_hessian  # not in older gradcal
+    from gradcal.infer.weight import (  # not in older gradcal
+        gradient_differences_hessian,
+        loss_differences_hessian,
+    )
 
     problems = []
     y_normal = torch.cat(
@@ -226,7 +220,7 @@ def curvature_study(seeds: int, repeats: int = 64) -> None:
         for h in steps:
             step = torch.full_like(theta, h)
             methods[f"gradient differences, h = {h}"] = lambda step=step, t=theta, f=mean_loss: (
-                _gradient_differences(f, t, step)
+                gradient_differences_hessian(f, t, step)
             )
             methods[f"loss differences, h = {h}"] = lambda step=step, t=theta, f=mean_loss: (
                 loss_differences_hessian(f, t, step)
