@@ -26,6 +26,13 @@ The studies (``python benchmarks/choose_w.py STUDY [--replicates N]``):
 - ``cost``: one calibration against one Gaussian VI fit of the same problem, side by side.
 - ``brock-hommes``: the same for ``examples/brock_hommes/config.toml`` (VI with the
   example's settings), and the share of each step of the calibration in a profiled run.
+- ``curvature``: the Hessian of the expected energy distance at the truth estimated from
+  64 simulations by autograd, by differences of the gradient and by second differences of
+  the loss (common random numbers), against its exact value, on ``Normal(100)`` and on six
+  groups of Bernoulli walkers (``GroupWalkers``); ``--replicates`` seeds.
+- ``walkers``: coverage of the walkers' true logits by the Laplace approximation of pi_w at
+  the calibrated w (each logit's 90% interval, the joint 90% region) over replicated data
+  sets, with a reduced budget; and the simulations each calibration cost.
 
 In ``ar1`` the intervals are those of the Laplace approximation of pi_w at the point
 estimate (precision H / w + prior's, the construction the calibration itself uses), and
@@ -41,18 +48,245 @@ import argparse
 import math
 import os
 import time
+import warnings
 
 import torch
 
+from gradcal.bootstrap import PerDatasetLoss, repeat_dataset
 from gradcal.infer import VI
 from gradcal.infer.weight import WeightCalibration, chi2_quantile
-from gradcal.losses import GaussianKernel, MMDLoss
-from gradcal.models import AR1
+from gradcal.losses import EnergyDistanceLoss, GaussianKernel, MMDLoss
+from gradcal.models import AR1, Model, Normal
 from gradcal.posterior_estimators import DiagonalGaussian, FullRankGaussian
+from gradcal.relax import relaxed_bernoulli
+from gradcal.rng import seeded
 
-torch.set_num_threads(1)
 LEVEL = 0.9
 Z = 1.6448536269514722  # the 0.95 quantile of N(0, 1): 90% equal-tailed intervals
+
+
+# --- a six-parameter agent-based model: groups of Bernoulli walkers -----------------------
+
+
+class GroupWalkers(Model):
+    r"""G groups of N walkers; walker i of group g steps +1 with probability sigmoid(l_g),
+    else -1 (straight-through Gumbel-softmax, :func:`gradcal.relax.relaxed_bernoulli`).
+
+    Parameters: the G logits l_g. Observed: each group's mean position, (B, T + 1, G); the
+    energy distance of its increments (``increments=True``) compares the per-step group
+    means, i.i.d. over time with mean 2 sigmoid(l_g) - 1.
+    """
+
+    batched = True
+    history_length = 1
+
+    def __init__(self, n_timesteps: int = 200, groups: int = 6, walkers: int = 5):
+        super().__init__()
+        self.n_timesteps, self.groups, self.walkers = n_timesteps, groups, walkers
+        self.n_params = groups
+
+    def initialize(self, params: torch.Tensor) -> torch.Tensor:
+        return params.new_zeros(params.shape[0], 1, self.groups)
+
+    def step(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        logits = params[:, None, :].expand(-1, self.walkers, -1)
+        up = relaxed_bernoulli(logits, tau=0.1, hard=True)
+        return x[:, -1:] + (2.0 * up - 1.0).mean(1, keepdim=True)
+
+    def observe(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x]
+
+
+WALKER_TRUTH = torch.tensor([-1.0, -0.5, 0.0, 0.3, 0.6, 1.0])
+WALKER_PRIOR = torch.distributions.Normal(torch.zeros(6), 2.0 * torch.ones(6))
+
+
+def walker_problem(
+    seed: int, n_timesteps: int = 200, walkers: int = 5
+) -> tuple[EnergyDistanceLoss, torch.Tensor]:
+    """The loss and one observed series (T + 1, 6) simulated at ``WALKER_TRUTH``."""
+    model = GroupWalkers(n_timesteps, walkers=walkers)
+    with seeded(seed):
+        (y,) = model.run_and_observe(WALKER_TRUTH[None])
+    return EnergyDistanceLoss(model, increments=True), y[0]
+
+
+def walker_expected_loss(logits: torch.Tensor, y: torch.Tensor, walkers: int) -> torch.Tensor:
+    """The expected energy distance of ``GroupWalkers``' increments, exactly (float64).
+
+    A group's increment is (2K - N) / N, K ~ Binomial(N, sigmoid(l_g)), independently over
+    groups and steps: E||D - y_t|| sums over the (N + 1)^G lattice, E||D - D'|| over the
+    (2N + 1)^G lattice of differences. Up to the data's own term.
+    """
+    n, g = walkers, logits.shape[0]
+    k = torch.arange(n + 1, dtype=torch.float64)
+    p = torch.sigmoid(logits.double())[:, None]
+    pmf = torch.exp(
+        torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64))
+        - torch.lgamma(k + 1)
+        - torch.lgamma(n - k + 1)
+        + k * torch.log(p)
+        + (n - k) * torch.log1p(-p)
+    )  # (G, N + 1)
+    values = (2 * k - n) / n
+    grid = torch.cartesian_prod(*[values] * g)  # (L, G)
+    index = torch.cartesian_prod(*[torch.arange(n + 1)] * g)
+    prob = pmf[torch.arange(g), index].prod(-1)
+    steps = y.double().diff(dim=0)  # (T, G)
+    exy = (prob[:, None] * torch.cdist(grid, steps)).sum(0).mean()
+    outer = pmf[:, :, None] * pmf[:, None, :]  # (G, N + 1, N + 1): P(K = a, K' = b)
+    diff_pmf = torch.stack([outer.diagonal(-d, 1, 2).sum(-1) for d in range(-n, n + 1)], 1)
+    offsets = 2 * torch.arange(-n, n + 1, dtype=torch.float64) / n
+    grid2 = torch.cartesian_prod(*[offsets] * g)
+    index2 = torch.cartesian_prod(*[torch.arange(2 * n + 1)] * g)
+    prob2 = diff_pmf[torch.arange(g), index2].prod(-1)
+    exx = (prob2 * grid2.norm(dim=-1)).sum()
+    return 2 * exy - exx
+
+
+def normal_expected_loss(theta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The expected energy distance of ``Normal(n)`` (the sample 0, X_1..X_n, X_i ~
+    N(mu, sigma^2)) to the observed points y (n + 1,), exactly, up to the data's term.
+
+    E|X - a| = sigma (2 phi(z) + z (2 Phi(z) - 1)), z = (mu - a) / sigma; E|X - X'| =
+    2 sigma / sqrt(pi); the within-sample mean leaves out the diagonal.
+    """
+    mu, sigma = theta.double()[0], theta.double()[1]
+    y = y.double().reshape(-1)
+    n, m = y.shape[0] - 1, y.shape[0]
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+
+    def to(a: torch.Tensor) -> torch.Tensor:
+        z = (mu - a) / sigma
+        return sigma * (2 * normal.log_prob(z).exp() + z * (2 * normal.cdf(z) - 1))
+
+    exy = (y.abs().sum() + n * to(y).sum()) / (m * m)
+    exx = (
+        2 * n * to(torch.zeros(1, dtype=torch.float64))[0]
+        + n * (n - 1) * 2 * sigma / math.sqrt(math.pi)
+    ) / (m * (m - 1))
+    return 2 * exy - exx
+
+
+def curvature_study(seeds: int, repeats: int = 64) -> None:
+    """The curvature of the expected energy distance at the truth, estimated from R
+    simulations by autograd, by differences of the gradient and by second differences of
+    the averaged loss (both with common random numbers), against its exact value."""
+    from gradcal.infer.weight import (  # not in older gradcal
+        gradient_differences_hessian,
+        loss_differences_hessian,
+    )
+
+    problems = []
+    y_normal = torch.cat(
+        [torch.zeros(1), 1.0 + 2.0 * torch.randn(100, generator=torch.Generator().manual_seed(1))]
+    )
+    problems.append(
+        (
+            "Normal(100)",
+            EnergyDistanceLoss(Normal(100)),
+            y_normal,
+            torch.tensor([1.0, 2.0]),
+            lambda t: normal_expected_loss(t, y_normal),
+            (0.02, 0.1, 0.3, 1.0),
+        )
+    )
+    walker_loss, y_walk = walker_problem(0, 200)
+    problems.append(
+        (
+            "GroupWalkers (6 logits)",
+            walker_loss,
+            y_walk,
+            WALKER_TRUTH.clone(),
+            lambda t: walker_expected_loss(t, y_walk, 5),
+            (0.02, 0.1, 0.3),
+        )
+    )
+    for name, loss, y, theta, exact_loss, steps in problems:
+        exact = torch.autograd.functional.hessian(exact_loss, theta.double())
+        rows = PerDatasetLoss(loss, repeat_dataset(y, 1), repeats)
+
+        def mean_loss(t, rows=rows):
+            return rows(t[None])[0]
+
+        print(
+            f"{name}: exact Hessian eigenvalues "
+            f"{[round(v, 4) for v in torch.linalg.eigvalsh(exact).tolist()]}",
+            flush=True,
+        )
+        methods = {
+            "autograd": lambda t=theta, f=mean_loss: torch.autograd.functional.hessian(f, t)
+        }
+        for h in steps:
+            step = torch.full_like(theta, h)
+            methods[f"gradient differences, h = {h}"] = lambda step=step, t=theta, f=mean_loss: (
+                gradient_differences_hessian(f, t, step)
+            )
+            methods[f"loss differences, h = {h}"] = lambda step=step, t=theta, f=mean_loss: (
+                loss_differences_hessian(f, t, step)
+            )
+        for label, method in methods.items():
+            estimates, started = [], time.perf_counter()
+            for seed in range(seeds):
+                with seeded(seed):
+                    estimates.append(method().double())
+            seconds = (time.perf_counter() - started) / seeds
+            h = torch.stack(estimates)
+            norm = float(torch.linalg.norm(exact))
+            error = torch.linalg.norm(h - exact, dim=(1, 2)) / norm
+            bias = float(torch.linalg.norm(h.mean(0) - exact)) / norm
+            spread = float(torch.linalg.norm(h.std(0))) / norm
+            print(
+                f"  {label}: relative error {float(error.mean()):.3f} (bias {bias:.3f}, "
+                f"sd {spread:.3f}), {seconds:.2f} s each",
+                flush=True,
+            )
+
+
+WALKER_CHEAP = {"n_bootstrap": 40, "repeats": 4, "newton_steps": 10, "fit_epochs": 60}
+
+
+def walkers_study(replicates: int, first: int = 0, n_timesteps: int = 100) -> None:
+    """Coverage of WALKER_TRUTH by the Laplace approximation of pi_w at the calibrated w
+    (precision H / w plus the prior's, at theta_hat): each logit's 90% interval and the
+    joint 90% region (chi2_6 radius), over replicated data sets (seed 5000 + r); the
+    calibration's simulations and seconds. Reduced budget ``WALKER_CHEAP``, T = 100."""
+    radius = chi2_quantile(LEVEL, 6)
+    hits, joint, ratios, sims = torch.zeros(6), 0, [], []
+    for r in range(first, first + replicates):
+        loss, y = walker_problem(5000 + r, n_timesteps)
+        options = WeightCalibration(seed=r, **WALKER_CHEAP)
+        started = time.perf_counter()
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            choice = options.choose(loss, WALKER_PRIOR, y)
+        seconds = time.perf_counter() - started
+        precision = choice.hessian.double() / choice.w + torch.eye(6, dtype=torch.float64) / 4
+        gap = (WALKER_TRUTH - choice.estimate).double()
+        sd = torch.linalg.inv(precision).diagonal().sqrt()
+        hit = gap.abs() <= Z * sd
+        inside = float(gap @ precision @ gap) <= radius
+        hits += hit.double()
+        joint += inside
+        ratios.append(choice.w / choice.w_information)
+        sims.append(choice.simulations)
+        said = [str(w.message)[:60] for w in record if "choosing w" in str(w.message)]
+        print(
+            f"replicate {r}: w {choice.w:.4g} (information {choice.w_information:.4g}), "
+            f"marginal hits {hit.int().tolist()}, joint {int(inside)}, "
+            f"{choice.simulations} simulations, {seconds:.0f} s, warnings {said}",
+            flush=True,
+        )
+    n = replicates
+    pooled = float(hits.sum()) / (6 * n)
+    print(
+        f"coverage over {n}: marginal per logit {[round(h / n, 2) for h in hits.tolist()]}, "
+        f"pooled {pooled:.3f} +- {math.sqrt(pooled * (1 - pooled) / (6 * n)):.3f}; joint "
+        f"{joint / n:.3f} +- {math.sqrt(max(joint / n * (1 - joint / n), 1e-12) / n):.3f}; "
+        f"median w / w_info {sorted(ratios)[n // 2]:.3g}; simulations per calibration "
+        f"{sorted(sims)[n // 2]}",
+        flush=True,
+    )
 
 
 # --- the well-specified Normal location --------------------------------------------------
@@ -545,7 +779,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "study",
-        choices=("normal", "normal-vi", "ar1", "exact", "cost", "brock-hommes", "all"),
+        choices=(
+            "normal",
+            "normal-vi",
+            "ar1",
+            "exact",
+            "cost",
+            "brock-hommes",
+            "curvature",
+            "walkers",
+            "all",
+        ),
         default="all",
     )
     parser.add_argument("--logs", nargs="*", default=[], help="ar1 logs read by 'exact'")
@@ -560,6 +804,7 @@ if __name__ == "__main__":
         help="ar1: the region w is calibrated for and scored by",
     )
     args = parser.parse_args()
+    torch.set_num_threads(1)
     print(f"load average {os.getloadavg()}", flush=True)
     if args.study in ("normal", "all"):
         normal_study(args.replicates or 100)
@@ -567,6 +812,10 @@ if __name__ == "__main__":
         normal_vi_study(args.replicates or 100)
     if args.study in ("ar1", "all"):
         ar1_study(args.replicates or 50, args.vi, args.first, args.region)
+    if args.study == "curvature":
+        curvature_study(args.replicates or 10)
+    if args.study == "walkers":
+        walkers_study(args.replicates or 20, args.first)
     if args.study == "exact":
         exact_study(args.logs)
     if args.study in ("cost", "all"):
