@@ -107,8 +107,8 @@ def walker_problem(
     """The loss and one observed series (T + 1, 6) simulated at ``WALKER_TRUTH``."""
     model = GroupWalkers(n_timesteps, walkers=walkers)
     with seeded(seed):
-        (y,) = model.run_and_observe(WALKER_TRUTH[None])
-    return EnergyDistanceLoss(model, increments=True), y[0]
+        (y,) = model.run_and_observe(WALKER_TRUTH)
+    return EnergyDistanceLoss(model, increments=True), y
 
 
 def walker_expected_loss(logits: torch.Tensor, y: torch.Tensor, walkers: int) -> torch.Tensor:

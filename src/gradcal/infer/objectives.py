@@ -56,7 +56,6 @@ References:
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -73,6 +72,7 @@ from gradcal.gradients import (
     loss_and_gradient,
 )
 from gradcal.posterior_estimators import log_prob_stopped
+from gradcal.problems import warn_problem
 from gradcal.regularisation import log_q_on_kept, prior_log_prob
 
 __all__ = [
@@ -266,14 +266,13 @@ class WeightedObjective:
         if not held:
             name = type(family).__name__
             named = "" if name.startswith("_") else f" ({name})"  # not an internal adapter
-            warnings.warn(
+            warn_problem(
                 f"the variational family{named} cannot hold its parameters fixed in "
                 "log_prob (they are not torch module parameters or buffers), so the "
                 f"doubly-reparameterised gradient would be biased: objective {self.name!r} "
                 "uses the plain reparameterised gradient instead (unbiased, without DReG's "
                 "variance reduction). Make the family a torch.nn.Module holding its tensors "
-                "as parameters, or pass doubly_reparameterised=False to silence this.",
-                stacklevel=4,
+                "as parameters, or pass doubly_reparameterised=False to silence this."
             )
         return held
 

@@ -54,7 +54,7 @@ from gradcal.infer.objectives import (
 from gradcal.infer.weight import WeightCalibration, WeightChoice, resolve_w
 from gradcal.posterior_estimators import as_family
 from gradcal.priors import distribution_device, distribution_to
-from gradcal.problems import GradcalWarning
+from gradcal.problems import GradcalWarning, warn_problem
 from gradcal.regularisation import (
     check_prior,
     closed_form_kl,
@@ -664,12 +664,10 @@ class VI:
             logger.info("choosing w: %s", self.weight_choice.summary())
         written_at = None if resumed is None else resumed.get("w")
         if written_at is not None and written_at != self.w and is_main():
-            warnings.warn(
+            warn_problem(
                 f"VI: the checkpoint was written at w = {written_at:.6g} but this run "
                 f"continues at w = {self.w:.6g}: its epochs target two different posteriors "
-                "and the best state compares totals at two w.",
-                UserWarning,
-                stacklevel=3,
+                "and the best state compares totals at two w."
             )
 
     def _choose_w_once(self, calibration: WeightCalibration, data: Any) -> WeightChoice:

@@ -43,8 +43,9 @@ taken in theta, where the posterior is reported.
    simulation cost, and w is the smallest with c(w) >= level.
 
 A result that may be wrong (coverage not reached, noisy refits, refits left out, a Hessian
-made positive definite) is said by ``warnings.warn`` (a ``UserWarning``), so a Python user
-sees it; a result that is surely wrong stops with ``RuntimeError("choosing w failed: ...")``.
+made positive definite) is said by :func:`~gradcal.problems.warn_problem` (a
+``GradcalWarning``, a ``UserWarning``), so a Python user sees it; a result that is surely
+wrong stops with ``RuntimeError("choosing w failed: ...")``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -67,6 +67,7 @@ from gradcal.bootstrap import (
     repeat_dataset,
     simulated_datasets,
 )
+from gradcal.problems import warn_problem
 from gradcal.regularisation import prior_log_prob
 from gradcal.rng import seeded
 
@@ -460,8 +461,9 @@ _NOISE_ROWS = 8  # refits of theta_hat on the observed data: the noise of the bo
 
 
 def _warn(message: str) -> None:
-    """Say that a choice of w may be wrong: a ``UserWarning``, as ``VI.mass_check`` does."""
-    warnings.warn(f"choosing w: {message}", UserWarning, stacklevel=4)
+    """Say that a choice of w may be wrong: a :class:`~gradcal.problems.GradcalWarning` at the
+    user's line, and the log."""
+    warn_problem(f"choosing w: {message}")
 
 
 def _failed_w(w: float, w_info: float) -> None:
