@@ -267,3 +267,34 @@ def test_bad_arguments():
         MCMC(MALA(normal_prior(0.0, 1.0), gaussian_nll(1.0)), 5).run(
             torch.zeros(1), None, adapt_covariance="full"
         )
+
+
+def test_mcmc_on_a_rank_other_than_0_takes_rank_0s_choice_of_w(monkeypatch):
+    """``w = "calibrate"`` under torchrun, as rank 1 sees it (is_main False; the broadcast
+    hands over what rank 0 sent): the kernel never calls the loss to choose w and runs at
+    rank 0's w, so every rank's chains sample one target; rank 0's error stops it too."""
+    import gradcal.infer.weight as weight_module
+    from gradcal.infer.weight import WeightCalibration, weight_choice_state
+
+    y = torch.randn(20, generator=torch.Generator().manual_seed(5)) + 2.0
+    calls = []
+
+    def loss(theta, data):
+        calls.append(theta.shape)
+        return gaussian_nll(1.0)(theta, data)
+
+    loss.batched, loss.exact = True, True
+    prior = normal_prior(0.0, 10.0)
+    chosen = WeightCalibration(resample="iid").choose(loss, prior, y)
+    calls.clear()
+    sent = [(weight_choice_state(chosen), None)]
+    monkeypatch.setattr(weight_module, "is_main", lambda: False)
+    monkeypatch.setattr(weight_module, "broadcast_object", lambda obj, src=0: sent[0])
+    kernel = MALA(prior, loss, w="calibrate")
+    MCMC(kernel, num_samples=3, progress_bar=False).run(torch.zeros(1), y, seed=0, scale=0.1)
+    assert kernel.w == chosen.w
+    assert len(calls) <= 4  # the chain's own evaluations only (choosing w takes hundreds)
+    sent[0] = (None, "RuntimeError: choosing w failed: the bootstrap gives w = nan")
+    kernel = MALA(prior, loss, w="calibrate")
+    with pytest.raises(RuntimeError, match="choosing w failed on rank 0"):
+        MCMC(kernel, num_samples=3, progress_bar=False).run(torch.zeros(1), y, seed=0)

@@ -557,15 +557,15 @@ def test_resuming_at_another_w_than_the_checkpoints_warns(tmp_path):
 def test_a_rank_other_than_0_takes_rank_0s_choice_of_w_or_its_error(monkeypatch):
     """As rank 1 sees it (is_main False; the broadcast hands over what rank 0 sent): it
     never calls the loss to choose w, runs at rank 0's w, and stops naming rank 0's error."""
-    import gradcal.infer.vi as vi_module
-    from gradcal.infer.vi import weight_choice_state
+    import gradcal.infer.weight as weight_module
+    from gradcal.infer.weight import weight_choice_state
 
     chosen = WeightCalibration(resample="iid").choose(
         ExactCountingLoss(gaussian_nll(1.0)), normal_prior(0.0, 10.0), Y_CALIBRATE
     )
     sent = [(weight_choice_state(chosen), None)]
-    monkeypatch.setattr(vi_module, "is_main", lambda: False)
-    monkeypatch.setattr(vi_module, "broadcast_object", lambda obj, src=0: sent[0])
+    monkeypatch.setattr(weight_module, "is_main", lambda: False)
+    monkeypatch.setattr(weight_module, "broadcast_object", lambda obj, src=0: sent[0])
     _, vi, loss = _calibrated_vi(None, WeightCalibration(resample="iid", seed=None))
     vi.run(Y_CALIBRATE, 2, 100)
     assert loss.calls == 2 and vi.w == chosen.w  # the epochs' calls only

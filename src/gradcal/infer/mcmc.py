@@ -37,7 +37,7 @@ from gradcal.infer.convergence import (
     rhat,
     split_rhat,
 )
-from gradcal.infer.weight import WeightChoice, resolve_w
+from gradcal.infer.weight import WeightChoice, choose_w_once, resolve_w
 from gradcal.regularisation import check_prior, prior_dim, prior_log_prob
 from gradcal.rng import seeded
 
@@ -93,7 +93,7 @@ class _Kernel:
     def choose_w(self, data: Any) -> None:
         """For ``w="calibrate"``: choose w from ``data`` (once; kept in ``weight_choice``)."""
         if self.calibration is not None and self.weight_choice is None:
-            self.weight_choice = self.calibration.choose(self.loss.loss, self.prior, data)
+            self.weight_choice = choose_w_once(self.calibration, self.loss.loss, self.prior, data)
             self.w = self.weight_choice.w
 
     def initialise_chain(self, state: Tensor, data: Any) -> None:

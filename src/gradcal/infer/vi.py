@@ -12,7 +12,6 @@ q, clip, and step the optimiser.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import warnings
@@ -36,7 +35,6 @@ from gradcal.distributed import (
     all_gather_objects,
     all_reduce_sum,
     broadcast_module,
-    broadcast_object,
     is_main,
     launched_without_process_group,
     rank,
@@ -51,7 +49,13 @@ from gradcal.infer.objectives import (
     make_objective,
     mass_warning,
 )
-from gradcal.infer.weight import WeightCalibration, WeightChoice, resolve_w
+from gradcal.infer.weight import (
+    WeightChoice,
+    choose_w_once,
+    resolve_w,
+    weight_choice_from_state,
+    weight_choice_state,
+)
 from gradcal.posterior_estimators import as_family
 from gradcal.priors import distribution_device, distribution_to
 from gradcal.problems import GradcalWarning, warn_problem
@@ -73,8 +77,6 @@ __all__ = [
     "compute_and_differentiate_loss_score",
     "compute_loss_and_jacobian_pathwise",
     "compute_regularisation_loss",
-    "weight_choice_from_state",
-    "weight_choice_state",
 ]
 
 logger = logging.getLogger("gradcal")
@@ -115,31 +117,6 @@ def _check_regularisation(reg: float, epoch: int) -> None:
             "or a prior whose support q leaves) or q's parameters became NaN (lower the "
             "learning rate or set gradient_clipping_norm)."
         )
-
-
-def weight_choice_state(choice: WeightChoice) -> dict[str, Any]:
-    """A :class:`WeightChoice` as a checkpoint holds it: its fields, tensors on the CPU
-    (loadable with ``weights_only=True``); :func:`weight_choice_from_state` reverses it."""
-    state = {f.name: getattr(choice, f.name) for f in dataclasses.fields(choice)}
-    for name, value in state.items():
-        if isinstance(value, Tensor):
-            state[name] = value.detach().cpu()
-        elif isinstance(value, tuple):
-            state[name] = tuple(v.detach().cpu() for v in value)
-    return state
-
-
-def weight_choice_from_state(state: dict[str, Any]) -> WeightChoice:
-    """The :class:`WeightChoice` that :func:`weight_choice_state` wrote.
-
-    Example:
-        >>> c = WeightChoice(0.5, 0.9, 0.03, 0.9, 0.48, "bootstrap", "iid", "joint",
-        ...     torch.zeros(1), torch.eye(1), torch.zeros(100, 1), 0.1, 101, 0, 1.5,
-        ...     (torch.ones(1), torch.ones(1)))
-        >>> weight_choice_from_state(weight_choice_state(c)).summary() == c.summary()
-        True
-    """
-    return WeightChoice(**{**state, "curve": tuple(state["curve"])})
 
 
 class VI:
@@ -659,7 +636,7 @@ class VI:
             self.w = self.weight_choice.w
             logger.info("w from the checkpoint: %s", self.weight_choice.summary())
         elif self.calibration is not None and self.weight_choice is None:
-            self.weight_choice = self._choose_w_once(self.calibration, data)
+            self.weight_choice = choose_w_once(self.calibration, self.loss, self.prior, data)
             self.w = self.weight_choice.w
             logger.info("choosing w: %s", self.weight_choice.summary())
         written_at = None if resumed is None else resumed.get("w")
@@ -669,25 +646,6 @@ class VI:
                 f"continues at w = {self.w:.6g}: its epochs target two different posteriors "
                 "and the best state compares totals at two w."
             )
-
-    def _choose_w_once(self, calibration: WeightCalibration, data: Any) -> WeightChoice:
-        """Choose w on rank 0 alone and broadcast the choice: every rank runs at one w.
-
-        An error on rank 0 is raised there and, naming it, on every other rank.
-        """
-        choice, error = None, None
-        if is_main():
-            try:
-                choice = weight_choice_state(calibration.choose(self.loss, self.prior, data))
-            except Exception as caught:  # re-raised below, after the other ranks hear of it
-                error = caught
-        message = None if error is None else f"{type(error).__name__}: {error}"
-        choice, message = broadcast_object((choice, message))
-        if error is not None:
-            raise error
-        if message is not None:
-            raise RuntimeError(f"choosing w failed on rank 0: {message}")
-        return weight_choice_from_state(choice)
 
     def _start(self, resumed: dict[str, Any] | None) -> None:
         if resumed is not None:

@@ -50,6 +50,7 @@ wrong stops with ``RuntimeError("choosing w failed: ...")``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -67,6 +68,7 @@ from gradcal.bootstrap import (
     repeat_dataset,
     simulated_datasets,
 )
+from gradcal.distributed import broadcast_object, is_main
 from gradcal.problems import warn_problem
 from gradcal.regularisation import prior_log_prob
 from gradcal.rng import seeded
@@ -78,11 +80,14 @@ __all__ = [
     "WeightChoice",
     "chi2_quantile",
     "choose_w",
+    "choose_w_once",
     "gradient_differences_hessian",
     "information_matching",
     "loss_differences_hessian",
     "resolve_w",
     "support_transform",
+    "weight_choice_from_state",
+    "weight_choice_state",
 ]
 
 logger = logging.getLogger("gradcal")
@@ -831,3 +836,52 @@ def resolve_w(w: Any, allow_zero: bool = True) -> tuple[float, WeightCalibration
             f'`w` must be a number {sign} 0, "calibrate" or a WeightCalibration, got {w!r}.'
         )
     return float(w), None
+
+
+def weight_choice_state(choice: WeightChoice) -> dict[str, Any]:
+    """A :class:`WeightChoice` as a checkpoint holds it: its fields, tensors on the CPU
+    (loadable with ``weights_only=True``); :func:`weight_choice_from_state` reverses it."""
+    state = {f.name: getattr(choice, f.name) for f in dataclasses.fields(choice)}
+    for name, value in state.items():
+        if isinstance(value, Tensor):
+            state[name] = value.detach().cpu()
+        elif isinstance(value, tuple):
+            state[name] = tuple(v.detach().cpu() for v in value)
+    return state
+
+
+def weight_choice_from_state(state: dict[str, Any]) -> WeightChoice:
+    """The :class:`WeightChoice` that :func:`weight_choice_state` wrote.
+
+    Example:
+        >>> c = WeightChoice(0.5, 0.9, 0.03, 0.9, 0.48, "bootstrap", "iid", "joint",
+        ...     torch.zeros(1), torch.eye(1), torch.zeros(100, 1), 0.1, 101, 0, 1.5,
+        ...     (torch.ones(1), torch.ones(1)))
+        >>> weight_choice_from_state(weight_choice_state(c)).summary() == c.summary()
+        True
+    """
+    return WeightChoice(**{**state, "curve": tuple(state["curve"])})
+
+
+def choose_w_once(
+    calibration: WeightCalibration, loss: Any, prior: Any, data: Any
+) -> WeightChoice:
+    """Choose w on rank 0 alone and broadcast the choice, so every rank runs at one w (in
+    one process: ``calibration.choose``). What VI and MCMC do for ``w = "calibrate"``.
+
+    An error on rank 0 is raised there and, naming it, on every other rank, so no rank
+    waits for the others in a collective.
+    """
+    choice, error = None, None
+    if is_main():
+        try:
+            choice = weight_choice_state(calibration.choose(loss, prior, data))
+        except Exception as caught:  # re-raised below, after the other ranks hear of it
+            error = caught
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    choice, message = broadcast_object((choice, message))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"choosing w failed on rank 0: {message}")
+    return weight_choice_from_state(choice)
