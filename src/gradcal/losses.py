@@ -324,7 +324,7 @@ class MSELoss(_SimulationLoss):
 
 
 class NegativeLogLikelihood:
-    r""":math:`-\log p(y \mid \theta)` from a model's exact ``log_likelihood(params, y)``.
+    r"""$-\log p(y \mid \theta)$ from a model's exact ``log_likelihood(params, y)``.
 
     With w = 1 the generalised posterior is the ordinary Bayesian posterior.
 

@@ -49,7 +49,7 @@ class Scores:
 
 def mean_error(estimate: Tensor, reference: Tensor) -> float:
     r"""Error of a posterior mean (or point) in reference sd:
-    :math:`\max_d |m_d - \bar r_d| / s_d`.
+    $\max_d |m_d - \bar r_d| / s_d$.
 
     Arguments:
         estimate: draws (n, D) (their mean is used) or a point (D,).

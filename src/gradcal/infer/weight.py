@@ -1,6 +1,6 @@
 r"""Choosing the weight w of a generalised posterior so that its credible sets mean what they say.
 
-The target is :math:`\pi_w(\theta \mid y) \propto \exp(-l(\theta, y) / w)\, \pi(\theta)` (w
+The target is $\pi_w(\theta \mid y) \propto \exp(-l(\theta, y) / w)\, \pi(\theta)$ (w
 multiplies the KL in VI; a "learning rate" eta multiplying the loss elsewhere is 1 / w). With a
 loss that is not the log-likelihood of a well-specified model, w sets the width of every
 interval. Two choices, both from a bootstrap of the data:
