@@ -608,7 +608,7 @@ def test_bad_thread_count_is_one_line_and_exit_2(tmp_path, argv, env, name):
     )
     assert result.returncode == 2
     # libgomp adds a line of its own about a bad OMP_NUM_THREADS; gradcal's is one line
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("libgomp:")]
+    lines = [x for x in result.stderr.splitlines() if x.strip() and not x.startswith("libgomp:")]
     assert len(lines) == 1 and name in lines[0] and "positive integer" in lines[0], lines
     assert not (tmp_path / "o").exists()  # refused before anything is written
 
