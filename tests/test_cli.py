@@ -626,3 +626,19 @@ def test_run_logs_its_thread_choice(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch threads: 1 (one step is 4 elements" in result.stderr  # 4 draws, no agents
+
+
+def test_kl_draws_default_for_runs_and_blackbirds_default_for_vi(tmp_path):
+    """A run's VI takes KL_DRAWS Monte Carlo KL draws (chosen by measurement, see
+    gradcal.config.KL_DRAWS); a BlackBIRDS-style VI(...) keeps BlackBIRDS' 10,000."""
+    import inspect
+
+    from gradcal.config import KL_DRAWS, checked, read_toml
+    from gradcal.infer.vi import VI
+
+    text = _write(tmp_path).read_text().replace("n_samples_regularisation = 64\n", "")
+    (tmp_path / "config.toml").write_text(text)
+    config = checked(read_toml(tmp_path / "config.toml"), tmp_path, None, None)
+    assert config["method"]["n_samples_regularisation"] == KL_DRAWS == 1000
+    default = inspect.signature(VI).parameters["n_samples_regularisation"].default
+    assert default == 10_000
