@@ -541,3 +541,104 @@ def test_ctrl_c_while_writing_the_outputs_is_resumed_by_writing_them(
     assert (out / "summary.csv").exists() and (out / "report.html").exists()
     with open(out / "history.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
+
+
+# ---- torch threads (issue 29): the choice, not its timing ----
+
+
+def test_thread_choice_default_rule():
+    from gradcal.cli import DEMO_CONFIG, PARALLEL_WORK, choose_threads, step_work
+    from gradcal.config import checked, loads_toml
+
+    demo = checked(loads_toml(DEMO_CONFIG), Path.cwd(), None, None)
+    assert step_work(demo) == 20 * 1000  # 20 draws of 1000 agents
+    assert choose_threads(None, {}, step_work(demo), cores=2)[0] == 1
+    assert choose_threads(None, {}, PARALLEL_WORK - 1, cores=8)[0] == 1
+    assert choose_threads(None, {}, PARALLEL_WORK, cores=8)[0] == 8
+    million = {"model": {"options": {"n_agents": 1_000_000}}, "method": {"kind": "vi"}}
+    assert choose_threads(None, {}, step_work(million), cores=4)[0] == 4  # 10 draws
+    sir = {"model": {"options": {"graph": {"n": 10_000}}}, "method": {"kind": "mcmc"}}
+    assert step_work(sir) == 8 * 10_000  # 8 chains on 10,000 nodes
+    assert choose_threads(None, {"OMP_NUM_THREADS": ""}, 0, cores=2)[0] == 1  # empty: unset
+
+
+def test_thread_choice_honours_environment_and_option():
+    from gradcal.cli import PARALLEL_WORK, choose_threads
+
+    assert choose_threads(None, {"OMP_NUM_THREADS": "3"}, 10, cores=2) == (3, "OMP_NUM_THREADS=3")
+    assert choose_threads(None, {"OMP_NUM_THREADS": "1"}, PARALLEL_WORK, cores=8)[0] == 1
+    assert choose_threads("2", {"OMP_NUM_THREADS": "1"}, 10, cores=8) == (2, "--threads 2")
+    assert choose_threads("5", {}, PARALLEL_WORK, cores=8)[0] == 5
+
+
+def test_set_threads_sets_torch_and_logs(caplog):
+    import argparse
+    import logging
+
+    from gradcal.cli import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="gradcal"):
+            assert set_threads(argparse.Namespace(threads="2"), 0) == 2
+        assert torch.get_num_threads() == 2
+        assert "torch threads: 2 (--threads 2" in caplog.text
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "argv, env, name",
+    [
+        (["--threads", "0"], {}, "--threads"),
+        (["--threads", "two"], {}, "--threads"),
+        (["--threads", "-1"], {}, "--threads"),
+        ([], {"OMP_NUM_THREADS": "x"}, "OMP_NUM_THREADS"),
+    ],
+)
+def test_bad_thread_count_is_one_line_and_exit_2(tmp_path, argv, env, name):
+    config = _write(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "gradcal.cli", "run", str(config), "--out", "o", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        timeout=120,
+    )
+    assert result.returncode == 2
+    # libgomp adds a line of its own about a bad OMP_NUM_THREADS; gradcal's is one line
+    lines = [x for x in result.stderr.splitlines() if x.strip() and not x.startswith("libgomp:")]
+    assert len(lines) == 1 and name in lines[0] and "positive integer" in lines[0], lines
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+def test_run_logs_its_thread_choice(tmp_path):
+    config = _write(tmp_path, epochs=1)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # a plain shell
+    result = subprocess.run(
+        [sys.executable, "-m", "gradcal.cli", "-v", "run", str(config), "--out", "o"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch threads: 1 (one step is 4 elements" in result.stderr  # 4 draws, no agents
+
+
+def test_kl_draws_default_for_runs_and_blackbirds_default_for_vi(tmp_path):
+    """A run's VI takes KL_DRAWS Monte Carlo KL draws (chosen by measurement, see
+    gradcal.config.KL_DRAWS); a BlackBIRDS-style VI(...) keeps BlackBIRDS' 10,000."""
+    import inspect
+
+    from gradcal.config import KL_DRAWS, checked, read_toml
+    from gradcal.infer.vi import VI
+
+    text = _write(tmp_path).read_text().replace("n_samples_regularisation = 64\n", "")
+    (tmp_path / "config.toml").write_text(text)
+    config = checked(read_toml(tmp_path / "config.toml"), tmp_path, None, None)
+    assert config["method"]["n_samples_regularisation"] == KL_DRAWS == 1000
+    default = inspect.signature(VI).parameters["n_samples_regularisation"].default
+    assert default == 10_000

@@ -147,7 +147,9 @@ def simulated_datasets(
 class PerDatasetLoss:
     r"""The loss of row b of theta against data set b, averaged over simulations.
 
-    .. math:: L_b(\theta_b) = \frac{1}{R} \sum_{r=1}^R l(\theta_b, y_b; \varepsilon_{br})
+    $$
+    L_b(\theta_b) = \frac{1}{R} \sum_{r=1}^R l(\theta_b, y_b; \varepsilon_{br})
+    $$
 
     For gradcal's loss builders (which have ``model`` and ``compare``) the B x R simulations
     are one batched call and only the comparisons run per data set; any other loss is

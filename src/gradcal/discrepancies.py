@@ -168,7 +168,9 @@ def mmd(
 ) -> Tensor:
     r"""Squared maximum mean discrepancy between samples x (..., n[, d]) and y (m[, d]).
 
-    .. math:: \mathrm{MMD}^2 = E\,k(x, x') + E\,k(y, y') - 2\,E\,k(x, y)
+    $$
+    \mathrm{MMD}^2 = E\,k(x, x') + E\,k(y, y') - 2\,E\,k(x, y)
+    $$
 
     Arguments:
         x: simulated sample, leading axes are batch axes.
@@ -201,7 +203,7 @@ def mmd(
 
 
 def energy_distance(x: Tensor, y: Tensor, *, chunk_size: int | None = None) -> Tensor:
-    r"""Energy distance :math:`2 E\|x - y\| - E\|x - x'\| - E\|y - y'\|` (U-statistics).
+    r"""Energy distance $2 E\|x - y\| - E\|x - x'\| - E\|y - y'\|$ (U-statistics).
 
     Needs no bandwidth; zero in expectation iff the distributions agree.
 

@@ -13,11 +13,11 @@ both in one pass and steps the optimiser.
   simulator and family.
 - :class:`PathwiseForward`: per-draw gradients by forward mode (:func:`torch.func.jvp`
   along the D parameter axes, the same noise for every axis), then the surrogate
-  :math:`\sum_i \langle \nabla l_i, \theta_i \rangle / B` through the family. Memory does not
+  $\sum_i \langle \nabla l_i, \theta_i \rangle / B$ through the family. Memory does not
   grow with the number of simulated time steps.
 - :class:`Score`: the score-function (REINFORCE) estimator
-  :math:`\frac1B \sum_i (l_i - b_i) \nabla \log q(\theta_i)` with the leave-one-out
-  baseline :math:`b_i = \frac{1}{B-1} \sum_{j \ne i} l_j` (unbiased; no simulator gradient).
+  $\frac1B \sum_i (l_i - b_i) \nabla \log q(\theta_i)$ with the leave-one-out
+  baseline $b_i = \frac{1}{B-1} \sum_{j \ne i} l_j$ (unbiased; no simulator gradient).
 
 Draws whose loss (or, for pathwise estimators, whose gradient; for the score estimator,
 whose log q) is NaN or infinite are dropped from the average and counted.

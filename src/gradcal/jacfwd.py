@@ -51,7 +51,7 @@ def jacfwd(
     r"""The Jacobian of ``func`` with respect to the arguments ``argnums``, by forward mode.
 
     For an output y (shape S) and an input x (shape P) the Jacobian has shape (*S, *P):
-    :math:`J[s, p] = \partial y_s / \partial x_p`, one :func:`torch.func.jvp` per input
+    $J[s, p] = \partial y_s / \partial x_p$, one :func:`torch.func.jvp` per input
     element p, ``chunk_size`` of them at a time.
 
     Arguments:

@@ -2,7 +2,7 @@ r"""Kernels and distances between point sets, safe in forward and reverse mode.
 
 Points are (..., n, d): leading axes are batch axes (draws), n points of dimension d.
 Squared distances are summed feature by feature from exact differences, never by
-:math:`|a|^2 + |b|^2 - 2 a \cdot b` (which cancels and turns ``inf - inf`` into NaN) and
+$|a|^2 + |b|^2 - 2 a \cdot b$ (which cancels and turns ``inf - inf`` into NaN) and
 never by :func:`torch.cdist` (which has no forward-mode derivative in torch 2.13).
 """
 
@@ -26,7 +26,7 @@ __all__ = [
 
 
 def squared_distances(a: Tensor, b: Tensor) -> Tensor:
-    r"""Pairwise :math:`\|a_i - b_j\|^2` of points a (..., n, d) and b (..., m, d): (..., n, m).
+    r"""Pairwise $\|a_i - b_j\|^2$ of points a (..., n, d) and b (..., m, d): (..., n, m).
 
     Example:
         >>> squared_distances(torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, 4.0]]))
@@ -53,7 +53,7 @@ def safe_sqrt(x: Tensor) -> Tensor:
 
 
 def median_distance(points: Tensor, max_points: int = 1000) -> Tensor:
-    r"""Median of the pairwise distances :math:`\|y_i - y_j\|`, i < j, of points (n, d).
+    r"""Median of the pairwise distances $\|y_i - y_j\|$, i < j, of points (n, d).
 
     At most ``max_points`` evenly spaced points are used (the median of a large sample
     barely moves). When the median is zero (a constant series, or mostly ties), the mean
@@ -137,10 +137,10 @@ class Kernel:
 
 
 class GaussianKernel(Kernel):
-    r"""Gaussian kernel :math:`\exp(-\|a - b\|^2 / (2 h^2))`.
+    r"""Gaussian kernel $\exp(-\|a - b\|^2 / (2 h^2))$.
 
-    The median heuristic sets :math:`h^2 = m^2 / 2` with m the median distance of the
-    observed points, so that :math:`k = \exp(-d^2 / m^2)`, BlackBIRDS' form (BlackBIRDS
+    The median heuristic sets $h^2 = m^2 / 2$ with m the median distance of the
+    observed points, so that $k = \exp(-d^2 / m^2)$, BlackBIRDS' form (BlackBIRDS
     takes the median over the whole distance matrix, zero diagonal included, which gives a
     slightly smaller m; here it is over distinct pairs).
     ``scales`` multiplies that h, e.g. ``scales=(0.5, 1, 2)`` for a mixture.
@@ -159,7 +159,7 @@ class GaussianKernel(Kernel):
 
 
 class LaplaceKernel(Kernel):
-    r"""Laplace (exponential) kernel :math:`\exp(-\|a - b\| / h)`, h the median distance.
+    r"""Laplace (exponential) kernel $\exp(-\|a - b\| / h)$, h the median distance.
 
     Heavier tails than the Gaussian: keeps a gradient for simulations far from the data.
 

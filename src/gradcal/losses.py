@@ -373,7 +373,7 @@ class SignatureMMDLoss(_SimulationLoss):
     Each path is scaled, transformed (``transforms``: ``"time"``, ``"lead_lag"``,
     ``"basepoint"``), and the MMD of :func:`gradcal.signature.signature_mmd` is taken.
     With ``scale=None`` the paths are divided by the median, over the observed sample, of
-    :math:`\max_t \|x_t - x_0\|` (a path's extent), so a typical path has extent 1 at any
+    $\max_t \|x_t - x_0\|$ (a path's extent), so a typical path has extent 1 at any
     length and the kernel, hence the loss and ``w``, keep their size across series lengths.
     With ``static_kernel="rbf"`` (the default) and no ``bandwidth``, the bandwidth is half
     the median distance between the points of the observed (scaled, transformed) paths
@@ -671,7 +671,7 @@ class MSELoss(_SimulationLoss):
 
 
 class NegativeLogLikelihood:
-    r""":math:`-\log p(y \mid \theta)` from a model's exact ``log_likelihood(params, y)``.
+    r"""$-\log p(y \mid \theta)$ from a model's exact ``log_likelihood(params, y)``.
 
     With w = 1 the generalised posterior is the ordinary Bayesian posterior.
 

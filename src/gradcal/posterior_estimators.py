@@ -3,7 +3,7 @@ r"""Variational families q_phi: Gaussians, normalising flows, constrained suppor
 The protocol every family follows, and the engine relies on:
 
 - ``sample(n) -> (theta, log_q)``: theta (n, D) reparameterised, so gradients flow to the
-  family's parameters; ``log_q`` (n,) is :math:`\log q(\theta)` with its full graph (BlackBIRDS'
+  family's parameters; ``log_q`` (n,) is $\log q(\theta)$ with its full graph (BlackBIRDS'
   tuple convention).
 - ``log_prob(theta) -> (n,)`` for theta (n, D) (needed by the score-function estimator).
 
@@ -108,7 +108,7 @@ class Family(torch.nn.Module, ABC):
 
 
 class DiagonalGaussian(Family):
-    r"""Gaussian with diagonal covariance: :math:`N(\mu, \mathrm{diag}(s^2))`, s by softplus.
+    r"""Gaussian with diagonal covariance: $N(\mu, \mathrm{diag}(s^2))$, s by softplus.
 
     Arguments:
         loc: initial mean (D,).
@@ -140,7 +140,7 @@ class DiagonalGaussian(Family):
 
 
 class FullRankGaussian(Family):
-    r"""Gaussian :math:`N(\mu, L L^\top)` with a Cholesky factor L, positive diagonal by softplus.
+    r"""Gaussian $N(\mu, L L^\top)$ with a Cholesky factor L, positive diagonal by softplus.
 
     Arguments:
         loc: initial mean (D,).
@@ -190,8 +190,8 @@ class GaussianMixture(Family):
     gradient is that of the inverse of the map theta -> u, u_d = F_d(theta_d | theta_<d),
     the conditional mixture CDF of coordinate d given the earlier ones (implicit
     differentiation, D one-dimensional mixture CDFs per draw):
-    :math:`\partial\theta_d/\partial\phi = -(\partial F_d/\partial\phi) / q_d(\theta_d \mid
-    \theta_{<d})` along the earlier coordinates' own paths. The value of theta is the
+    $\partial\theta_d/\partial\phi = -(\partial F_d/\partial\phi) / q_d(\theta_d \mid
+    \theta_{<d})$ along the earlier coordinates' own paths. The value of theta is the
     ancestral draw itself. Weights are a softmax of ``logits``; scales a softplus.
 
     Arguments:
@@ -297,9 +297,9 @@ class GaussianMixture(Family):
 class TrainableGaussian(Family):
     r"""BlackBIRDS' Gaussian with a trainable mean and a trainable covariance matrix.
 
-    :math:`N(\mu, \Sigma)` with ``mu`` (D,) and ``sigma`` (D, D) both ``nn.Parameter``\ s;
+    $N(\mu, \Sigma)$ with ``mu`` (D,) and ``sigma`` (D, D) both ``nn.Parameter``\ s;
     ``sigma`` is the covariance matrix itself, started at ``sigma * I``. So the initial
-    standard deviation of each coordinate is :math:`\sqrt{\texttt{sigma}}` (``sigma=0.1``
+    standard deviation of each coordinate is $\sqrt{\texttt{sigma}}$ (``sigma=0.1``
     means sd 0.32): BlackBIRDS 1.3's code does this (its docstring calls ``sigma`` a
     standard deviation), and scripts were tuned on the code. Before use, the diagonal is
     clamped at 1e-3 (:meth:`clamp_sigma`). For a positive definite parameterisation use
@@ -403,7 +403,7 @@ class Flow(Family):
     r"""Normalising flow (zuko) followed by a fixed affine map: theta = loc + scale * f(z).
 
     The flow's transforms start at the identity (zeroed output layers), so training starts
-    from :math:`N(\mathrm{loc}, \mathrm{diag}(\mathrm{scale}^2))`: give the prior's location
+    from $N(\mathrm{loc}, \mathrm{diag}(\mathrm{scale}^2))$: give the prior's location
     and scale.
 
     Arguments:
@@ -460,17 +460,17 @@ class Flow(Family):
 class FlowMixture(Family):
     r"""Mixture of C normalising flows with learnable weights, the flows sharing one transform.
 
-    :math:`q(\theta) = \sum_c \pi_c\, q_c(\theta)`, :math:`q_c = (A \circ T)_\#
-    N(\mu_c, \mathrm{diag}\, s_c^2)`: a draw is :math:`\theta = \mathrm{loc} +
-    \mathrm{scale} \cdot T(z)` with z from a :class:`GaussianMixture` (weights
-    :math:`\pi` by softmax, means, scales) and T a zuko flow (NSF or MAF) shared by every
+    $q(\theta) = \sum_c \pi_c\, q_c(\theta)$, $q_c = (A \circ T)_\#
+    N(\mu_c, \mathrm{diag}\, s_c^2)$: a draw is $\theta = \mathrm{loc} +
+    \mathrm{scale} \cdot T(z)$ with z from a :class:`GaussianMixture` (weights
+    $\pi$ by softmax, means, scales) and T a zuko flow (NSF or MAF) shared by every
     component. Each component is a flow; the mixture moves mass between modes through its
     weights while T bends every component. The discrete choice of component is handled as
     :class:`GaussianMixture` handles it (the distributional transform of Graves 2016: z is
     reparameterised in full, weights included), and T is differentiable, so the pathwise
     estimators reach every parameter; ``log_prob`` inverts T (for the score estimator and
-    forward KL). :math:`\log q(\theta) = \log q_z(z) - \log|\det \partial T/\partial z|
-    - \sum_d \log \mathrm{scale}_d`. T starts at the identity, so training starts from
+    forward KL). $\log q(\theta) = \log q_z(z) - \log|\det \partial T/\partial z|
+    - \sum_d \log \mathrm{scale}_d$. T starts at the identity, so training starts from
     the Gaussian mixture ``GaussianMixture.spread(dim, components, spread, seed)`` mapped
     by loc + scale z.
 
@@ -606,7 +606,7 @@ class Constrained(Family):
 
     T is :func:`torch.distributions.biject_to` of the support (positive: exp; an interval:
     an affine sigmoid), and
-    :math:`\log q(\theta) = \log q_u(u) - \log|\det \partial T / \partial u|`.
+    $\log q(\theta) = \log q_u(u) - \log|\det \partial T / \partial u|$.
     ``log_q`` is a density in the constrained space, the space of the prior, so
     E_q[log q - log prior] is KL(q || prior) there (equal, by invariance under bijections,
     to the KL between the unconstrained pair).
@@ -954,9 +954,9 @@ class _LogProb(torch.nn.Module):
 def log_prob_stopped(family: Any, theta: Tensor) -> Tensor:
     r"""log q(theta) (n,) with the family's parameters held fixed: gradients reach theta only.
 
-    :math:`\log q_{\bar\phi}(\theta)` with :math:`\bar\phi` = stop-gradient(phi), the
+    $\log q_{\bar\phi}(\theta)$ with $\bar\phi$ = stop-gradient(phi), the
     piece that sticking-the-landing and doubly-reparameterised gradients use: the score
-    :math:`\nabla_\phi \log q_\phi(\theta)` at fixed theta (mean zero) is left out, while
+    $\nabla_\phi \log q_\phi(\theta)$ at fixed theta (mean zero) is left out, while
     theta = theta(phi, eps) still carries its path to phi. The module's parameters and
     buffers are swapped for detached copies with :func:`torch.func.functional_call` (a
     :class:`DistributionFamily` built from an instance reads its trainable leaves through

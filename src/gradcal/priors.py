@@ -103,7 +103,7 @@ class _ProductSupport(constraints.Constraint):
 class Product(Distribution):
     r"""Independent coordinates with their own one-dimensional priors: event shape (D,).
 
-    :math:`\log \pi(\theta) = \sum_i \log \pi_i(\theta_i)`. ``supports`` lists the marginal
+    $\log \pi(\theta) = \sum_i \log \pi_i(\theta_i)$. ``supports`` lists the marginal
     supports (what :class:`~gradcal.posterior_estimators.Constrained` maps onto).
 
     Example:

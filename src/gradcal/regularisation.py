@@ -150,7 +150,7 @@ def kl_divergence(
         prior: a torch distribution over theta (D,), or any object with ``log_prob``
             and ``sample`` (then Monte Carlo unless it is a gradcal family).
         method: ``"analytic"`` (a registered closed form, else ``ValueError``),
-            ``"monte_carlo"`` (:math:`\frac1n \sum_i \log q(\theta_i) - \log \pi(\theta_i)`,
+            ``"monte_carlo"`` ($\frac1n \sum_i \log q(\theta_i) - \log \pi(\theta_i)$,
             reparameterised; draws where a term is not finite are dropped, see
             :func:`monte_carlo_kl`), or ``"auto"`` (analytic when registered).
         n_samples: draws for the Monte Carlo estimate.
@@ -209,7 +209,7 @@ def monte_carlo_kl(
 ) -> tuple[Tensor, int]:
     r"""The Monte Carlo KL(q || prior) over the draws where it is finite, and the number dropped.
 
-    :math:`\frac1m \sum_{i \in K} \log q(\theta_i) - \log \pi(\theta_i)` over the set K
+    $\frac1m \sum_{i \in K} \log q(\theta_i) - \log \pi(\theta_i)$ over the set K
     (of size m) of the n reparameterised draws whose log q and log prior are finite. A draw
     can land on a bound of the prior's support when a constrained family's map saturates
     in floating point (an affine sigmoid beyond |u| of about 17 in float32), where
@@ -218,7 +218,7 @@ def monte_carlo_kl(
 
     With ``sticking_the_landing`` log q is taken at q's parameters held fixed
     (:func:`~gradcal.posterior_estimators.log_prob_stopped`): the same value, and a gradient
-    without the score term :math:`\nabla_\phi \log q_\phi(\theta)`, whose mean is zero
+    without the score term $\nabla_\phi \log q_\phi(\theta)$, whose mean is zero
     (Roeder, Wu & Duvenaud 2017, Sticking the landing); its variance vanishes as q
     approaches the prior. q needs ``log_prob``.
 
@@ -329,7 +329,7 @@ def log_q_on_kept(
 def compute_regularisation_loss(posterior_estimator: Any, prior: Any, n_samples: int) -> Tensor:
     r"""BlackBIRDS' name: the Monte Carlo estimate of KL(posterior_estimator || prior).
 
-    :math:`\frac1n \sum_i \log q(\theta_i) - \log \pi(\theta_i)` over n reparameterised
+    $\frac1n \sum_i \log q(\theta_i) - \log \pi(\theta_i)$ over n reparameterised
     draws of q; ``prior`` may be any object with ``log_prob`` and ``sample``.
 
     Example:

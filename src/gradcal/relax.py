@@ -52,10 +52,10 @@ def relaxed_bernoulli(
 ) -> Tensor:
     r"""Bernoulli draws made differentiable by the Gumbel-softmax (binary Concrete) trick.
 
-    The soft sample is :math:`\sigma((\ell + L) / \tau)` with logistic noise
-    :math:`L = \log(1 - u) - \log u`; the hard sample is :math:`1[\ell + L > 0]`, that is
-    :math:`1[u < p]`: Bernoulli(:math:`p = \sigma(\ell)`) up to the resolution of the
-    uniform draws (:math:`2^{-24}` in float32).
+    The soft sample is $\sigma((\ell + L) / \tau)$ with logistic noise
+    $L = \log(1 - u) - \log u$; the hard sample is $1[\ell + L > 0]$, that is
+    $1[u < p]$: Bernoulli($p = \sigma(\ell)$) up to the resolution of the
+    uniform draws ($2^{-24}$ in float32).
 
     Trade-off: ``hard=True`` (straight-through) returns exact 0/1 values with the soft
     sample's gradient, so the forward pass is unbiased but the gradient is biased;
@@ -63,7 +63,7 @@ def relaxed_bernoulli(
     with lower gradient variance as ``tau`` grows and less bias as it shrinks.
 
     Arguments:
-        logits: log-odds :math:`\ell`, any shape. Give either ``logits`` or ``probs``.
+        logits: log-odds $\ell$, any shape. Give either ``logits`` or ``probs``.
         probs: success probabilities in [0, 1], any shape.
         tau: temperature > 0 of the relaxation.
         hard: return exact 0/1 values with a straight-through gradient.
@@ -99,11 +99,11 @@ def relaxed_bernoulli(
 
 
 def _soft_slope(probs: Tensor, u: Tensor, tau: float) -> Tensor:
-    r"""d soft / d probs of the binary Concrete sample :math:`\sigma((\ell + L) / \tau)`.
+    r"""d soft / d probs of the binary Concrete sample $\sigma((\ell + L) / \tau)$.
 
-    With :math:`\ell` the logit of p clamped as in :func:`_probs_to_logits` (zero slope
+    With $\ell$ the logit of p clamped as in :func:`_probs_to_logits` (zero slope
     outside the clamp and at a NaN p, as the composite's reverse-mode gradient) and
-    :math:`L = \log(1 - u) - \log u`: :math:`s (1 - s) / \tau \cdot (1 / p + 1 / (1 - p))`.
+    $L = \log(1 - u) - \log u$: $s (1 - s) / \tau \cdot (1 / p + 1 / (1 - p))$.
     """
     info = torch.finfo(probs.dtype)
     p = probs.clamp(info.tiny, 1.0 - info.eps)
@@ -157,9 +157,9 @@ def relaxed_categorical(
 ) -> Tensor:
     r"""Categorical draws as (relaxed) one-hot vectors by the Gumbel-softmax trick.
 
-    Soft sample :math:`\mathrm{softmax}((\ell + G) / \tau)` with Gumbel noise
-    :math:`G = -\log(-\log u)`; the hard sample is the one-hot vector of its argmax, which
-    is exactly Categorical(:math:`\mathrm{softmax}(\ell)`).
+    Soft sample $\mathrm{softmax}((\ell + G) / \tau)$ with Gumbel noise
+    $G = -\log(-\log u)$; the hard sample is the one-hot vector of its argmax, which
+    is exactly Categorical($\mathrm{softmax}(\ell)$).
 
     Trade-off: as for :func:`relaxed_bernoulli`, ``hard=True`` gives exact one-hot values
     and a biased straight-through gradient; small ``tau`` lowers bias and raises variance.
@@ -208,7 +208,7 @@ def _relaxed_two_categories(logits: Tensor, tau: float, hard: bool, dim: int) ->
 def straight_through_threshold(
     x: Tensor, threshold: float | Tensor = 0.0, k: float = 1.0
 ) -> Tensor:
-    r"""The step :math:`1[x > c]` forward, the gradient of :math:`\sigma(k (x - c))` backward.
+    r"""The step $1[x > c]$ forward, the gradient of $\sigma(k (x - c))$ backward.
 
     Trade-off: the value is exact; the gradient is that of a sigmoid of steepness ``k``,
     biased (it sees a threshold that is not there) and sharper, so noisier across draws,
@@ -225,10 +225,10 @@ def straight_through_threshold(
 
 
 def straight_through_sign(x: Tensor, k: float = 1.0) -> Tensor:
-    r"""The sign of ``x`` forward, the gradient of :math:`\tanh(k x / 2)` backward.
+    r"""The sign of ``x`` forward, the gradient of $\tanh(k x / 2)$ backward.
 
     Trade-off: as for :func:`straight_through_threshold`; ``tanh(k x / 2)`` equals
-    :math:`\sigma(k x) - \sigma(-k x)`, the soft buy-minus-sell order of threshold traders.
+    $\sigma(k x) - \sigma(-k x)$, the soft buy-minus-sell order of threshold traders.
 
     Example:
         >>> straight_through_sign(torch.tensor([-3.0, 0.0, 0.5])).tolist()
@@ -238,8 +238,8 @@ def straight_through_sign(x: Tensor, k: float = 1.0) -> Tensor:
 
 
 def _order_slopes(eps: Tensor, nu: Tensor, k: float, scale: Tensor) -> tuple[Tensor, Tensor]:
-    r"""``scale`` times :math:`k \sigma'(k(\epsilon - \nu_i))` and
-    :math:`k \sigma'(k(\epsilon + \nu_i))`: (B, N) each from eps, scale (B, 1), nu (B, N),
+    r"""``scale`` times $k \sigma'(k(\epsilon - \nu_i))$ and
+    $k \sigma'(k(\epsilon + \nu_i))$: (B, N) each from eps, scale (B, 1), nu (B, N),
     the slopes of the two soft orders (each slope one fused pass over the sigmoid)."""
     k_eps, k_nu, k_scale = k * eps, k * nu, (k * scale).expand_as(nu)
     below = torch.ops.aten.sigmoid_backward(k_scale, torch.sigmoid(k_eps - k_nu))
@@ -250,12 +250,12 @@ def _order_slopes(eps: Tensor, nu: Tensor, k: float, scale: Tensor) -> tuple[Ten
 class _ThresholdOrderSum(torch.autograd.Function):
     r"""The straight-through sum of threshold orders: (B, 1) from eps (B, 1), nu (B, N).
 
-    Value: :math:`\sum_i 1[\epsilon > \nu_i] - 1[\epsilon < -\nu_i]`
-    :math:`= \#\{i : \nu_i < \epsilon\} - \#\{i : \nu_i < -\epsilon\}` for any thresholds
-    (with :math:`\nu_i < 0` both orders can fire). Gradient: that of the soft orders' sum
-    :math:`S = \sum_i \sigma(k(\epsilon - \nu_i)) + \sigma(k(\epsilon + \nu_i)) - 1`:
-    :math:`\partial S / \partial \epsilon = \sum_i k\sigma'_- + k\sigma'_+`,
-    :math:`\partial S / \partial \nu_i = k\sigma'_+ - k\sigma'_-`, formed in ``backward``
+    Value: $\sum_i 1[\epsilon > \nu_i] - 1[\epsilon < -\nu_i]$
+    $= \#\{i : \nu_i < \epsilon\} - \#\{i : \nu_i < -\epsilon\}$ for any thresholds
+    (with $\nu_i < 0$ both orders can fire). Gradient: that of the soft orders' sum
+    $S = \sum_i \sigma(k(\epsilon - \nu_i)) + \sigma(k(\epsilon + \nu_i)) - 1$:
+    $\partial S / \partial \epsilon = \sum_i k\sigma'_- + k\sigma'_+$,
+    $\partial S / \partial \nu_i = k\sigma'_+ - k\sigma'_-$, formed in ``backward``
     and ``jvp`` only (see :func:`threshold_order_sum`).
     """
 
@@ -320,8 +320,8 @@ def check_hardness(k: Any, name: str = "k") -> float:
 def threshold_order_sum(signal: Tensor, thresholds: Tensor, k: float) -> Tensor:
     r"""Net orders of threshold traders with the gradient of the soft orders.
 
-    Value :math:`\sum_i 1[\epsilon > \nu_i] - 1[\epsilon < -\nu_i]`; gradient that of
-    :math:`\sum_i \sigma(k(\epsilon - \nu_i)) - \sigma(-k(\epsilon + \nu_i))`.
+    Value $\sum_i 1[\epsilon > \nu_i] - 1[\epsilon < -\nu_i]$; gradient that of
+    $\sum_i \sigma(k(\epsilon - \nu_i)) - \sigma(-k(\epsilon + \nu_i))$.
 
     ``signal`` (..., 1) and ``thresholds`` (..., N) give (..., 1); the value is exact for
     any thresholds (a negative one can make both orders fire, or neither). ``k`` is a
@@ -344,9 +344,9 @@ def threshold_order_sum(signal: Tensor, thresholds: Tensor, k: float) -> Tensor:
 
 
 def soft_maximum(a: Tensor, b: Tensor | float, k: float) -> Tensor:
-    r"""Smooth maximum :math:`\log(e^{k a} + e^{k b}) / k`, always above the maximum.
+    r"""Smooth maximum $\log(e^{k a} + e^{k b}) / k$, always above the maximum.
 
-    Trade-off: the gap to the true maximum is at most :math:`\log(2) / k`; larger ``k``
+    Trade-off: the gap to the true maximum is at most $\log(2) / k$; larger ``k``
     is closer to the maximum with a gradient that switches more abruptly.
 
     Example:
@@ -360,7 +360,7 @@ def soft_maximum(a: Tensor, b: Tensor | float, k: float) -> Tensor:
 
 
 def soft_minimum(a: Tensor, b: Tensor | float, k: float) -> Tensor:
-    r"""Smooth minimum :math:`-\log(e^{-k a} + e^{-k b}) / k`, always below the minimum.
+    r"""Smooth minimum $-\log(e^{-k a} + e^{-k b}) / k$, always below the minimum.
 
     Trade-off: as :func:`soft_maximum`.
 
@@ -378,10 +378,10 @@ def bernoulli_positions(b: int, n: int, p: float, *, device: torch.device | str)
     tail of each row holds ``n`` (one past the last trial), so
     ``torch.zeros(b, n + 1).scatter(1, idx, 1.0)[:, :n]`` is the 0/1 mask and
     ``x.scatter(1, idx, values)`` writes values at the successes of a (b, n + 1) tensor.
-    Successes are placed by geometric gaps :math:`\lfloor \log u / \log(1 - p) \rfloor + 1`,
-    about :math:`n p` uniforms a row instead of n: random numbers dominate the cost of large
+    Successes are placed by geometric gaps $\lfloor \log u / \log(1 - p) \rfloor + 1$,
+    about $n p$ uniforms a row instead of n: random numbers dominate the cost of large
     agent populations. m is set by Bernstein's inequality so that more successes than m
-    have probability below :math:`2^{-64}`, under the resolution of the random numbers, so
+    have probability below $2^{-64}$, under the resolution of the random numbers, so
     there is no data-dependent check (or device synchronisation); works under vmap.
 
     Example:

@@ -804,8 +804,8 @@ def width_ratios(
 def loss_trend(values: Sequence[float]) -> float:
     r"""Mann-Kendall z of a series: negative when it falls, about N(0, 1) without a trend.
 
-    :math:`S = \sum_{i<j} \mathrm{sign}(x_j - x_i)`, :math:`\mathrm{Var}\,S = n(n-1)(2n+5)/18`
-    (no ties), :math:`z = (S - \mathrm{sign}\,S) / \sqrt{\mathrm{Var}\,S}`. It uses ranks
+    $S = \sum_{i<j} \mathrm{sign}(x_j - x_i)$, $\mathrm{Var}\,S = n(n-1)(2n+5)/18$
+    (no ties), $z = (S - \mathrm{sign}\,S) / \sqrt{\mathrm{Var}\,S}$. It uses ranks
     only, so a few wild epochs (a draw with a huge loss) cannot make or hide a trend.
     Non-finite values are left out; NaN for fewer than 3 values.
 

@@ -1,19 +1,23 @@
 r"""The signature kernel of paths, by its Goursat PDE, in plain torch (forward and reverse mode).
 
 For paths x: [0, 1] -> R^d and y: [0, 1] -> R^d the signature kernel
-:math:`k_{sig}(x, y) = \langle S(x), S(y) \rangle` solves (Salvi et al. 2021)
+$k_{sig}(x, y) = \langle S(x), S(y) \rangle$ solves (Salvi et al. 2021)
 
-.. math:: \frac{\partial^2 K}{\partial s\,\partial t} = \langle \dot x_s, \dot y_t \rangle K,
-   \qquad K(0, \cdot) = K(\cdot, 0) = 1,\qquad k_{sig}(x, y) = K(1, 1),
+$$
+\frac{\partial^2 K}{\partial s\,\partial t} = \langle \dot x_s, \dot y_t \rangle K,
+\qquad K(0, \cdot) = K(\cdot, 0) = 1,\qquad k_{sig}(x, y) = K(1, 1),
+$$
 
-with :math:`\langle \dot x_s, \dot y_t \rangle` replaced by the second difference of a static
-kernel :math:`\kappa` over each cell of the grid: for a linear :math:`\kappa` it is
-:math:`\langle \Delta x_i, \Delta y_j \rangle`, for an RBF
-:math:`\kappa(x_{i+1}, y_{j+1}) - \kappa(x_{i+1}, y_j) - \kappa(x_i, y_{j+1}) + \kappa(x_i, y_j)`.
-Each cell is cut into :math:`2^r \times 2^r` (dyadic order r) and advanced by the explicit
+with $\langle \dot x_s, \dot y_t \rangle$ replaced by the second difference of a static
+kernel $\kappa$ over each cell of the grid: for a linear $\kappa$ it is
+$\langle \Delta x_i, \Delta y_j \rangle$, for an RBF
+$\kappa(x_{i+1}, y_{j+1}) - \kappa(x_{i+1}, y_j) - \kappa(x_i, y_{j+1}) + \kappa(x_i, y_j)$.
+Each cell is cut into $2^r \times 2^r$ (dyadic order r) and advanced by the explicit
 second-order scheme
 
-.. math:: K_{i+1,j+1} = (K_{i+1,j} + K_{i,j+1})(1 + M/2 + M^2/12) - K_{i,j}(1 - M^2/12).
+$$
+K_{i+1,j+1} = (K_{i+1,j} + K_{i,j+1})(1 + M/2 + M^2/12) - K_{i,j}(1 - M^2/12).
+$$
 
 Why not pysiglib: its kernels are ``torch.autograd.Function`` objects with a custom backward
 and no forward-mode rule (nor ``setup_context``), so :func:`torch.func.jvp` and
@@ -139,8 +143,8 @@ def sub_paths(series: Tensor, window: int, stride: int = 1) -> Tensor:
 class StaticKernel:
     """The static kernel on path points that the signature kernel lifts.
 
-    ``"linear"``: :math:`\\langle a, b \\rangle` (the plain signature kernel).
-    ``"rbf"``: :math:`\\exp(-\\|a - b\\|^2 / (2 h^2))`, h = ``bandwidth`` (> 0).
+    ``"linear"``: $\\langle a, b \\rangle$ (the plain signature kernel).
+    ``"rbf"``: $\\exp(-\\|a - b\\|^2 / (2 h^2))$, h = ``bandwidth`` (> 0).
     """
 
     def __init__(self, name: str = "linear", bandwidth: float | Tensor | None = None):
@@ -229,7 +233,7 @@ def signature_kernel(
         dyadic_order: each grid cell is refined into 2^r x 2^r (the error falls like 4^-r).
 
     Two straight lines with increments u and v (linear static kernel) give
-    :math:`\sum_k \langle u, v\rangle^k / (k!)^2`:
+    $\sum_k \langle u, v\rangle^k / (k!)^2$:
 
     Example:
         >>> x = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
@@ -311,7 +315,9 @@ def signature_mmd(
 ) -> Tensor:
     r"""Squared MMD of the signature kernel between samples of paths, batched over draws.
 
-    .. math:: \mathrm{MMD}^2 = E\,k(x, x') + E\,k(y, y') - 2\,E\,k(x, y)
+    $$
+    \mathrm{MMD}^2 = E\,k(x, x') + E\,k(y, y') - 2\,E\,k(x, y)
+    $$
 
     Arguments:
         x: simulated paths (..., n, L, d); leading axes are draws.
@@ -362,8 +368,8 @@ def truncated_signature(path: Tensor, depth: int) -> list[Tensor]:
     r"""Levels 1..depth of the signature of a piecewise-linear path (L, d), by Chen's identity.
 
     Level k is a tensor (d,)*k. A reference for tests and small paths, not fast: the
-    signature of one segment with increment :math:`\Delta` is
-    :math:`(\Delta^{\otimes k} / k!)_k`, and Chen's identity multiplies the segments'.
+    signature of one segment with increment $\Delta$ is
+    $(\Delta^{\otimes k} / k!)_k$, and Chen's identity multiplies the segments'.
 
     Example:
         >>> [t.tolist() for t in truncated_signature(torch.tensor([[0.0], [2.0]]), 2)]

@@ -54,7 +54,7 @@ class Scores:
 
 def mean_error(estimate: Tensor, reference: Tensor) -> float:
     r"""Error of a posterior mean (or point) in reference sd:
-    :math:`\max_d |m_d - \bar r_d| / s_d`.
+    $\max_d |m_d - \bar r_d| / s_d$.
 
     Arguments:
         estimate: draws (n, D) (their mean is used) or a point (D,).
@@ -101,8 +101,8 @@ def reference_floor(reference: Tensor, n: int, n_splits: int = 10) -> NoiseFloor
     Fresh draws are not at hand, so the floor of the reference's random halves (h = m // 2
     each, :func:`~gradcal.diagnostics.distances.split_half_floor`) is rescaled: under the
     null the unbiased MMD² has mean about 0 and an sd proportional to
-    :math:`1/n + 1/m` (Gretton et al. 2012), so both figures are multiplied by
-    :math:`(1/n + 1/m) / (2/h)`.
+    $1/n + 1/m$ (Gretton et al. 2012), so both figures are multiplied by
+    $(1/n + 1/m) / (2/h)$.
 
     Example:
         >>> ref = torch.randn(400, 2)

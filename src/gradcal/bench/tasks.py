@@ -1,8 +1,8 @@
 r"""Benchmark tasks: observed data, a prior, a loss, a weight w and a reference posterior.
 
 Every task defines the generalised posterior of the VI convention,
-:math:`\pi_w(\theta \mid y) \propto \exp(-\bar l(\theta, y) / w)\, \pi(\theta)`, with
-:math:`\bar l` the loss (its expectation over the simulator's randomness when the loss is
+$\pi_w(\theta \mid y) \propto \exp(-\bar l(\theta, y) / w)\, \pi(\theta)$, with
+$\bar l$ the loss (its expectation over the simulator's randomness when the loss is
 simulated), and a reference sample of it made by an exact or asymptotically exact method.
 Everything is regenerated deterministically from fixed seeds, except the Brock-Hommes
 reference, which is stored (package data, see ``bench/data/README.md``).
@@ -125,11 +125,11 @@ class Task:
 
 
 class NormalInverseGamma(Distribution):
-    r"""Prior of (mu, sigma): :math:`\sigma^2 \sim \mathrm{InvGamma}(a, b)`,
-    :math:`\mu \mid \sigma \sim N(m, \sigma^2 / \kappa)`, as a density over (mu, sigma).
+    r"""Prior of (mu, sigma): $\sigma^2 \sim \mathrm{InvGamma}(a, b)$,
+    $\mu \mid \sigma \sim N(m, \sigma^2 / \kappa)$, as a density over (mu, sigma).
 
-    :math:`\log p(\mu, \sigma) = \log N(\mu; m, \sigma^2/\kappa)
-    + \log \mathrm{IG}(\sigma^2; a, b) + \log 2\sigma` (the last term: sigma^2 -> sigma).
+    $\log p(\mu, \sigma) = \log N(\mu; m, \sigma^2/\kappa)
+    + \log \mathrm{IG}(\sigma^2; a, b) + \log 2\sigma$ (the last term: sigma^2 -> sigma).
 
     Example:
         >>> prior = NormalInverseGamma(0.0, 1.0, 3.0, 2.0)
@@ -235,7 +235,7 @@ def normal() -> Task:
 class AveragedLoss:
     """The mean of ``repeats`` independent evaluations of a simulated loss: (B, D) -> (B,).
 
-    Estimates :math:`\\bar l(\\theta) = E[l(\\theta, y)]` over the simulator's noise with
+    Estimates $\\bar l(\\theta) = E[l(\\theta, y)]$ over the simulator's noise with
     standard error sd(l) / sqrt(repeats).
 
     Example:
@@ -366,7 +366,7 @@ def brock_hommes() -> Task:
 
 
 class FoldedMean:
-    r"""Draws :math:`x_t \sim N((|\theta_1|, \theta_2), \sigma^2 I_2)`, t = 1..T, and their
+    r"""Draws $x_t \sim N((|\theta_1|, \theta_2), \sigma^2 I_2)$, t = 1..T, and their
     exact negative log-likelihood (a batched loss): theta (B, 2), y (T, 2) -> (B,).
 
     Example:
@@ -399,7 +399,7 @@ class FoldedMean:
 
 def bimodal() -> Task:
     r"""FoldedMean with T = 10, truth (1.5, 0.5), prior N(0, 2^2 I): two modes at
-    :math:`\theta_1 \approx \pm 1.5`, each with sd about 0.3."""
+    $\theta_1 \approx \pm 1.5$, each with sd about 0.3."""
     n, prior_sd = 10, 2.0
     model = FoldedMean(n)
     with seeded(104):

@@ -83,9 +83,9 @@ def compute_loss_and_jacobian_pathwise(
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     r"""Draw n parameters and compute each one's loss and loss gradient (pathwise pieces).
 
-    The reparameterised gradient of :math:`E_q[l(\theta, y)]` is
-    :math:`\frac1n \sum_i J_i^\top \partial\theta_i/\partial\phi` with
-    :math:`J_i = \nabla_\theta l(\theta_i, y)`: this returns the draws and the :math:`J_i`;
+    The reparameterised gradient of $E_q[l(\theta, y)]$ is
+    $\frac1n \sum_i J_i^\top \partial\theta_i/\partial\phi$ with
+    $J_i = \nabla_\theta l(\theta_i, y)$: this returns the draws and the $J_i$;
     :func:`compute_and_differentiate_loss` backpropagates them. Draws whose loss or
     gradient is NaN or infinite are left out.
 
@@ -147,9 +147,9 @@ def compute_and_differentiate_loss_score(
     *,
     score_baseline: str | None = "leave_one_out",
 ) -> Tensor | None:
-    r"""Score-function gradient of :math:`E_q[l]`, backpropagated into q; returns the mean loss.
+    r"""Score-function gradient of $E_q[l]$, backpropagated into q; returns the mean loss.
 
-    :math:`\frac1m \sum_i (l_i - b_i) \nabla_\phi \log q(\theta_i)` over the m draws with a
+    $\frac1m \sum_i (l_i - b_i) \nabla_\phi \log q(\theta_i)$ over the m draws with a
     finite loss; the simulator runs without gradients. ``b_i`` is the mean loss of the other
     draws (``score_baseline="leave_one_out"``, gradcal's VI estimator: the same expectation,
     lower variance) or 0 (``score_baseline=None``, BlackBIRDS' plain estimator).
@@ -211,11 +211,11 @@ def compute_and_differentiate_loss(
     jacobian_chunk_size: int | None = None,
     device: str | torch.device = "cpu",
 ) -> Tensor | float | None:
-    r"""One epoch's estimate of :math:`\nabla_\phi E_q[l(\theta, y)]`, accumulated into q's
+    r"""One epoch's estimate of $\nabla_\phi E_q[l(\theta, y)]$, accumulated into q's
     ``.grad``; returns the mean loss over the kept draws.
 
     ``"pathwise"``: :func:`compute_loss_and_jacobian_pathwise`, then the surrogate
-    :math:`\frac1m \sum_i \langle J_i, \theta_i \rangle` is backpropagated (its gradient is
+    $\frac1m \sum_i \langle J_i, \theta_i \rangle$ is backpropagated (its gradient is
     the reparameterised gradient). ``"score"``: :func:`compute_and_differentiate_loss_score`.
     Arguments as there.
 

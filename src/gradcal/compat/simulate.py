@@ -25,7 +25,7 @@ def compute_loss(
 ) -> tuple[Tensor, Tensor]:
     r"""Sum ``loss_fn(simulated, observed)`` over the pairs of outputs, skipping NaN ones.
 
-    :math:`L = \sum_k \ell(s_k, o_k)` over the outputs k whose simulation has no NaN; a
+    $L = \sum_k \ell(s_k, o_k)$ over the outputs k whose simulation has no NaN; a
     skipped output raises a ``UserWarning``. The value is returned twice (BlackBIRDS' form
     for a Jacobian with ``has_aux=True``).
 

@@ -88,11 +88,11 @@ def coverage(
 ) -> Coverage:
     r"""Coverage of credible intervals and SBC ranks of a calibration routine.
 
-    For data sets i = 1..N: draw :math:`\theta^*_i \sim \pi`, simulate data
-    :math:`y_i` at it, run ``calibrate(y_i)`` for posterior draws (S, D), and record per
-    coordinate whether :math:`\theta^*_i` lies in the central interval of each level
+    For data sets i = 1..N: draw $\theta^*_i \sim \pi$, simulate data
+    $y_i$ at it, run ``calibrate(y_i)`` for posterior draws (S, D), and record per
+    coordinate whether $\theta^*_i$ lies in the central interval of each level
     (quantiles (1 - level) / 2 and (1 + level) / 2 of the draws) and its rank among the
-    draws (Talts et al., 2018). An exact posterior covers :math:`\theta^*` with
+    draws (Talts et al., 2018). An exact posterior covers $\theta^*$ with
     probability equal to the level and gives uniform ranks; overconfident posteriors
     cover less and pile ranks up at 0 and S.
 
@@ -101,9 +101,9 @@ def coverage(
 
     Arguments:
         model_or_simulator: a :class:`~gradcal.models.model.Model`, simulated at all
-            :math:`\theta^*` in one batched call, each data set being the list of outputs
+            $\theta^*$ in one batched call, each data set being the list of outputs
             ``run_and_observe`` returns for one draw; or a callable theta (D,) -> data.
-        prior: distribution of :math:`\theta^*` over (D,) (``sample`` is all that is used).
+        prior: distribution of $\theta^*$ over (D,) (``sample`` is all that is used).
         calibrate: data -> posterior draws (S, D); S must be the same for every data set.
         n_datasets: N.
         levels: nominal levels in (0, 1).

@@ -34,7 +34,7 @@ def energy_distance_samples(
 ) -> float:
     r"""Energy distance between sample sets a (n, D) and b (m, D).
 
-    :math:`2 E\|a - b\| - E\|a - a'\| - E\|b - b'\|` (U-statistics, unbiased, zero in
+    $2 E\|a - b\| - E\|a - a'\| - E\|b - b'\|$ (U-statistics, unbiased, zero in
     expectation iff the distributions agree), computed by
     :func:`gradcal.discrepancies.energy_distance`.
 
@@ -63,8 +63,8 @@ def mmd_samples(
 ) -> float:
     r"""Unbiased squared MMD between sample sets a (n, D) and b (m, D), Gaussian kernel.
 
-    :math:`E k(a, a') + E k(b, b') - 2 E k(a, b)` with
-    :math:`k = \exp(-\|x - x'\|^2 / h^2)`, h the median distance of the pooled
+    $E k(a, a') + E k(b, b') - 2 E k(a, b)$ with
+    $k = \exp(-\|x - x'\|^2 / h^2)$, h the median distance of the pooled
     (standardised) samples (:class:`~gradcal.kernels.GaussianKernel`,
     :func:`gradcal.discrepancies.mmd`). Can be slightly negative; compare it with
     :func:`split_half_floor`.
@@ -192,12 +192,12 @@ def c2st(
     r"""Classifier two-sample test: cross-validated accuracy of telling a (n, D) from b (m, D).
 
     A small MLP (two hidden ReLU layers) learns to label points of a as 1 and of b as 0;
-    the accuracy on held-out points estimates :math:`\tfrac12 + \tfrac12 \mathrm{TV}(p_a,
-    p_b)` at best: 0.5 means indistinguishable, 1 means disjoint (Lopez-Paz & Oquab, 2017).
+    the accuracy on held-out points estimates $\tfrac12 + \tfrac12 \mathrm{TV}(p_a,
+    p_b)$ at best: 0.5 means indistinguishable, 1 means disjoint (Lopez-Paz & Oquab, 2017).
     Classes are balanced by using min(n, m) random points of each; folds are stratified, so
     every test fold holds as many points of a as of b and guessing scores exactly 0.5;
     inputs are standardised by the training fold. Under equal distributions the accuracy
-    has standard deviation at most :math:`0.5 / \sqrt{2 \min(n, m)}`.
+    has standard deviation at most $0.5 / \sqrt{2 \min(n, m)}$.
 
     Runs in float32 unless the inputs are float64; deterministic given ``seed`` (its own
     :class:`torch.Generator`; the global random stream is not touched).

@@ -31,7 +31,7 @@ __all__ = [
 def autocorrelation(series: Tensor, lag: int = 1) -> Tensor:
     r"""Sample autocorrelation at ``lag`` of series (..., T): (...,).
 
-    :math:`\sum_t (x_t - \bar x)(x_{t+L} - \bar x) / \sum_t (x_t - \bar x)^2`; NaN for a
+    $\sum_t (x_t - \bar x)(x_{t+L} - \bar x) / \sum_t (x_t - \bar x)^2$; NaN for a
     constant series.
 
     Example:
@@ -175,10 +175,10 @@ def posterior_predictive(
 ) -> PredictiveCheck:
     r"""Posterior predictive check: summaries of simulations at posterior draws vs the data.
 
-    For every draw :math:`\theta_b` the model is run once (no gradients); each summary s is
+    For every draw $\theta_b$ the model is run once (no gradients); each summary s is
     computed on every simulated series and on the observed one, and the check reports where
-    s(y) falls among the :math:`s(y^{rep}_b)`: the quantile
-    :math:`\frac1B \sum_b 1[s(y^{rep}_b) \le s(y)]` and the two-sided p-value. Quantiles
+    s(y) falls among the $s(y^{rep}_b)$: the quantile
+    $\frac1B \sum_b 1[s(y^{rep}_b) \le s(y)]$ and the two-sided p-value. Quantiles
     near 0 or 1 mean the calibrated model does not reproduce that feature of the data.
 
     The default summaries are the mean, standard deviation, lag-1 autocorrelation and
@@ -297,7 +297,7 @@ def loss_check(loss: Any, draws: Tensor, data: Any, seed: int | None = 0) -> Los
 
     For each posterior draw theta_i (n, D): the observed loss l(theta_i, y) and the loss
     l(theta_i, y_rep_i) of a data set simulated from the model at theta_i; the p-value is
-    :math:`\#\{i: l(\theta_i, y^{rep}_i) \ge l(\theta_i, y)\} / n`. ``loss`` must have a
+    $\#\{i: l(\theta_i, y^{rep}_i) \ge l(\theta_i, y)\} / n$. ``loss`` must have a
     ``model`` to simulate data from (every gradcal loss builder has one).
 
     Example:

@@ -39,7 +39,7 @@ __all__ = [
 
 
 def importance_ess(log_w: Tensor) -> float:
-    r"""Kish's effective sample size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` of log weights (n,).
+    r"""Kish's effective sample size $(\sum_i w_i)^2 / \sum_i w_i^2$ of log weights (n,).
 
     Between 1 (one weight dominates) and n (equal weights); -inf entries count as zero.
 
@@ -87,7 +87,7 @@ def psis_khat(log_weights: Tensor) -> tuple[float, Tensor]:
     r"""Pareto-smoothed importance sampling: the tail shape k-hat and smoothed log weights.
 
     A generalised Pareto distribution is fitted to the M = ceil(min(n / 5, 3 sqrt(n)))
-    largest importance weights :math:`w_i = p(\theta_i) / q(\theta_i)` (Zhang & Stephens'
+    largest importance weights $w_i = p(\theta_i) / q(\theta_i)$ (Zhang & Stephens'
     empirical-Bayes estimator, with the weakly informative prior on k of Vehtari et al.).
     The weights have finite moments of order below 1/k: a finite variance for k < 0.5 and a
     finite mean for k < 1; importance-sampling estimates are reliable for k-hat < 0.7
@@ -197,11 +197,11 @@ def vi_khat(
 ) -> float:
     r"""PSIS k-hat of a fitted variational family q against an unnormalised target p.
 
-    Draws :math:`\theta_i \sim q` and computes k-hat of the importance ratios
-    :math:`\log w_i = \log p(\theta_i) - \log q(\theta_i)` (Yao et al., 2018): below 0.7 the
+    Draws $\theta_i \sim q$ and computes k-hat of the importance ratios
+    $\log w_i = \log p(\theta_i) - \log q(\theta_i)$ (Yao et al., 2018): below 0.7 the
     approximation is usable, above it q misses the target's tails (:func:`read_khat`).
     For a GVI fit the target is the generalised posterior
-    :math:`-l(\theta, y) / w + \log \pi(\theta)`.
+    $-l(\theta, y) / w + \log \pi(\theta)$.
 
     Arguments:
         family: an object with ``sample(n) -> (theta (n, D), log_q (n,))`` (every gradcal

@@ -1,6 +1,6 @@
 r"""An annealing schedule for w: start from a broad target, end at the target w.
 
-The generalised posterior :math:`\propto \exp(-l/w)\,\pi` is flatter for a larger w; fitting
+The generalised posterior $\propto \exp(-l/w)\,\pi$ is flatter for a larger w; fitting
 first at a large w lets q spread over every region of low loss before the target
 sharpens, which helps any family (and mass-covering objectives most) find all the modes.
 """
@@ -15,7 +15,7 @@ __all__ = ["GeometricAnnealing"]
 class GeometricAnnealing:
     r"""w falls geometrically from ``start`` to the target w over ``epochs`` epochs.
 
-    :math:`w_t = w_0 (w / w_0)^{t / T}` for epochs t = 0, ..., T - 1, then the target w.
+    $w_t = w_0 (w / w_0)^{t / T}$ for epochs t = 0, ..., T - 1, then the target w.
     While annealing, VI records the epochs (with ``w`` in the history) but neither tracks a
     best state nor counts them against the patience: totals at different w are not
     comparable.

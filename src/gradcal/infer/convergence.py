@@ -77,7 +77,7 @@ def split_chains(x: Tensor) -> Tensor:
 
 
 def rank_normalise(x: Tensor) -> Tensor:
-    r"""Normal scores of the pooled draws: :math:`z = \Phi^{-1}((r - 3/8) / (N + 1/4))` with r
+    r"""Normal scores of the pooled draws: $z = \Phi^{-1}((r - 3/8) / (N + 1/4))$ with r
     the rank of each draw among all N (ties get their average rank; Blom's offsets).
 
     Example:
@@ -144,9 +144,9 @@ def _ess(x: Tensor) -> float:
 def rhat(chains: Tensor) -> Tensor:
     r"""Rank-normalised split R-hat (Vehtari et al. 2021) of chains (C, S, D): (D,).
 
-    :math:`\max(\hat R_{\rm bulk}, \hat R_{\rm tail})`: the split R-hat of the
+    $\max(\hat R_{\rm bulk}, \hat R_{\rm tail})$: the split R-hat of the
     rank-normalised split chains, and of the split chains folded about their median
-    :math:`|x - \mathrm{med}(x)|`, then rank-normalised. It detects chains that differ in
+    $|x - \mathrm{med}(x)|$, then rank-normalised. It detects chains that differ in
     location, in scale or in their tails, and is 1.01 or more when they have not mixed.
 
     Example:
@@ -171,7 +171,7 @@ def split_rhat(chains: Tensor) -> Tensor:
     r"""Classic split R-hat of chains (C, S, D) (or (C, S)): (D,) (or 0-d).
 
     Each chain is cut in two halves; with W the mean within-half variance and B/n the
-    variance of the half means, :math:`\hat R = \sqrt{((n-1)/n\, W + B/n) / W}`. Prefer
+    variance of the half means, $\hat R = \sqrt{((n-1)/n\, W + B/n) / W}$. Prefer
     :func:`rhat`, whose threshold of 1.01 this statistic does not share.
 
     Example:
@@ -211,10 +211,10 @@ def effective_sample_size(chains: Tensor) -> Tensor:
     r"""Effective sample size for the mean of chains (C, S, D) (or (C, S)): (D,) (or 0-d).
 
     Stan's estimator on the split chains (:func:`split_chains`, so a drift within a chain
-    lowers it): the autocorrelation :math:`\hat\rho_t`
+    lowers it): the autocorrelation $\hat\rho_t$
     combines the within-chain autocovariances with the between-chain variance, and
-    :math:`\hat\tau = -1 + 2 \sum_t \hat\rho_t` runs over Geyer's initial positive and
-    monotone sequence of pair sums; :math:`\mathrm{ESS} = C S / \hat\tau`.
+    $\hat\tau = -1 + 2 \sum_t \hat\rho_t$ runs over Geyer's initial positive and
+    monotone sequence of pair sums; $\mathrm{ESS} = C S / \hat\tau$.
 
     Example:
         >>> chains = torch.randn(4, 1000)

@@ -2,11 +2,13 @@ r"""Gradient MCMC: MALA and HMC kernels, a runner with warm-up adaptation.
 
 Every kernel targets the generalised posterior of the VI convention,
 
-.. math:: \pi_w(\theta \mid y) \propto \pi(\theta) \exp(-l(\theta, y) / w),
+$$
+\pi_w(\theta \mid y) \propto \pi(\theta) \exp(-l(\theta, y) / w),
+$$
 
 whose best approximation in a family is what :class:`~gradcal.infer.vi.VI` fits (with
 l the negative log-likelihood and w = 1, the Bayesian posterior). BlackBIRDS' MALA used
-:math:`\exp(-l + w \log \pi)` instead; gradcal keeps one convention everywhere.
+$\exp(-l + w \log \pi)$ instead; gradcal keeps one convention everywhere.
 
 Chains are a batch axis: a state (C, D) is C chains, advanced by one batched simulation
 per gradient evaluation. A proposal whose loss or prior density is not finite is rejected.
@@ -149,7 +151,7 @@ class _Kernel:
         return new_state, accept
 
     def log_density_and_grad(self, theta: Tensor, data: Any) -> tuple[Tensor, Tensor]:
-        r""":math:`\log \pi(\theta) - l(\theta)/w` (C,) and its gradient (C, D).
+        r"""$\log \pi(\theta) - l(\theta)/w$ (C,) and its gradient (C, D).
 
         Non-finite values become -inf with a zero gradient (the proposal is rejected).
         """
@@ -210,12 +212,12 @@ def _gaussian_log_kernel(x: Tensor, mean: Tensor, chol: Tensor, scale: float) ->
 class MALA(_Kernel):
     r"""Metropolis-adjusted Langevin kernel for a batch of chains.
 
-    Proposal :math:`\theta' \sim N(\theta + h C \nabla \log \pi_w(\theta), 2 h C)` with step
+    Proposal $\theta' \sim N(\theta + h C \nabla \log \pi_w(\theta), 2 h C)$ with step
     ``scale`` h and preconditioner ``covariance`` C (BlackBIRDS' parameterisation), then a
     Metropolis-Hastings correction.
 
     Arguments:
-        prior, loss, w: the target :math:`\pi(\theta) \exp(-l(\theta, y)/w)`; ``w`` may be
+        prior, loss, w: the target $\pi(\theta) \exp(-l(\theta, y)/w)$; ``w`` may be
             ``"calibrate"`` or a :class:`~gradcal.infer.weight.WeightCalibration`: chosen
             from the data at the start of :meth:`MCMC.run` (kept in ``weight_choice``).
         gradient_clipping_norm: clip each chain's gradient of the log target.
@@ -273,7 +275,7 @@ class MALA(_Kernel):
 class HMC(_Kernel):
     r"""Hamiltonian Monte Carlo kernel (leapfrog) for a batch of chains.
 
-    Momentum :math:`p \sim N(0, C^{-1})`, ``n_leapfrog`` leapfrog steps of size ``scale``
+    Momentum $p \sim N(0, C^{-1})$, ``n_leapfrog`` leapfrog steps of size ``scale``
     with inverse mass matrix ``covariance`` C, then a Metropolis correction on the
     Hamiltonian. Each leapfrog step costs one batched loss and gradient evaluation. The
     other arguments are :class:`MALA`'s.

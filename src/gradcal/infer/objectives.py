@@ -1,29 +1,29 @@
 r"""VI objectives: which divergence between q and the generalised posterior VI minimises.
 
-The target is the generalised posterior :math:`p(\theta) \propto \tilde p(\theta) =
-\exp(-l(\theta, y) / w)\, \pi(\theta)`, and every draw theta_i of q carries the log
-importance weight :math:`\log w_i = -l_i / w + \log \pi(\theta_i) - \log q(\theta_i)`.
+The target is the generalised posterior $p(\theta) \propto \tilde p(\theta) =
+\exp(-l(\theta, y) / w)\, \pi(\theta)$, and every draw theta_i of q carries the log
+importance weight $\log w_i = -l_i / w + \log \pi(\theta_i) - \log q(\theta_i)$.
 Each objective is a small class; values are reported in the loss's units (times w), so
-that reverse KL's total is BlackBIRDS' :math:`E_q[l] + w\,\mathrm{KL}(q \| \pi)`.
+that reverse KL's total is BlackBIRDS' $E_q[l] + w\,\mathrm{KL}(q \| \pi)$.
 
-- :class:`ReverseKL` (default): :math:`E_q[l] + w\,\mathrm{KL}(q \| \pi)
-  = w\,\mathrm{KL}(q \| p) - w \log Z`. Mode-seeking. VI forms it from the gradient
+- :class:`ReverseKL` (default): $E_q[l] + w\,\mathrm{KL}(q \| \pi)
+  = w\,\mathrm{KL}(q \| p) - w \log Z$. Mode-seeking. VI forms it from the gradient
   estimator and its KL term (today's behaviour); ``sticking_the_landing=True`` drops the
   zero-mean score term from the Monte Carlo KL (Roeder et al. 2017).
-- :class:`ImportanceWeighted`: :math:`-w\, E[\log \frac1K \sum_k w_k]` over groups of K
+- :class:`ImportanceWeighted`: $-w\, E[\log \frac1K \sum_k w_k]$ over groups of K
   draws (Burda et al. 2016); K = 1 is reverse KL, larger K covers more mass.
-- :class:`Renyi`: :math:`-\frac{w}{1-\alpha} E[\log \frac1K \sum_k w_k^{1-\alpha}]`, alpha in
+- :class:`Renyi`: $-\frac{w}{1-\alpha} E[\log \frac1K \sum_k w_k^{1-\alpha}]$, alpha in
   (0, 1) (Li & Turner 2016); alpha -> 1 is reverse KL, small alpha is mass-covering.
-- :class:`ForwardKL`: :math:`w\,\mathrm{KL}(p \| q)` by self-normalised importance sampling
-  from q; its gradient :math:`-\sum_i \hat w_i \nabla_\phi \log q_\phi(\theta_i)` needs no
+- :class:`ForwardKL`: $w\,\mathrm{KL}(p \| q)$ by self-normalised importance sampling
+  from q; its gradient $-\sum_i \hat w_i \nabla_\phi \log q_\phi(\theta_i)$ needs no
   simulator gradient. Mass-covering.
 
 The weighted objectives (all but reverse KL) log the importance-sampling effective sample
-size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` of each epoch's draws (``ess`` in the history).
+size $(\sum_i w_i)^2 / \sum_i w_i^2$ of each epoch's draws (``ess`` in the history).
 ``doubly_reparameterised=True`` (the default) gives :class:`ImportanceWeighted` and
 :class:`Renyi` the DReG estimator of Tucker et al. (2019): log q at fixed parameters, and
-per-draw weights :math:`\hat w_k(\alpha + (1 - \alpha)\hat w_k)` (alpha = 0 for
-importance-weighted), :math:`\hat w = \mathrm{softmax}((1-\alpha)\log w)` within a group.
+per-draw weights $\hat w_k(\alpha + (1 - \alpha)\hat w_k)$ (alpha = 0 for
+importance-weighted), $\hat w = \mathrm{softmax}((1-\alpha)\log w)$ within a group.
 A family whose parameters log q cannot hold fixed (an object that is no torch module) would
 make DReG biased (the score term weighted by theta-dependent weights): such a family gets the
 plain reparameterised gradient, with a warning. A dropped draw never enters q's gradient:
@@ -33,11 +33,11 @@ log q is evaluated again on the kept draws only (see
 Supported gradient estimators: every objective works with all three (pathwise reverse and
 forward mode, score). With the score estimator the simulator is run without gradients and
 the importance-weighted and Renyi bounds take the score-function gradient of the bound
-:math:`f = \frac1c \log \frac1K \sum_k w_k^c` (c = 1 - alpha; c = 1 importance-weighted)
-of each group, :math:`\sum_k (f - f_{-k}) \nabla_\phi \log q(\theta_k) - \sum_k \hat w_k
-\nabla_\phi \log q(\theta_k)`, with VIMCO's leave-one-out control variate (Mnih & Rezende
-2016): :math:`f_{-k}` is f with :math:`\log w_k` replaced by the mean of the group's other
-log weights, which does not depend on :math:`\theta_k`, so the estimate stays unbiased. A
+$f = \frac1c \log \frac1K \sum_k w_k^c$ (c = 1 - alpha; c = 1 importance-weighted)
+of each group, $\sum_k (f - f_{-k}) \nabla_\phi \log q(\theta_k) - \sum_k \hat w_k
+\nabla_\phi \log q(\theta_k)$, with VIMCO's leave-one-out control variate (Mnih & Rezende
+2016): $f_{-k}$ is f with $\log w_k$ replaced by the mean of the group's other
+log weights, which does not depend on $\theta_k$, so the estimate stays unbiased. A
 group with one kept draw (every group when K = 1) takes the mean of the other groups'
 bounds as its baseline instead; ``score_baseline=None`` uses no control variate. DReG
 (``doubly_reparameterised``) shapes the pathwise gradient only and is ignored by the score
@@ -113,7 +113,7 @@ class ReverseKL:
 
     Arguments:
         sticking_the_landing: in the Monte Carlo KL, take log q at fixed parameters, so the
-            score term :math:`\\nabla_\\phi \\log q_\\phi(\\theta)` (mean zero) is left out
+            score term $\\nabla_\\phi \\log q_\\phi(\\theta)$ (mean zero) is left out
             (Roeder et al. 2017): unbiased, and its variance vanishes as q approaches the
             target. No effect on a closed-form KL.
     """
@@ -403,8 +403,8 @@ def _group_log_mean(log_w: Tensor, valid: Tensor) -> Tensor:
 
 
 def _leave_one_out_bounds(log_w: Tensor, valid: Tensor, c: float) -> Tensor:
-    r"""VIMCO's :math:`f_{-k}` (T, K): the group bound :math:`\frac1c \log \frac1n \sum_j
-    w_j^c` over its n kept draws with :math:`\log w_k` replaced by the mean of the other kept
+    r"""VIMCO's $f_{-k}$ (T, K): the group bound $\frac1c \log \frac1n \sum_j
+    w_j^c$ over its n kept draws with $\log w_k$ replaced by the mean of the other kept
     log weights (no graph; entries of dropped draws or of groups with one kept draw are
     meaningless).
 
@@ -423,7 +423,7 @@ def _leave_one_out_bounds(log_w: Tensor, valid: Tensor, c: float) -> Tensor:
 
 
 class ImportanceWeighted(WeightedObjective):
-    r"""Importance-weighted bound: minimise :math:`-w\,E[\log \frac1K \sum_{k=1}^K w_k]`.
+    r"""Importance-weighted bound: minimise $-w\,E[\log \frac1K \sum_{k=1}^K w_k]$.
 
     The B draws of an epoch form B / K groups of K; the bound tightens towards log Z as K
     grows and the optimal q spreads to cover the target's mass. K = 1 is reverse KL.
@@ -496,7 +496,7 @@ class ImportanceWeighted(WeightedObjective):
 
 
 class Renyi(ImportanceWeighted):
-    r"""Renyi bound: minimise :math:`-\frac{w}{1-\alpha} E[\log \frac1K \sum_k w_k^{1-\alpha}]`.
+    r"""Renyi bound: minimise $-\frac{w}{1-\alpha} E[\log \frac1K \sum_k w_k^{1-\alpha}]$.
 
     For alpha in (0, 1) the bound lies between the importance-weighted bound (alpha = 0)
     and reverse KL (alpha -> 1); small alpha covers more mass (Li & Turner 2016).
@@ -505,7 +505,7 @@ class Renyi(ImportanceWeighted):
         alpha: in (0, 1).
         k: draws per group K (n_samples_per_epoch must be a multiple of K).
         doubly_reparameterised: the DReG gradient, weights
-            :math:`\hat w_k(\alpha + (1-\alpha)\hat w_k)`.
+            $\hat w_k(\alpha + (1-\alpha)\hat w_k)$.
 
     Example:
         >>> Renyi(alpha=0.5, k=4).exponent
@@ -534,10 +534,10 @@ class Renyi(ImportanceWeighted):
 class ForwardKL(WeightedObjective):
     r"""Forward KL(p || q) by self-normalised importance sampling from q.
 
-    With :math:`\hat w_i = w_i / \sum_j w_j` over all B draws of an epoch, the gradient is
-    :math:`-\sum_i \hat w_i \nabla_\phi \log q_\phi(\theta_i)` at the draws held fixed, so
+    With $\hat w_i = w_i / \sum_j w_j$ over all B draws of an epoch, the gradient is
+    $-\sum_i \hat w_i \nabla_\phi \log q_\phi(\theta_i)$ at the draws held fixed, so
     the simulator is run without gradients. The reported total is w times
-    :math:`\sum_i \hat w_i \log(B \hat w_i)`, the SNIS estimate of KL(p || q) (>= 0, 0 when
+    $\sum_i \hat w_i \log(B \hat w_i)$, the SNIS estimate of KL(p || q) (>= 0, 0 when
     every weight is equal). The family needs ``log_prob``. Reliable once the ESS is not
     tiny: start from a broad q (near the prior) or anneal w.
 

@@ -1,7 +1,7 @@
 r"""Gradient-free reference posteriors, to check gradient-based answers against.
 
 Importance sampling targets the generalised posterior
-:math:`\pi_w(\theta \mid y) \propto \exp(-l(\theta, y) / w)\, \pi(\theta)` (the VI
+$\pi_w(\theta \mid y) \propto \exp(-l(\theta, y) / w)\, \pi(\theta)$ (the VI
 convention) with draws from the prior or a proposal, batched over draws. Rejection ABC
 keeps the prior draws whose loss (a distance) falls below a quantile of all the losses.
 """
@@ -44,7 +44,7 @@ class ImportanceSamples:
 
     @property
     def ess(self) -> float:
-        r"""Kish's effective sample size :math:`(\sum w)^2 / \sum w^2`."""
+        r"""Kish's effective sample size $(\sum w)^2 / \sum w^2$."""
         w = self.weights
         return float(1.0 / (w**2).sum()) if torch.isfinite(w).all() else 0.0
 
@@ -66,9 +66,9 @@ def importance_sampling(
     min_ess: float = 100.0,
     seed: int | None = None,
 ) -> ImportanceSamples:
-    r"""Importance sampling of :math:`\exp(-l(\theta, y)/w)\,\pi(\theta)`.
+    r"""Importance sampling of $\exp(-l(\theta, y)/w)\,\pi(\theta)$.
 
-    Weights are :math:`\exp(-l/w)\,\pi(\theta)/g(\theta)` for draws from the proposal g (the
+    Weights are $\exp(-l/w)\,\pi(\theta)/g(\theta)$ for draws from the proposal g (the
     prior by default, when the ratio is 1). Draws with a non-finite loss get weight zero.
     A warning is issued when the effective sample size falls below ``min_ess``.
 
@@ -173,14 +173,14 @@ def rejection_abc(
 ) -> RejectionSamples:
     r"""Rejection ABC: keep the prior draws with the lowest losses.
 
-    Draws :math:`\theta_i \sim \pi`, i = 1..n, and accepts
-    :math:`\{\theta_i : l(\theta_i, y) \le \epsilon\}` where :math:`\epsilon` is the
-    ``quantile`` of the n losses (the :math:`\lceil q n \rceil`-th smallest, so that
-    :math:`\lceil q n \rceil` draws are kept, more on ties). The accepted draws sample
-    :math:`\pi(\theta \mid l(\theta, y) \le \epsilon)`, which tends to the posterior
-    given the summary in the loss as :math:`\epsilon \to 0`. A draw whose loss is NaN or
+    Draws $\theta_i \sim \pi$, i = 1..n, and accepts
+    $\{\theta_i : l(\theta_i, y) \le \epsilon\}$ where $\epsilon$ is the
+    ``quantile`` of the n losses (the $\lceil q n \rceil$-th smallest, so that
+    $\lceil q n \rceil$ draws are kept, more on ties). The accepted draws sample
+    $\pi(\theta \mid l(\theta, y) \le \epsilon)$, which tends to the posterior
+    given the summary in the loss as $\epsilon \to 0$. A draw whose loss is NaN or
     infinite counts as the worst loss and is never accepted (with a warning when this leaves
-    fewer than :math:`\lceil q n \rceil` accepted).
+    fewer than $\lceil q n \rceil$ accepted).
 
     Arguments:
         loss: ``loss(theta, data)``, a distance, as for :class:`~gradcal.infer.vi.VI`.

@@ -1,4 +1,4 @@
-r"""Simulated minimum distance: the point estimate :math:`\arg\min_\theta l(\theta, y)`.
+r"""Simulated minimum distance: the point estimate $\arg\min_\theta l(\theta, y)$.
 
 BlackBIRDS' ``SMD``: the optimiser holds the parameter tensor theta being fitted, and each
 epoch evaluates ``loss(theta, data)``, backpropagates through the simulator and steps. A
@@ -85,8 +85,10 @@ def _save_path(parameters_save_dir: str | os.PathLike) -> Path:
 class SMD:
     r"""Simulated minimum distance: minimise a loss over the parameters by gradient descent.
 
-    .. math:: \hat\theta = \arg\min_\theta\, l(\theta, y), \qquad
-        \theta_k \leftarrow \mathrm{opt}\big(\theta_k, \mathrm{clip}(\nabla l(\theta_k, y))\big)
+    $$
+    \hat\theta = \arg\min_\theta\, l(\theta, y), \qquad
+    \theta_k \leftarrow \mathrm{opt}\big(\theta_k, \mathrm{clip}(\nabla l(\theta_k, y))\big)
+    $$
 
     Arguments (BlackBIRDS' signature, same order and defaults):
         loss: ``loss(theta, data)``: a scalar for one point theta (D,); for K starting

@@ -1,8 +1,8 @@
 r"""Generalised variational inference: fit q_phi by minimising E_q[l(theta, y)] + w KL(q || prior).
 
 The optimum approximates the generalised posterior
-:math:`\pi_w(\theta \mid y) \propto \exp(-l(\theta, y) / w)\, \pi(\theta)`; w multiplies the KL
-term (BlackBIRDS' convention). With :math:`l = -\log p(y \mid \theta)` and w = 1 this is
+$\pi_w(\theta \mid y) \propto \exp(-l(\theta, y) / w)\, \pi(\theta)$; w multiplies the KL
+term (BlackBIRDS' convention). With $l = -\log p(y \mid \theta)$ and w = 1 this is
 ordinary Bayesian VI. One epoch, top to bottom in :meth:`VI.step`: draw
 ``n_samples_per_epoch`` parameters from q, simulate and score them (one batched call where
 possible), backpropagate the chosen gradient estimator's surrogate and w times the KL into

@@ -1,6 +1,6 @@
 r"""Choosing the weight w of a generalised posterior so that its credible sets mean what they say.
 
-The target is :math:`\pi_w(\theta \mid y) \propto \exp(-l(\theta, y) / w)\, \pi(\theta)` (w
+The target is $\pi_w(\theta \mid y) \propto \exp(-l(\theta, y) / w)\, \pi(\theta)$ (w
 multiplies the KL in VI; a "learning rate" eta multiplying the loss elsewhere is 1 / w). With a
 loss that is not the log-likelihood of a well-specified model, w sets the width of every
 interval. Two choices, both from a bootstrap of the data:
@@ -639,7 +639,7 @@ def gradient_differences_hessian(loss: Any, u: Tensor, steps: Tensor) -> Tensor:
 
     Every point is evaluated on the same random stream (one seed, drawn from the current
     stream), so the simulation noise cancels in the differences:
-    :math:`H_{:, j} = (\nabla L(u + h_j e_j) - \nabla L(u - h_j e_j)) / (2 h_j)`, 2 D
+    $H_{:, j} = (\nabla L(u + h_j e_j) - \nabla L(u - h_j e_j)) / (2 h_j)$, 2 D
     gradients. ``loss`` maps (D,) to a 0-d tensor.
 
     Example:
@@ -670,12 +670,13 @@ def loss_differences_hessian(loss: Any, u: Tensor, steps: Tensor) -> Tensor:
 
     Every point is evaluated on the same random stream (one seed, drawn from the current
     stream), so the simulation noise cancels in the differences. With
-    :math:`L_{\pm i} = L(u \pm h_i e_i)` and :math:`L_{\pm\pm ij} = L(u \pm h_i e_i
-    \pm h_j e_j)`, 1 + D + D^2 points in all:
+    $L_{\pm i} = L(u \pm h_i e_i)$ and $L_{\pm\pm ij} = L(u \pm h_i e_i
+    \pm h_j e_j)$, 1 + D + D^2 points in all:
 
-    .. math:: H_{ii} = (L_{+i} - 2 L_0 + L_{-i}) / h_i^2, \quad
-        H_{ij} = (L_{++ij} + L_{--ij} - L_{+i} - L_{-i} - L_{+j} - L_{-j} + 2 L_0)
-        / (2 h_i h_j),
+    $$
+    H_{ii} = (L_{+i} - 2 L_0 + L_{-i}) / h_i^2, \quad
+    H_{ij} = (L_{++ij} + L_{--ij} - L_{+i} - L_{-i} - L_{+j} - L_{-j} + 2 L_0) / (2 h_i h_j),
+    $$
 
     both exact for a quadratic. ``loss`` maps (D,) to a 0-d tensor.
 

@@ -11,11 +11,11 @@ __all__ = ["AR1"]
 
 
 class AR1(Model):
-    r""":math:`x_t = \phi x_{t-1} + \sigma \varepsilon_t`, :math:`\varepsilon_t \sim N(0, 1)`,
-    started in the stationary law :math:`x_0 \sim N(0, \sigma^2 / (1 - \phi^2))`.
+    r"""$x_t = \phi x_{t-1} + \sigma \varepsilon_t$, $\varepsilon_t \sim N(0, 1)$,
+    started in the stationary law $x_0 \sim N(0, \sigma^2 / (1 - \phi^2))$.
 
-    Parameters, in order: :math:`(\phi, \sigma)`. A draw with :math:`|\phi| \ge 1` or
-    :math:`\sigma \le 0` gives NaN outputs (the inference engine drops it).
+    Parameters, in order: $(\phi, \sigma)$. A draw with $|\phi| \ge 1$ or
+    $\sigma \le 0$ gives NaN outputs (the inference engine drops it).
 
     Arguments:
         n_timesteps: number of steps T.

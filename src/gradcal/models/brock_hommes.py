@@ -20,10 +20,11 @@ FREE = "free"  # a belief coefficient that is a parameter (as None), as TOML can
 def belief_mean(beta: Tensor, g: Tensor, b: Tensor, R: Tensor | float, lags: Tensor) -> Tensor:
     r"""Conditional mean of Brock & Hommes' price deviation given three lags.
 
-    .. math::
-        \frac{1}{R} \sum_h n_h (g_h x_{t-1} + b_h), \quad
-        n = \mathrm{softmax}_h\big(\beta (x_{t-1} - R x_{t-2})
-        (g_h x_{t-3} + b_h - R x_{t-2})\big).
+    $$
+    \frac{1}{R} \sum_h n_h (g_h x_{t-1} + b_h), \quad
+    n = \mathrm{softmax}_h\big(\beta (x_{t-1} - R x_{t-2})
+    (g_h x_{t-3} + b_h - R x_{t-2})\big).
+    $$
 
     Arguments:
         beta: intensity of choice, a number or (B, 1, 1).
@@ -50,16 +51,17 @@ class BrockHommes(Model):
 
     BlackBIRDS' model (same parameters, clamping and layout):
 
-    .. math::
-        x_t = \frac{1}{R} \Big(\sum_{h=1}^4 n_{h,t} (g_h x_{t-1} + b_h) + \sigma e_t\Big),
-        \quad e_t \sim N(0, 1), \quad R = 1 + r,
+    $$
+    x_t = \frac{1}{R} \Big(\sum_{h=1}^4 n_{h,t} (g_h x_{t-1} + b_h) + \sigma e_t\Big),
+    \quad e_t \sim N(0, 1), \quad R = 1 + r,
+    $$
 
-    with the fractions :math:`n_{h,t}` of :func:`belief_mean` and :math:`x_0 = x_1 = x_2 = 0`.
+    with the fractions $n_{h,t}$ of :func:`belief_mean` and $x_0 = x_1 = x_2 = 0$.
     The trend coefficients are squeezed softly into [1e-3, 1]:
-    :math:`g \leftarrow \mathrm{softmax}_2(\mathrm{softmin}_2(g, 1), 10^{-3})` (hardness 2).
+    $g \leftarrow \mathrm{softmax}_2(\mathrm{softmin}_2(g, 1), 10^{-3})$ (hardness 2).
 
-    Parameters, in order (11): :math:`\log\beta, g_1, \dots, g_4, b_1, \dots, b_4,
-    \log\sigma, \log r`. For a model with fixed :math:`\beta, \sigma, r` and some fixed
+    Parameters, in order (11): $\log\beta, g_1, \dots, g_4, b_1, \dots, b_4,
+    \log\sigma, \log r$. For a model with fixed $\beta, \sigma, r$ and some fixed
     belief coefficients, with an exact likelihood, see :class:`BrockHommesBeliefs`.
 
     Arguments:
@@ -121,21 +123,24 @@ class BrockHommes(Model):
 class BrockHommesBeliefs(Model):
     r"""Brock & Hommes (1998) with H belief types (deviations from the fundamental price).
 
-    .. math::
-        x_t = \frac{1}{R} \sum_h n_{h,t} (g_h x_{t-1} + b_h) + \frac{\sigma}{R} e_t,
-        \quad e_t \sim N(0, 1),
+    $$
+    x_t = \frac{1}{R} \sum_h n_{h,t} (g_h x_{t-1} + b_h) + \frac{\sigma}{R} e_t,
+    \quad e_t \sim N(0, 1),
+    $$
 
-        n_{h,t} = \mathrm{softmax}_h(\beta U_{h,t}), \quad
-        U_{h,t} = (x_{t-1} - R x_{t-2}) (g_h x_{t-3} + b_h - R x_{t-2}),
+    $$
+    n_{h,t} = \mathrm{softmax}_h(\beta U_{h,t}), \quad
+    U_{h,t} = (x_{t-1} - R x_{t-2}) (g_h x_{t-3} + b_h - R x_{t-2}),
+    $$
 
-    with :math:`R = 1 + r` and :math:`x_0 = x_1 = x_2 = 0`. Each trend coefficient
-    :math:`g_h` and bias :math:`b_h` is fixed (a number) or free (``None``, or ``"free"``,
+    with $R = 1 + r$ and $x_0 = x_1 = x_2 = 0$. Each trend coefficient
+    $g_h$ and bias $b_h$ is fixed (a number) or free (``None``, or ``"free"``,
     which a TOML configuration can write); the free ones are the parameters, ordered by
-    belief type, :math:`g_h` before :math:`b_h`.
+    belief type, $g_h$ before $b_h$.
     The transition is Gaussian, so :meth:`log_likelihood` is exact.
 
     Arguments:
-        n_timesteps: number of simulated values; the output is :math:`x_3, \dots, x_{T+2}`.
+        n_timesteps: number of simulated values; the output is $x_3, \dots, x_{T+2}$.
         g: the H trend coefficients, ``None`` or ``"free"`` marking free ones.
         b: the H biases, ``None`` or ``"free"`` marking free ones.
         beta: intensity of choice.
@@ -269,7 +274,7 @@ class BrockHommesBeliefs(Model):
         return [x[:, _N_LAGS:] if x.shape[1] >= _N_LAGS else x]
 
     def log_likelihood(self, params: Tensor, x: Tensor) -> Tensor:
-        r"""Exact :math:`\log p(x_3, \dots, x_{T+2} \mid \theta)` given :math:`x_0=x_1=x_2=0`.
+        r"""Exact $\log p(x_3, \dots, x_{T+2} \mid \theta)$ given $x_0=x_1=x_2=0$.
 
         Arguments:
             params: (D,) or (B, D).

@@ -13,10 +13,10 @@ __all__ = ["Normal", "NormalDraws"]
 
 
 class Normal(Model):
-    r"""I.i.d. draws :math:`x_t \sim N(\mu, \sigma^2)`, :math:`t = 1, \dots, T`, after
-    :math:`x_0 = 0`.
+    r"""I.i.d. draws $x_t \sim N(\mu, \sigma^2)$, $t = 1, \dots, T$, after
+    $x_0 = 0$.
 
-    Parameters, in order: :math:`(\mu, \sigma)`. A non-positive :math:`\sigma` gives NaN
+    Parameters, in order: $(\mu, \sigma)$. A non-positive $\sigma$ gives NaN
     outputs for that draw (the inference engine drops such draws).
 
     Arguments:
@@ -24,7 +24,7 @@ class Normal(Model):
 
     Shapes (BlackBIRDS' layout): ``params`` (2,) or (B, 2); the history and the single
     output (T + 1, 1) for one draw, (B, T + 1, 1) for B draws, starting with the initial
-    state :math:`x_0 = 0` (observed too, as in BlackBIRDS). As in BlackBIRDS, the values
+    state $x_0 = 0$ (observed too, as in BlackBIRDS). As in BlackBIRDS, the values
     have torch's default dtype whatever the dtype of ``params``.
 
     Example:
@@ -65,7 +65,7 @@ class Normal(Model):
         return [x]
 
     def log_likelihood(self, params: Tensor, x: Tensor) -> Tensor:
-        r""":math:`\sum_{t \ge 1} \log N(x_t; \mu, \sigma^2)` of an observed output.
+        r"""$\sum_{t \ge 1} \log N(x_t; \mu, \sigma^2)$ of an observed output.
 
         ``x`` is either the output as :meth:`run_and_observe` returns it, (T + 1, 1) or
         (B, T + 1, 1), whose first entry (the initial state 0, not a draw) is skipped; or
@@ -88,8 +88,8 @@ class Normal(Model):
 
 
 class NormalDraws(Normal):
-    r"""The T draws :math:`x_1, \dots, x_T \sim N(\mu, \sigma^2)` alone: :class:`Normal`
-    without BlackBIRDS' initial :math:`x_0 = 0` and trailing axis (gradcal's configuration
+    r"""The T draws $x_1, \dots, x_T \sim N(\mu, \sigma^2)$ alone: :class:`Normal`
+    without BlackBIRDS' initial $x_0 = 0$ and trailing axis (gradcal's configuration
     name ``"Normal"``, whose data are T numbers).
 
     Shapes: the output (T,) for one draw, (B, T) for B draws; the history (T, 1) or

@@ -17,16 +17,16 @@ __all__ = ["RamaCont"]
 class RamaCont(Model):
     r"""Threshold traders reacting to a common signal (Cont 2005).
 
-    N agents hold thresholds :math:`\nu_i(0) \sim \mathrm{LogNormal}(\gamma_0, \gamma_1)`.
-    At each step a common signal :math:`\epsilon_t \sim N(0, \sigma^2)` arrives, agent i
-    orders :math:`\rho_i = 1[\epsilon_t > \nu_i] - 1[\epsilon_t < -\nu_i]` (straight-through
+    N agents hold thresholds $\nu_i(0) \sim \mathrm{LogNormal}(\gamma_0, \gamma_1)$.
+    At each step a common signal $\epsilon_t \sim N(0, \sigma^2)$ arrives, agent i
+    orders $\rho_i = 1[\epsilon_t > \nu_i] - 1[\epsilon_t < -\nu_i]$ (straight-through
     with sigmoids of steepness ``sigmoid_k``), the return is
-    :math:`r_t = \sum_i \rho_i / (N \eta)`, and each agent resets its threshold to
-    :math:`|r_t|` with probability ``s``
+    $r_t = \sum_i \rho_i / (N \eta)$, and each agent resets its threshold to
+    $|r_t|$ with probability ``s``
     (an exact Bernoulli draw: ``s`` is fixed, so a relaxation would add nothing).
 
     As in Cont (2005) and in BlackBIRDS 1.3's built-in model, all agents see the same
-    :math:`\epsilon_t`, which is what makes their orders herd and volatility cluster.
+    $\epsilon_t$, which is what makes their orders herd and volatility cluster.
 
     The pieces of a step are BlackBIRDS' methods :meth:`compute_order` (with
     :meth:`compute_order_soft`, :meth:`compute_order_hard`), :meth:`compute_returns` and
@@ -34,7 +34,7 @@ class RamaCont(Model):
     overrides them, the step sums the straight-through orders over agents in one pass
     (same value and gradient, fewer operations).
 
-    Parameters, in order: :math:`(\gamma_0, \gamma_1, \sigma, \eta)`, or their base-10
+    Parameters, in order: $(\gamma_0, \gamma_1, \sigma, \eta)$, or their base-10
     logarithms when ``log10_params=True`` (the BlackBIRDS tutorial's convention).
 
     Arguments:
@@ -42,12 +42,12 @@ class RamaCont(Model):
         n_timesteps: number of steps T.
         s: probability that an agent updates its threshold at a step.
         sigmoid_k: steepness of the sigmoids behind the straight-through orders.
-        log10_params: read parameters as :math:`\log_{10}` values.
+        log10_params: read parameters as $\log_{10}$ values.
 
     Shapes (BlackBIRDS' layout): ``params`` (4,) or (B, 4); history (T + 1, 3, N) for one
-    draw, (B, T + 1, 3, N) for B, holding per step the thresholds :math:`\nu`, the signal
+    draw, (B, T + 1, 3, N) for B, holding per step the thresholds $\nu$, the signal
     and the return (the last two repeated over agents); the single output, the returns
-    :math:`r_0 = 0, r_1, \dots, r_T`, (T + 1,) or (B, T + 1).
+    $r_0 = 0, r_1, \dots, r_T$, (T + 1,) or (B, T + 1).
 
     References:
         R. Cont (2005). Volatility clustering in financial markets: empirical facts and
@@ -94,13 +94,13 @@ class RamaCont(Model):
         return p[:, 0:1], p[:, 1:2], p[:, 2:3], p[:, 3:4]
 
     def compute_order_soft(self, epsilon_t: Tensor, nu_t: Tensor) -> Tensor:
-        r"""Soft orders :math:`\sigma(k(\epsilon - \nu)) - \sigma(k(-\nu - \epsilon))`,
+        r"""Soft orders $\sigma(k(\epsilon - \nu)) - \sigma(k(-\nu - \epsilon))$,
         broadcast over ``epsilon_t`` and ``nu_t``."""
         k = self.sigmoid_k
         return torch.sigmoid(k * (epsilon_t - nu_t)) - torch.sigmoid(k * (-nu_t - epsilon_t))
 
     def compute_order_hard(self, epsilon_t: Tensor, nu_t: Tensor) -> Tensor:
-        r"""Orders :math:`1[\epsilon > \nu] - 1[\epsilon < -\nu]` as floats (float32
+        r"""Orders $1[\epsilon > \nu] - 1[\epsilon < -\nu]$ as floats (float32
         unless an input is float64)."""
         dtype = torch.promote_types(torch.result_type(epsilon_t, nu_t), torch.float32)
         return (epsilon_t > nu_t).to(dtype) - (epsilon_t < -nu_t).to(dtype)
@@ -117,16 +117,16 @@ class RamaCont(Model):
         return self.compute_order_hard(epsilon_t, nu_t) + (soft - soft.detach())
 
     def compute_returns(self, order: Tensor, eta: Tensor | float) -> Tensor:
-        r"""Return :math:`\sum_i \rho_i / (N \eta)` of the orders (..., N).
+        r"""Return $\sum_i \rho_i / (N \eta)$ of the orders (..., N).
 
         A 0-d tensor for orders (N,); (B, 1) for orders (B, N) and ``eta`` (B, 1).
         """
         return order.sum(-1, keepdim=order.ndim > 1) / (self.n_agents * eta)
 
     def compute_new_nu_t(self, nu_t: Tensor, s: Tensor | float, returns: Tensor) -> Tensor:
-        r"""Thresholds after each agent resets to :math:`|r_t|` with probability ``s``.
+        r"""Thresholds after each agent resets to $|r_t|$ with probability ``s``.
 
-        :math:`\nu' = |r| q + (1 - q) \nu` with exact Bernoulli(s) draws q. ``nu_t`` is (N,)
+        $\nu' = |r| q + (1 - q) \nu$ with exact Bernoulli(s) draws q. ``nu_t`` is (N,)
         or (B, N); ``returns`` is a number, 0-d, (B,) or (B, 1).
         """
         r = torch.as_tensor(returns)
@@ -150,7 +150,7 @@ class RamaCont(Model):
         return new.reshape(nu_t.shape)
 
     def _returns(self, eps: Tensor, nu: Tensor, eta: Tensor) -> Tensor:
-        r"""Return :math:`r = \sum_i \rho_i / (N \eta)`: (B, 1), from eps (B, 1), nu (B, N).
+        r"""Return $r = \sum_i \rho_i / (N \eta)$: (B, 1), from eps (B, 1), nu (B, N).
 
         Uses the model's own :meth:`compute_order` and :meth:`compute_returns` when a
         subclass overrides one of them; otherwise the straight-through sum is formed after

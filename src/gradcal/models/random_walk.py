@@ -12,11 +12,11 @@ __all__ = ["RandomWalk"]
 
 
 class RandomWalk(Model):
-    r"""Random walk :math:`X_t = X_{t-1} + 2\eta_t - 1`, :math:`\eta_t \sim \mathrm{Bernoulli}(p)`.
+    r"""Random walk $X_t = X_{t-1} + 2\eta_t - 1$, $\eta_t \sim \mathrm{Bernoulli}(p)$.
 
-    The single parameter is :math:`\mathrm{logit}(p)`. Steps are drawn by the
+    The single parameter is $\mathrm{logit}(p)$. Steps are drawn by the
     straight-through Gumbel-softmax (:func:`gradcal.relax.relaxed_bernoulli`), so they are
-    exactly +1 or -1 and differentiable in p. The walk starts at :math:`X_0 = 0`.
+    exactly +1 or -1 and differentiable in p. The walk starts at $X_0 = 0$.
 
     Arguments:
         n_timesteps: number of steps T.
@@ -63,7 +63,7 @@ class RandomWalk(Model):
         return [x]
 
     def log_likelihood(self, params: Tensor, x: Tensor) -> Tensor:
-        r"""Exact :math:`\log p(x \mid \mathrm{logit}\, p)` of a path of ±1 increments.
+        r"""Exact $\log p(x \mid \mathrm{logit}\, p)$ of a path of ±1 increments.
 
         Arguments:
             params: (D,) = (1,) or (B, 1).

@@ -30,14 +30,14 @@ def _edge_index(graph: Any) -> tuple[Tensor, int]:
 class SIR(Model):
     r"""Susceptible-infected-recovered dynamics on a contact graph (BlackBIRDS' model).
 
-    A susceptible node with :math:`n` infected neighbours (counted up to
-    ``max_infected_neighbours``) is infected with probability :math:`1 - (1 - \beta)^n`; an
-    infected node recovers with probability :math:`\gamma`; initially each node is
-    infected with probability :math:`f`. All three coin flips are straight-through
+    A susceptible node with $n$ infected neighbours (counted up to
+    ``max_infected_neighbours``) is infected with probability $1 - (1 - \beta)^n$; an
+    infected node recovers with probability $\gamma$; initially each node is
+    infected with probability $f$. All three coin flips are straight-through
     Gumbel-softmax draws (:meth:`sample_bernoulli_gs`), so states stay exactly 0/1.
     Neighbour counts are one ``index_add`` over the edge list for all draws at once.
 
-    Parameters, in order: :math:`\log_{10}(f, \beta, \gamma)`, softly capped below 0
+    Parameters, in order: $\log_{10}(f, \beta, \gamma)$, softly capped below 0
     (probabilities at most one) by :func:`gradcal.relax.soft_minimum` with hardness
     ``cap_hardness``. The defaults are BlackBIRDS' (hardness 2, at most 5 neighbours);
     hardness 2 moves interior values noticeably (log10 beta = -1 becomes -1.06), a
