@@ -1,6 +1,7 @@
 """Tests of gradcal.relax: exact hard values, correct frequencies, useful gradients."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -355,3 +356,26 @@ def test_order_sum_refuses_a_hardness_it_cannot_use():
     (g1,) = torch.autograd.grad(same.sum(), eps)
     (g2,) = torch.autograd.grad(threshold_order_sum(eps, nu, 5.0).sum(), eps)
     assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_order_sum_with_the_nonnegative_promise_is_the_definition(dtype):
+    """``nonnegative=True`` (one comparison per agent) gives the definition's value and
+    gradients on thresholds >= 0, ties with the signal and a zero signal included."""
+    generator = torch.Generator().manual_seed(12)
+    eps = torch.randn(6, 1, dtype=dtype, generator=generator)
+    nu = torch.rand(6, 40, dtype=dtype, generator=generator)
+    eps[0], nu[0, :2] = 0.5, torch.tensor([0.5, 0.0])  # a tie and a zero threshold
+    eps[1], eps[2] = 0.0, -0.5
+    nu[2, :1] = 0.5
+    weights = torch.randn(6, 1, dtype=dtype, generator=generator)
+    results = []
+    for f in (partial(threshold_order_sum, nonnegative=True), _composite_order_sum):
+        e, n = eps.clone().requires_grad_(), nu.clone().requires_grad_()
+        value = f(e, n, 5.0)
+        results.append((value.detach(), *torch.autograd.grad((weights * value).sum(), (e, n))))
+    (v1, ge1, gn1), (v2, ge2, gn2) = results
+    assert torch.equal(v1, v2)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(ge1, ge2, rtol=tol, atol=tol)
+    torch.testing.assert_close(gn1, gn2, rtol=tol, atol=tol)

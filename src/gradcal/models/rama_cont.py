@@ -166,7 +166,9 @@ class RamaCont(Model):
         # No reverse gradient wanted (plain simulation, or forward mode, which runs under
         # no_grad): the soft orders are formed only for a tangent, if one is asked for.
         if not torch.is_grad_enabled():
-            return threshold_order_sum(eps, nu, self.sigmoid_k) / (self.n_agents * eta)
+            # thresholds are lognormal draws or |r_t|: never negative
+            order = threshold_order_sum(eps, nu, self.sigmoid_k, nonnegative=True)
+            return order / (self.n_agents * eta)
         # Thresholds are never negative, so at most one of eps > nu, eps < -nu holds.
         hard = torch.sign(eps) * (nu < eps.abs()).sum(-1, keepdim=True)  # float: promoted
         # soft = sum_i sigmoid(k(eps - nu_i)) - sigmoid(-k(eps + nu_i)), up to the constant
