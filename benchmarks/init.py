@@ -38,33 +38,7 @@ import gradcal
 from gradcal.diagnostics.distances import energy_distance_samples
 from gradcal.report import width_ratios
 
-USER_AR1 = """
-import torch
-from gradcal.models import Model
-
-
-class MyAR1(Model):
-    batched = True
-    n_params = 2
-    history_length = 1
-
-    def __init__(self, n_timesteps=100):
-        super().__init__()
-        self.n_timesteps = n_timesteps
-
-    def initialize(self, params):
-        return params.new_zeros(params.shape[0], 1)
-
-    def step(self, params, x):
-        phi, sigma = params[:, :1], params[:, 1:]
-        return phi * x[:, -1:] + sigma * torch.randn_like(phi)
-
-    def observe(self, x):
-        return [x]
-
-    def observed_lengths(self):
-        return [self.n_timesteps + 1]
-"""
+USER_AR1 = (Path(__file__).parents[1] / "examples" / "user_ar1.py").read_text()
 
 
 def problem(name: str, folder: Path) -> dict:

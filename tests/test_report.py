@@ -451,32 +451,7 @@ def test_summary_drops_columns_empty_in_every_row(tmp_path):
 
 # --- an over-dispersed, unconverged fit (issue 23, item 3) ----------------------------------
 
-USER_AR1 = '''
-import torch
-from gradcal.models import Model
-
-
-class MyAR1(Model):
-    """x_t = phi x_{t-1} + sigma eps_t, x_0 = 0; params (B, 2) = (phi, sigma)."""
-
-    batched = True
-    n_params = 2
-    history_length = 1
-
-    def __init__(self, n_timesteps=100):
-        super().__init__()
-        self.n_timesteps = n_timesteps
-
-    def initialize(self, params):
-        return params.new_zeros(params.shape[0], 1)
-
-    def step(self, params, x):
-        phi, sigma = params[:, :1], params[:, 1:]
-        return phi * x[:, -1:] + sigma * torch.randn_like(phi)
-
-    def observe(self, x):
-        return [x]
-'''
+USER_AR1 = (Path(__file__).parents[1] / "examples" / "user_ar1.py").read_text()
 
 
 def user_ar1_config(**method: object) -> dict:

@@ -633,6 +633,13 @@ def _positive_definite(h: Tensor) -> bool:
     return bool((torch.linalg.eigvalsh(0.5 * (h + h.T)) > 0).all())
 
 
+def _common_stream_and_steps(u: Tensor, steps: Tensor) -> tuple[int, Tensor]:
+    """One seed for every point of a difference scheme (drawn from the current stream: common
+    random numbers) and the (D, D) matrix whose row j is the step h_j e_j."""
+    seed = int(torch.randint(0, 2**62, ()))
+    return seed, torch.eye(u.shape[0], dtype=u.dtype, device=u.device) * steps.to(u)[:, None]
+
+
 def gradient_differences_hessian(loss: Any, u: Tensor, steps: Tensor) -> Tensor:
     r"""Central differences of autograd's gradient of a noisy loss with common random
     numbers: (D, D), symmetrised.
@@ -649,8 +656,7 @@ def gradient_differences_hessian(loss: Any, u: Tensor, steps: Tensor) -> Tensor:
         [[2.0, 3.0], [3.0, 0.0]]
     """
     d = u.shape[0]
-    seed = int(torch.randint(0, 2**62, ()))
-    eye = torch.eye(d, dtype=u.dtype, device=u.device) * steps.to(u)[:, None]
+    seed, eye = _common_stream_and_steps(u, steps)
 
     def gradient(v: Tensor) -> Tensor:
         point = v.detach().requires_grad_()
@@ -687,8 +693,7 @@ def loss_differences_hessian(loss: Any, u: Tensor, steps: Tensor) -> Tensor:
         [[2.0, 3.0], [3.0, 0.0]]
     """
     d = u.shape[0]
-    seed = int(torch.randint(0, 2**62, ()))
-    eye = torch.eye(d, dtype=u.dtype, device=u.device) * steps.to(u)[:, None]
+    seed, eye = _common_stream_and_steps(u, steps)
 
     def at(v: Tensor) -> float:
         with seeded(seed):
