@@ -149,6 +149,19 @@ def main(scenario: str, out: Path) -> None:
             {"state": q.state_dict(), "history": dict(vi.losses_hist)},
             out / f"{scenario}-{rank()}.pt",
         )
+    elif scenario in ("fail-smd", "fail-mcmc-warmup", "fail-mcmc-sampling"):
+        # rank 1's loss raises at its third call: every rank must stop with the error
+        from gradcal.infer import MALA, MCMC, SMD
+
+        if scenario == "fail-smd":
+            theta = torch.tensor([[0.0, 0.0], [2.0, -2.0], [-1.0, 1.0], [0.5, 0.5]])
+            SMD(failing, torch.optim.Adam([theta.requires_grad_()], lr=0.05), seed=0).run(
+                y, 30, 100
+            )
+        else:
+            warmup = 20 if scenario == "fail-mcmc-warmup" else 0
+            mcmc = MCMC(MALA(prior(), failing), num_samples=20, progress_bar=False)
+            mcmc.run(torch.zeros(4, DIM), y, scale=0.05, seed=3, warmup=warmup)
     elif scenario == "shards":  # SMD starts, MCMC chains and IS draws split over ranks
         from gradcal.infer import MALA, MCMC, SMD, importance_sampling
 

@@ -95,6 +95,19 @@ def test_a_rank_that_raises_stops_every_rank_quickly(tmp_path):
     assert "another rank failed" in result.stderr
 
 
+@pytest.mark.parametrize("scenario", ["fail-smd", "fail-mcmc-warmup", "fail-mcmc-sampling"])
+def test_a_rank_that_raises_in_smd_or_mcmc_stops_every_rank(tmp_path, scenario):
+    """Rank 1's loss raises: rank 1 exits with its error and rank 0 with "another rank
+    failed", well before the workers' 60 s collective timeout (a rank left waiting in a
+    collective would only stop there, with gloo's timeout error)."""
+    started = time.monotonic()
+    result = _launch(scenario, tmp_path, nproc=2, timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 45
+    assert "simulator exploded on rank 1" in result.stderr
+    assert "another rank failed" in result.stderr
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_resume_a_two_rank_checkpoint_with_one_or_two_ranks(tmp_path, nproc):
     """With w = "calibrate" (unseeded, each rank's global stream seeded apart): w is chosen

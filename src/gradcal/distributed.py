@@ -35,6 +35,7 @@ __all__ = [
     "is_main",
     "launched_without_process_group",
     "rank",
+    "reduce_epoch",
     "shard",
     "shutdown",
     "sum_gradients",
@@ -230,6 +231,32 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     out = t.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def reduce_epoch(values: Tensor, error: BaseException | None = None) -> Tensor:
+    """The sum of ``values`` over ranks, once every rank has said whether its share failed.
+
+    The rank-failure protocol of every epoch (VI, SMD) and MCMC step: a rank that caught
+    ``error`` still joins this one collective (with ``values`` of the agreed shape, e.g.
+    zeros), then every rank raises here, the failing one its own error and the others a
+    ``RuntimeError``, so no rank waits for the others in a later collective until the
+    collective's timeout. In one process: ``values``, or the error raised.
+
+    Arguments:
+        values: (...) this rank's share; summed in float64, returned in its own dtype.
+        error: what this rank caught, or None.
+
+    Example:
+        >>> reduce_epoch(torch.tensor([1.0, 2.0]))
+        tensor([1., 2.])
+    """
+    flag = torch.full((1,), float(error is not None), dtype=torch.float64, device=values.device)
+    packed = all_reduce_sum(torch.cat((values.detach().reshape(-1).double(), flag)))
+    if error is not None:
+        raise error
+    if packed[-1] > 0:
+        raise RuntimeError("another rank failed during this epoch (its error is in its log).")
+    return packed[:-1].reshape(values.shape).to(values.dtype)
 
 
 def sum_gradients(parameters: Any) -> None:

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from gradcal.distributed import all_reduce_sum, shard
+from gradcal.distributed import reduce_epoch, shard
 from gradcal.posterior_estimators import as_family
 from gradcal.relax import relaxed_categorical
 from gradcal.simulate import batch_of_draws
@@ -281,19 +281,12 @@ def _totals(losses: Tensor | None, valid: Tensor | None, error: BaseException | 
     Every rank reports whether its share failed; if any did, every rank raises here (the
     failing one its own error), so no rank waits for the others in a later collective.
     """
-    local = torch.zeros(4, dtype=torch.float64)
-    if error is not None:
-        local[3] = 1.0
-    elif valid is not None and losses is not None:
+    local = torch.zeros(3, dtype=torch.float64)
+    if error is None and valid is not None and losses is not None:
         local[0] = float(valid.sum())
         local[1] = float(losses[valid].sum()) if bool(valid.any()) else 0.0
         local[2] = float(valid.numel() - valid.sum())
-    total = all_reduce_sum(local)
-    if error is not None:
-        raise error
-    if total[3] > 0:
-        raise RuntimeError("another rank failed during this epoch (its error is in its log).")
-    return total[:3]
+    return reduce_epoch(local, error)
 
 
 def _estimate(totals: Tensor) -> EpochEstimate:

@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 from gradcal.distributed import (
     all_gather_objects,
-    all_reduce_sum,
     is_main,
     rank,
+    reduce_epoch,
     shard,
     world_size,
 )
@@ -489,23 +489,22 @@ class MCMC:
         kept, accepted = [], torch.zeros(state.shape[0])
         total = warmup + self.num_samples
         bar = tqdm(range(total), disable=not (self.progress_bar and is_main()), desc="MCMC")
+        error = None
         for t in bar:
-            state, accept = self.kernel.step(
-                state, data, *args, scale=step, covariance=covariance, **kwargs
-            )
-            accept = torch.as_tensor(accept).reshape(-1).float().cpu()
-            if t < warmup:
-                prob = getattr(self.kernel, "last_accept_prob", None)
-                prob = accept if prob is None else prob.detach().cpu().double()
-                # one step size for every chain of every rank: the mean over all of them
-                both = all_reduce_sum(
-                    torch.stack(
-                        (
-                            prob.sum().double(),
-                            torch.tensor(float(prob.numel()), dtype=torch.float64),
-                        )
-                    )
+            try:
+                state, accept = self.kernel.step(
+                    state, data, *args, scale=step, covariance=covariance, **kwargs
                 )
+                accept = torch.as_tensor(accept).reshape(-1).float().cpu()
+            except Exception as caught:  # every rank hears of it at the next collective
+                error = caught
+            if t < warmup:
+                prob = torch.zeros(1) if error is not None else accept
+                if error is None and getattr(self.kernel, "last_accept_prob", None) is not None:
+                    prob = self.kernel.last_accept_prob.detach().cpu().double()
+                # one step size for every chain of every rank: the mean over all of them
+                count = torch.tensor(float(prob.numel()), dtype=torch.float64)
+                both = reduce_epoch(torch.stack((prob.sum().double(), count)), error)
                 step = adapter.update(float(both[0] / both[1]))
                 if adapt and window_start <= t:
                     collected.append(state.detach())
@@ -518,12 +517,15 @@ class MCMC:
                     adapter = _DualAveraging(step, target)
                 if t + 1 == warmup:
                     step = adapter.final
+            elif error is not None:  # no collective until the end: join the ranks there
+                break
             else:
                 kept.append(state.detach())
                 accepted += accept
             if self.progress_info and self.progress_bar and t % T == 0:
                 rate = accepted.mean().item() / max(len(kept), 1)
                 bar.set_postfix(accept=f"{rate:.2f}", step=f"{step:.3g}")
+        reduce_epoch(torch.zeros(1), error)  # a rank that failed while sampling stops all
         self.step_size, self.covariance = step, covariance
         return kept, accepted
 

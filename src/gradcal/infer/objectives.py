@@ -63,7 +63,13 @@ import torch
 from torch import Tensor
 
 from gradcal.diagnostics.psis import ESS_MISSES_MASS, KHAT_BAD, importance_ess
-from gradcal.distributed import all_gather_objects, all_reduce_sum, shard, world_size
+from gradcal.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    reduce_epoch,
+    shard,
+    world_size,
+)
 from gradcal.gradients import (
     BatchedLoss,
     EpochEstimate,
@@ -339,19 +345,13 @@ class WeightedObjective:
             draws = self._draws(family, loss, data, shard(n)[1], prior, w, estimator)
         except Exception as caught:  # reported to every rank before any other collective
             error = caught
-        local = torch.zeros(4, dtype=torch.float64)
-        if error is not None:
-            local[3] = 1.0
-        else:
+        local = torch.zeros(3, dtype=torch.float64)
+        if error is None:
             valid = draws.valid
             local[0] = float(valid.sum())
             local[1] = float(draws.losses[valid].sum()) if bool(valid.any()) else 0.0
             local[2] = float((~valid).sum())
-        totals = all_reduce_sum(local)
-        if error is not None:
-            raise error
-        if totals[3] > 0:
-            raise RuntimeError("another rank failed during this epoch (its error is in its log).")
+        totals = reduce_epoch(local, error)
         n_valid, loss_sum, dropped = int(totals[0]), float(totals[1]), int(totals[2])
         mean_loss = loss_sum / n_valid if n_valid else math.nan
         if n_valid == 0:

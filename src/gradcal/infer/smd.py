@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from gradcal.checkpoint import save_checkpoint
-from gradcal.distributed import all_reduce_sum, shard
+from gradcal.distributed import reduce_epoch, shard
 from gradcal.gradients import BatchedLoss, Batching, check_scalar_loss
 from gradcal.rng import seeded
 from gradcal.simulate import check_gradient_horizon
@@ -198,7 +198,33 @@ class SMD:
         self.optimizer.zero_grad()
         theta, k = self._theta, self.n_starts
         start, count = shard(k) if self.multi_start else (0, k)
-        losses = self._evaluate(data, start, count)  # under torchrun: this rank's starts
+        rows, local, error = torch.zeros_like(theta).reshape(k, -1), None, None
+        try:  # under torchrun: this rank's starts
+            rows, local = self._rows_and_losses(data, start, count)
+        except Exception as caught:  # reported to every rank before any other collective
+            if not self.multi_start:
+                raise
+            error = caught
+        if local is None:
+            local = torch.zeros(k, dtype=rows.dtype, device=rows.device)
+        losses = local
+        if self.multi_start:  # ranks own disjoint starts: add their rows up
+            both = reduce_epoch(torch.cat((rows.reshape(-1), local)), error)
+            rows, losses = both[: rows.numel()].reshape(rows.shape), both[rows.numel() :]
+        finite = torch.isfinite(losses)
+        ok = finite & torch.isfinite(rows).all(-1)
+        rows = torch.where(ok[:, None], rows, 0.0)
+        if math.isfinite(self.gradient_clipping_norm):
+            norms = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
+            rows = rows * (self.gradient_clipping_norm / (norms + 1e-6)).clamp(max=1.0)
+        theta.grad = rows.reshape(theta.shape).detach()
+        return losses.detach(), ok
+
+    def _rows_and_losses(self, data: Any, start: int, count: int) -> tuple[Tensor, Tensor]:
+        """This rank's starts ``start : start + count``: the gradient rows (K, D), zero
+        elsewhere and where the loss is not finite, and the losses (K,), zero elsewhere."""
+        theta, k = self._theta, self.n_starts
+        losses = self._evaluate(data, start, count)
         finite = torch.isfinite(losses.detach())
         total = torch.where(finite, losses, 0.0).sum()
         if total.requires_grad:
@@ -211,20 +237,9 @@ class SMD:
         else:
             grad = None
         rows = torch.zeros_like(theta) if grad is None else grad
-        rows = rows.reshape(k, -1)
         local = torch.zeros(k, dtype=losses.dtype, device=losses.device)
         local[start : start + count] = losses.detach()
-        losses = local
-        if self.multi_start:  # ranks own disjoint starts: add their rows up
-            rows, losses = all_reduce_sum(rows), all_reduce_sum(local)
-        finite = torch.isfinite(losses)
-        ok = finite & torch.isfinite(rows).all(-1)
-        rows = torch.where(ok[:, None], rows, 0.0)
-        if math.isfinite(self.gradient_clipping_norm):
-            norms = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
-            rows = rows * (self.gradient_clipping_norm / (norms + 1e-6)).clamp(max=1.0)
-        theta.grad = rows.reshape(theta.shape).detach()
-        return losses.detach(), ok
+        return rows.reshape(k, -1), local
 
     def _apply(self, ok: Tensor) -> None:
         """Step the optimiser for the usable starts only."""
